@@ -1,0 +1,113 @@
+"""Sequence-number corrections for one direction of a TCP connection.
+
+Every rewrite of that direction's byte stream is an ``Edit``: ``old_len`` bytes starting at
+sender sequence number ``start`` were replaced by ``new``. From the list of edits:
+
+- ``forward(seq)``  maps a sender seq to the seq the receiver sees (seq field of this
+  direction's segments);
+- ``backward(ack)`` maps a receiver ack (or SACK edge) back to the sender's numbering (ack
+  field of the other direction's segments); an ack that falls inside replaced bytes is mapped
+  to the start of the edit, so the sender retransmits the whole original line;
+- ``replay(seq, payload)`` reapplies edits to a retransmission so it comes out byte-identical
+  to what was sent the first time.
+
+All arithmetic is modulo 2**32 with RFC 1982 serial comparison, so wraparound is harmless as
+long as edits are within 2**31 bytes of each other (old edits are folded into ``base``).
+The state is a few integers and short byte strings: cheap to copy, compare and serialise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+MAX_EDITS = 16  # older edits are folded into ``base``; their bytes are no longer replayed
+
+
+def diff(a: int, b: int) -> int:
+    """Signed distance a - b in 32-bit serial arithmetic."""
+    d = (a - b) & MASK
+    return d - (1 << 32) if d >= HALF else d
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    start: int  # sender seq of the first replaced byte
+    old_len: int
+    new: bytes
+    before: int  # cumulative delta of all edits before this one
+
+    @property
+    def end(self) -> int:
+        return (self.start + self.old_len) & MASK
+
+    @property
+    def after(self) -> int:
+        return self.before + len(self.new) - self.old_len
+
+
+class Unreplayable(Exception):
+    """A retransmission starts inside replaced bytes: it cannot be made identical."""
+
+
+class SeqAdjust:
+    __slots__ = ("edits", "base")
+
+    def __init__(self) -> None:
+        self.edits: list[Edit] = []
+        self.base = 0  # delta of everything folded away
+
+    @property
+    def delta(self) -> int:
+        """Current total length change (applies to all new data)."""
+        return self.edits[-1].after if self.edits else self.base
+
+    def add(self, start: int, old_len: int, new: bytes) -> None:
+        """Record that ``old_len`` bytes at ``start`` became ``new`` (edits must come in
+        stream order, each after the previous one)."""
+        self.edits.append(Edit(start & MASK, old_len, bytes(new), self.delta))
+        if len(self.edits) > MAX_EDITS:
+            self.base = self.edits.pop(0).after
+
+    def forward(self, seq: int) -> int:
+        for e in reversed(self.edits):
+            if diff(seq, e.end) >= 0:
+                return (seq + e.after) & MASK
+            if diff(seq, e.start) > 0:  # inside an edit: land at its start (see replay)
+                return (e.start + e.before) & MASK
+        return (seq + (self.edits[0].before if self.edits else self.base)) & MASK
+
+    def backward(self, ack: int) -> int:
+        for e in reversed(self.edits):
+            new_start = (e.start + e.before) & MASK
+            new_end = (new_start + len(e.new)) & MASK
+            if diff(ack, new_end) >= 0:
+                return (ack - e.after) & MASK
+            if diff(ack, new_start) > 0:
+                return e.start
+        return (ack - (self.edits[0].before if self.edits else self.base)) & MASK
+
+    def replay(self, seq: int, payload: bytes) -> bytes:
+        """Apply recorded edits to already-seen bytes [seq, seq+len). Bytes past an edit
+        that is only partly covered are cut off (the sender will resend them from the
+        edit's start); a segment starting inside an edit raises Unreplayable."""
+        if not self.edits:
+            return payload
+        end = (seq + len(payload)) & MASK
+        out = bytearray()
+        pos = 0  # offset in payload already copied
+        for e in self.edits:
+            off = diff(e.start, seq)
+            if diff(e.end, seq) <= 0 or diff(e.start, end) >= 0:
+                continue  # edit entirely before or after this segment
+            if off < 0:
+                raise Unreplayable("retransmission starts inside a rewritten line")
+            if diff(e.end, end) > 0:  # edit only partly covered: stop before it
+                out += payload[pos:off]
+                return bytes(out)
+            out += payload[pos:off]
+            out += e.new
+            pos = off + e.old_len
+        out += payload[pos:]
+        return bytes(out)
