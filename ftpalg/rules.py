@@ -1,0 +1,169 @@
+"""Firewall rules ftpalg needs, installed and removed through iptables-restore / nft.
+
+Static rules (``ftpalg run`` installs them, ``--no-rules`` leaves them to the admin, who
+loads the equivalent files in deploy/):
+- queue: control-port packets of both directions go to NFQUEUE at raw PREROUTING, i.e.
+  before conntrack and NAT (see README "Where ftpalg sits"). nft's ``queue`` statement is
+  used where the kernel has it, else iptables' NFQUEUE target. ``bypass``: while no ftpalg
+  process is bound, packets pass unchanged (fail-open).
+- pinhole chains: ``nat FTPALG-PINHOLES`` (jumped to from PREROUTING: DNAT) and
+  ``filter FTPALG-PINHOLES`` (jumped to from FORWARD, before the admin's rules: ACCEPT).
+
+Pinholes are two rules each, added and removed in one iptables-restore transaction. Every
+value written into a rule is an int or an address re-formatted by ``ipaddress``; no text
+from packets reaches a command line, and no shell is ever involved.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Iterable
+
+from .flow import Pinhole
+
+log = logging.getLogger("ftpalg")
+
+CHAIN_QUEUE = "FTPALG-QUEUE"
+CHAIN_PINHOLES = "FTPALG-PINHOLES"
+NFT_TABLE = "ftpalg"
+DEFAULT_QUEUE = 2121
+
+
+class RuleError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], stdin: str | None = None) -> None:
+    try:
+        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"{argv[0]}: {e}") from e
+    if p.returncode != 0:
+        raise RuleError(f"{' '.join(argv)}: {p.stderr.strip() or p.stdout.strip()}")
+
+
+def _quiet(argv: list[str]) -> bool:
+    """Run a clean-up command whose failure (e.g. the rule is already gone) is expected."""
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _restore(text: str) -> None:
+    _run(["iptables-restore", "--noflush", "--wait"], text)
+
+
+def _ip(a: str) -> str:
+    return str(ipaddress.IPv4Address(a))
+
+
+# ---- queue rules ------------------------------------------------------------------------
+def iptables_queue_rules(ports: Iterable[int], queue: int) -> str:
+    lines = ["*raw", f":{CHAIN_QUEUE} - [0:0]", f"-I PREROUTING 1 -j {CHAIN_QUEUE}"]
+    for p in sorted(set(ports)):
+        for match in ("--dport", "--sport"):
+            lines.append(
+                f"-A {CHAIN_QUEUE} -p tcp {match} {int(p)} -j NFQUEUE --queue-num {int(queue)} --queue-bypass"
+            )
+    return "\n".join(lines + ["COMMIT", ""])
+
+
+def nft_queue_rules(ports: Iterable[int], queue: int) -> str:
+    ps = ", ".join(str(int(p)) for p in sorted(set(ports)))
+    return (
+        f"table inet {NFT_TABLE} {{\n"
+        "\tchain prerouting {\n"
+        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        f"\t\ttcp dport {{ {ps} }} queue flags bypass to {int(queue)}\n"
+        f"\t\ttcp sport {{ {ps} }} queue flags bypass to {int(queue)}\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+def pinhole_chain_rules() -> str:
+    return "\n".join([
+        "*nat", f":{CHAIN_PINHOLES} - [0:0]", f"-I PREROUTING 1 -j {CHAIN_PINHOLES}", "COMMIT",
+        "*filter", f":{CHAIN_PINHOLES} - [0:0]", f"-I FORWARD 1 -j {CHAIN_PINHOLES}", "COMMIT", "",
+    ])
+
+
+def pinhole_rules(ph: Pinhole, op: str) -> str:
+    """iptables-restore text adding (op '-A') or deleting (op '-D') the rules of ``ph``."""
+    peer, public, inside = _ip(ph.peer), _ip(ph.public), _ip(ph.inside)
+    pp, ip_ = int(ph.public_port), int(ph.inside_port)
+    tag = f'-m comment --comment "ftpalg pinhole {int(ph.id)}"'
+    return "\n".join([
+        "*nat",
+        f"{op} {CHAIN_PINHOLES} -s {peer}/32 -d {public}/32 -p tcp -m tcp --dport {pp} {tag}"
+        f" -j DNAT --to-destination {inside}:{ip_}",
+        "COMMIT",
+        "*filter",
+        f"{op} {CHAIN_PINHOLES} -s {peer}/32 -d {inside}/32 -p tcp -m tcp --dport {ip_}"
+        f" -m conntrack --ctstate DNAT --ctorigdst {public} --ctorigdstport {pp} {tag} -j ACCEPT",
+        "COMMIT",
+        "",
+    ])
+
+
+class IptablesPinholes:
+    """Pinhole backend: one iptables-restore transaction per open/close."""
+
+    def open(self, ph: Pinhole) -> None:
+        _restore(pinhole_rules(ph, "-A"))
+
+    def close(self, ph: Pinhole) -> None:
+        _restore(pinhole_rules(ph, "-D"))
+
+
+def nft_queue_available() -> bool:
+    """Whether this kernel runs nft's queue statement: try it in a scratch table."""
+    probe = nft_queue_rules([9], 0).replace(f"table inet {NFT_TABLE} ", "table inet ftpalg_probe ")
+    try:
+        _run(["nft", "-f", "-"], probe)
+    except RuleError:
+        return False
+    finally:
+        _quiet(["nft", "delete", "table", "inet", "ftpalg_probe"])
+    return True
+
+
+class StaticRules:
+    """The queue rule and the pinhole chains, installed by ``ftpalg run``."""
+
+    def __init__(self, ports: Iterable[int], queue: int, backend: str = "auto") -> None:
+        self.ports = sorted(set(ports))
+        self.queue = queue
+        self.backend = backend
+        self.installed = False
+
+    def install(self) -> str:
+        """Install all static rules (removing stale ones first); return the queue backend."""
+        self.remove()
+        if self.backend == "auto":
+            self.backend = "nft" if nft_queue_available() else "iptables"
+        self.installed = True
+        _restore(pinhole_chain_rules())
+        if self.backend == "nft":
+            _run(["nft", "-f", "-"], nft_queue_rules(self.ports, self.queue))
+        else:
+            _restore(iptables_queue_rules(self.ports, self.queue))
+        return self.backend
+
+    def remove(self) -> None:
+        """Remove every rule and chain ftpalg may have installed; missing ones are fine."""
+        for table, hook, chain in (
+            ("raw", "PREROUTING", CHAIN_QUEUE),
+            ("nat", "PREROUTING", CHAIN_PINHOLES),
+            ("filter", "FORWARD", CHAIN_PINHOLES),
+        ):
+            for _ in range(16):  # a jump may have been inserted more than once
+                if not _quiet(["iptables", "-w", "-t", table, "-D", hook, "-j", chain]):
+                    break
+            _quiet(["iptables", "-w", "-t", table, "-F", chain])
+            _quiet(["iptables", "-w", "-t", table, "-X", chain])
+        _quiet(["nft", "delete", "table", "inet", NFT_TABLE])
+        self.installed = False
