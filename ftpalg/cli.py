@@ -1,0 +1,135 @@
+"""Command line: ``ftpalg run | demo | lab up/down | rules``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from . import __version__
+from .rules import DEFAULT_QUEUE
+
+log = logging.getLogger("ftpalg")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .conntrack import ConntrackLookup
+    from .flow import Alg
+    from .nfqueue import QueueHandler
+    from .rules import IptablesPinholes, RuleError, StaticRules
+
+    ports = frozenset(args.control_port or [21])
+    # SIGTERM during set-up must still clean up (the loop installs its own handler later).
+    signal.signal(signal.SIGTERM, _interrupt)
+    rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
+    nat = ConntrackLookup()
+    alg = Alg(nat, IptablesPinholes(), ports, args.pinhole_timeout)
+    try:
+        if rules is not None:
+            backend = rules.install()
+            log.info("rules installed: queue via %s, control ports %s, queue %d",
+                     backend, ",".join(map(str, sorted(ports))), args.queue_num)
+        QueueHandler(alg, args.queue_num).run()
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    except (RuleError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        alg.shutdown()
+        nat.close()
+        if rules is not None:
+            rules.remove()
+            log.info("rules removed")
+        stats = " ".join(f"{k}={v}" for k, v in sorted(alg.counters.items()))
+        log.info("counters: %s", stats or "none")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    return main(args.prefix)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import Lab
+
+    lab = Lab(args.prefix)
+    if args.action == "up":
+        lab.up(servers=not args.no_servers)
+        lab.procs.clear()  # servers keep running; `ftpalg lab down` stops them
+        print(f"lab up: namespaces {', '.join(lab.namespaces)}; run ftpalg with:\n"
+              f"  ip netns exec {lab.gw} .venv/bin/ftpalg run")
+    else:
+        lab.down()
+        print("lab down")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from .rules import iptables_queue_rules, nft_queue_rules, pinhole_chain_rules
+
+    ports = args.control_port or [21]
+    if args.format == "nft":
+        sys.stdout.write(nft_queue_rules(ports, args.queue_num))
+    else:
+        sys.stdout.write(iptables_queue_rules(ports, args.queue_num) + pinhole_chain_rules())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
+    ap.add_argument("--version", action="version", version=__version__)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def ports_and_queue(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--control-port", type=int, action="append", metavar="PORT",
+                       help="FTP control port to watch (repeatable; default 21)")
+        p.add_argument("--queue-num", type=int, default=DEFAULT_QUEUE, help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
+
+    r = sub.add_parser("run", help="run the ALG on this gateway")
+    ports_and_queue(r)
+    r.add_argument("--pinhole-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="close an unused pinhole after this long (default 120)")
+    r.add_argument("--no-rules", action="store_true",
+                   help="do not install/remove the queue rule and pinhole chains (load deploy/ files yourself)")
+    r.add_argument("--queue-backend", choices=["auto", "nft", "iptables"], default="auto",
+                   help="how to queue control packets (auto: nft queue if the kernel has it)")
+    r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="lab demo: active-mode FTP through NAT without and with ftpalg")
+    d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")
+    d.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="build or remove the namespace lab")
+    lab.add_argument("action", choices=["up", "down"])
+    lab.add_argument("--prefix", default="ftpalg", help="name prefix of the lab's namespaces")
+    lab.add_argument("--no-servers", action="store_true", help="do not start the FTP servers")
+    lab.set_defaults(func=cmd_lab)
+
+    ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs")
+    ports_and_queue(ru)
+    ru.add_argument("--format", choices=["iptables", "nft"], default="iptables")
+    ru.set_defaults(func=cmd_rules)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s ftpalg %(levelname)s %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
