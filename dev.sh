@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One-stop set-up for a fresh Debian machine (run as root):
+#   ./dev.sh demo   install what is missing, then run the namespace lab demo
+#   ./dev.sh test   install what is missing, then ruff, mypy and the whole test suite
+#   ./dev.sh setup  only install (Debian packages + .venv with ftpalg and its test tools)
+# Extra arguments after `test` go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl tcpdump
+              libnetfilter-queue-dev build-essential python3-venv python3-dev)
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "dev.sh: run as root (network namespaces, iptables, NFQUEUE)" >&2
+        exit 1
+    fi
+}
+
+install_debian_packages() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "dev.sh: installing Debian packages: ${missing[*]}"
+    # Keep package scripts from starting services (vsftpd) in the host's namespace: the lab
+    # starts its own servers inside its namespaces.
+    local guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        guard=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$guard"
+        chmod +x "$guard"
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        || { [ -n "$guard" ] && rm -f "$guard"; exit 1; }
+    [ -n "$guard" ] && rm -f "$guard"
+    return 0
+}
+
+setup_venv() {
+    local py="${PYTHON:-python3}"
+    if [ ! -x .venv/bin/python ]; then
+        "$py" -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+}
+
+setup() {
+    need_root
+    install_debian_packages
+    setup_venv
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; exec .venv/bin/ftpalg demo "$@" ;;
+    test)
+        setup
+        .venv/bin/ruff check ftpalg tests
+        .venv/bin/mypy
+        exec .venv/bin/pytest "$@"
+        ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | setup" >&2; exit 2 ;;
+esac
