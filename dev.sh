@@ -44,8 +44,13 @@ setup_venv() {
     if [ ! -x .venv/bin/python ]; then
         "$py" -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[test]'
+    local log=.venv/pip-install.log
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install -e '.[test]'; } > "$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        echo "dev.sh: pip install failed (full log: $log)" >&2
+        exit 1
+    fi
 }
 
 setup() {

@@ -78,10 +78,12 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from .rules import iptables_queue_rules, nft_queue_rules, pinhole_chain_rules
 
     ports = args.control_port or [21]
-    if args.format == "nft":
-        sys.stdout.write(nft_queue_rules(ports, args.queue_num))
-    else:
-        sys.stdout.write(iptables_queue_rules(ports, args.queue_num) + pinhole_chain_rules())
+    text = {
+        "queue-iptables": lambda: iptables_queue_rules(ports, args.queue_num),
+        "queue-nft": lambda: nft_queue_rules(ports, args.queue_num),
+        "pinholes": pinhole_chain_rules,
+    }[args.part]()
+    sys.stdout.write(text)
     return 0
 
 
@@ -117,9 +119,10 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("--no-servers", action="store_true", help="do not start the FTP servers")
     lab.set_defaults(func=cmd_lab)
 
-    ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs")
+    ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs (deploy/ files)")
+    ru.add_argument("part", choices=["queue-iptables", "queue-nft", "pinholes"],
+                    help="queue rule (iptables-restore or nft -f format) or the pinhole chains (iptables-restore)")
     ports_and_queue(ru)
-    ru.add_argument("--format", choices=["iptables", "nft"], default="iptables")
     ru.set_defaults(func=cmd_rules)
     return ap
 

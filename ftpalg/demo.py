@@ -6,12 +6,23 @@ prints a table, and removes everything it created, also on failure or Ctrl-C.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 from .lab import CLIENT_KINDS, SERVERS, Lab, sha256
 
 FILE = "big.bin"
+_REPLY = re.compile(r"\b[45]\d\d [^)\r\n]*")
+
+
+def failure_reason(stderr: str, rc: int) -> str:
+    """The last FTP error reply a client printed, else its last line."""
+    replies = _REPLY.findall(stderr)
+    if replies:
+        return replies[-1].strip()
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {rc}"
 
 
 @dataclass
@@ -34,7 +45,7 @@ def matrix(lab: Lab) -> dict[tuple[str, str], Outcome]:
             if p.returncode == 0 and got == want:
                 res[(server, kind.label)] = Outcome(True, f"sha256 ok, {dt:.1f}s")
             else:
-                why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:60]
+                why = failure_reason(p.stderr, p.returncode)[:45]
                 if p.returncode == 0:
                     why = "checksum mismatch" if got else "no file"
                 res[(server, kind.label)] = Outcome(False, why)
@@ -63,11 +74,11 @@ def main(prefix: str = "ftpalg-demo") -> int:
         lab.down()
     w = max(len(k[0]) + len(k[1]) for k in without) + 3
     print()
-    print(f"{'server / client':<{w}}  {'without ftpalg':<40}  with ftpalg")
+    print(f"{'server / client':<{w}}  {'without ftpalg':<52}  with ftpalg")
     print("-" * (w + 80))
     for key in without:
         a, b = without[key], with_[key]
-        print(f"{key[0] + ' / ' + key[1]:<{w}}  {('PASS ' if a.ok else 'FAIL ') + a.detail:<40}  "
+        print(f"{key[0] + ' / ' + key[1]:<{w}}  {('PASS ' if a.ok else 'FAIL ') + a.detail:<52}  "
               f"{('PASS ' if b.ok else 'FAIL ') + b.detail}")
     print()
     opened = log.count("pinhole open")

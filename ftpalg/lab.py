@@ -278,7 +278,7 @@ class ClientKind:
         url = f"ftp://{host}/{remote}"
         if self.name == "curl":
             extra = ["--disable-eprt"] if self.form == "PORT" else []
-            return ["curl", "-sS", "--max-time", "20", "--ftp-port", "-", *extra, "-o", str(out), url]
+            return ["curl", "-sSv", "--max-time", "20", "--ftp-port", "-", *extra, "-o", str(out), url]
         if self.name == "lftp":
             script = ("set ftp:passive-mode off; set ftp:auto-passive-mode no; set net:max-retries 1; "
                       f"set net:timeout 10; set xfer:clobber on; get {remote} -o {out}; bye")

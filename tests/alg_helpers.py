@@ -1,0 +1,96 @@
+"""A scripted TCP conversation through the ALG core: tests read as what goes in and what
+must come out. Packets are crafted with scapy (tests only)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from scapy.layers.inet import IP, TCP
+
+from ftpalg import packet
+from ftpalg.flow import Alg, FlowKey, Pinhole
+
+MASK = 0xFFFFFFFF
+
+
+class FakeNat:
+    def __init__(self) -> None:
+        self.table: dict[FlowKey, FlowKey] = {}
+
+    def reply_tuple(self, key: FlowKey) -> FlowKey | None:
+        return self.table.get(key)
+
+
+@dataclass
+class FakePinholes:
+    live: dict[int, Pinhole] = field(default_factory=dict)
+    log: list[tuple[str, int]] = field(default_factory=list)
+    fail: bool = False
+
+    def open(self, ph: Pinhole) -> None:
+        if self.fail:
+            raise RuntimeError("iptables-restore: simulated failure")
+        assert ph.id not in self.live
+        self.live[ph.id] = ph
+        self.log.append(("open", ph.id))
+
+    def close(self, ph: Pinhole) -> None:
+        del self.live[ph.id]
+        self.log.append(("close", ph.id))
+
+
+def packed(a: str) -> bytes:
+    return ipaddress.ip_address(a).packed
+
+
+class Conn:
+    """One control connection: client (inside) -> gateway hook -> server.
+
+    ``c`` sends a client segment at the hook and returns what the ALG lets through (decoded);
+    ``s`` sends a server segment (addressed to the public address, as the hook sees it).
+    The peers keep their own numbering: acks they send are for what they received.
+    """
+
+    def __init__(self, alg: Alg, nat: FakeNat, client=("10.0.0.2", 40000), server=("203.0.113.2", 21),
+                 public=("203.0.113.1", 61000), cisn=1000, sisn=5000, handshake=True) -> None:
+        self.alg, self.client, self.server, self.public = alg, client, server, public
+        self.cseq, self.sseq = cisn & MASK, sisn & MASK  # next seq each peer sends (own numbering)
+        self.c_rcv = self.s_rcv = 0  # next seq each peer expects to receive (sender's wire numbering)
+        nat.table[(packed(client[0]), client[1], packed(server[0]), server[1])] = (
+            packed(server[0]), server[1], packed(public[0]), public[1])
+        self.now = 0.0
+        if handshake:
+            self.c(b"", "S")
+            self.s(b"", "SA")
+            self.c(b"", "A")
+
+    def _send(self, src, dst, seq, ack, payload, flags, options=()):
+        raw = bytes(IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags,
+                                                     options=list(options)) / payload)
+        out = self.alg.handle(raw, self.now)
+        self.last_in = raw
+        self.last_raw = raw if out is None else out
+        return None if out == b"" else packet.decode(self.last_raw)
+
+    def c(self, payload: bytes, flags: str = "PA", seq: int | None = None, options=()):
+        s = self.cseq if seq is None else seq
+        ack = self.c_rcv if "A" in flags else 0
+        seg = self._send(self.client, self.server, s, ack, payload, flags, options)
+        extra = 1 if "S" in flags or "F" in flags else 0
+        if seq is None:  # in order: the server now expects what follows
+            self.cseq = (self.cseq + len(payload) + extra) & MASK
+            if seg is not None:
+                self.s_rcv = (seg.seq + len(seg.payload) + extra) & MASK
+        return seg
+
+    def s(self, payload: bytes, flags: str = "PA", options=()):
+        ack = self.s_rcv if "A" in flags else 0
+        if "S" in flags:
+            ack = self.cseq  # SYN-ACK acks the client's SYN (no corrections before data)
+            self.s_rcv = self.cseq
+        seg = self._send(self.server, self.public, self.sseq, ack, payload, flags, options)
+        self.sseq = (self.sseq + len(payload) + (1 if "S" in flags or "F" in flags else 0)) & MASK
+        if seg is not None:
+            self.c_rcv = (seg.seq + len(seg.payload) + (1 if "S" in flags or "F" in flags else 0)) & MASK
+        return seg

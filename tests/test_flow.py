@@ -1,0 +1,318 @@
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+
+from alg_helpers import MASK, Conn, FakeNat, FakePinholes
+from ftpalg.flow import Alg
+
+PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
+PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
+
+
+@pytest.fixture
+def env():
+    nat, holes = FakeNat(), FakePinholes()
+    return Alg(nat, holes, pinhole_timeout=120.0), nat, holes
+
+
+def login(conn):
+    conn.s(b"220 hello\r\n")
+    conn.c(b"USER anonymous\r\n")
+    conn.s(b"331 ok\r\n")
+
+
+def test_port_is_rewritten_and_pinhole_opened(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    seg = conn.c(PORT)
+    assert seg.payload == PORT_OUT
+    (ph,) = holes.live.values()
+    assert (ph.peer, ph.public, ph.public_port, ph.inside, ph.inside_port) == (
+        "203.0.113.2", "203.0.113.1", 50000, "10.0.0.2", 50000)
+
+
+def test_seq_and_ack_shift_for_the_rest_of_the_connection(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    before = conn.cseq
+    seg = conn.c(PORT)
+    assert seg.seq == before  # the rewritten segment keeps its seq
+    grow = len(PORT_OUT) - len(PORT)
+    ack = conn.s(b"200 ok\r\n")  # the server acks the longer line ...
+    assert ack.ack == (before + len(PORT)) & MASK  # ... the client sees its own numbering
+    seg = conn.c(b"RETR f\r\n")
+    assert seg.seq == (before + len(PORT) + grow) & MASK
+    for _ in range(3):  # and it goes on
+        conn.s(b"150 go\r\n")
+        seg = conn.c(b"NOOP\r\n")
+        assert seg.seq == (conn.cseq - 6 + grow) & MASK
+
+
+def test_shrinking_rewrite():
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes)
+    conn = Conn(alg, nat, client=("192.168.100.200", 40000), public=("1.2.3.4", 61000))
+    login(conn)
+    line = b"PORT 192,168,100,200,195,80\r\n"
+    start = conn.cseq
+    seg = conn.c(line)
+    assert seg.payload == b"PORT 1,2,3,4,195,80\r\n"
+    ack = conn.s(b"200 ok\r\n")
+    assert ack.ack == (start + len(line)) & MASK
+    assert conn.c(b"NOOP\r\n").seq == (start + len(line) - 8) & MASK
+
+
+def test_retransmission_is_byte_identical_and_opens_nothing_new(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    conn.c(PORT)
+    first = conn.last_raw
+    conn.c(PORT, seq=start)
+    assert conn.last_raw == first
+    assert holes.log == [("open", 1)]
+
+
+def test_retransmission_that_coalesces_two_segments(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    conn.c(PORT)
+    conn.c(b"RETR f\r\n")
+    seg = conn.c(PORT + b"RETR f\r\n", seq=start)
+    assert seg.payload == PORT_OUT + b"RETR f\r\n" and seg.seq == start
+
+
+def test_retransmission_starting_inside_rewritten_line_is_dropped(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    conn.c(PORT)
+    assert conn.c(PORT[5:], seq=start + 5) is None
+    assert alg.counters["dropped_unreplayable"] == 1
+
+
+def test_several_commands_in_one_segment(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    seg = conn.c(b"TYPE I\r\n" + PORT + b"RETR f\r\n")
+    assert seg.payload == b"TYPE I\r\n" + PORT_OUT + b"RETR f\r\n"
+
+
+def test_eprt_any_delimiter(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(b"eprt !1!10.0.0.2!50000!\r\n").payload == b"eprt !1!203.0.113.1!50000!\r\n"
+
+
+def test_bounce_is_refused(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    line = b"PORT 198,51,100,7,0,25\r\n"
+    assert conn.c(line).payload == line
+    assert not holes.log and alg.counters["refused"] == 1
+
+
+def test_malformed_passes_unchanged(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    line = b"PORT 10,0,0,2,999,1\r\n"
+    assert conn.c(line).payload == line
+    assert not holes.log and alg.counters["malformed"] == 1
+
+
+def test_partial_line_is_not_rewritten(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(PORT[:10]).payload == PORT[:10]
+    assert conn.c(PORT[10:]).payload == PORT[10:]
+    assert not holes.log and alg.counters["partial_line"] == 1
+
+
+def test_not_at_line_start_is_ignored(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(b"SITE x ")
+    assert conn.c(PORT).payload == PORT
+    assert not holes.log
+
+
+def test_busy_port_gets_the_next_one(env):
+    alg, nat, holes = env
+    a = Conn(alg, nat)
+    b = Conn(alg, nat, client=("10.0.0.3", 40000), public=("203.0.113.1", 61001))
+    login(a)
+    login(b)
+    assert a.c(PORT).payload == PORT_OUT
+    assert b.c(b"PORT 10,0,0,3,195,80\r\n").payload == b"PORT 203,0,113,1,195,81\r\n"
+    ports = sorted((p.public_port, p.inside) for p in holes.live.values())
+    assert ports == [(50000, "10.0.0.2"), (50001, "10.0.0.3")]
+
+
+def test_pinhole_closes_after_transfer(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn.s(b"200 PORT ok\r\n")
+    conn.c(b"RETR f\r\n")
+    conn.s(b"150 here it comes\r\n")
+    assert holes.live
+    conn.s(b"226-done\r\n226 really done\r\n")
+    assert not holes.live and holes.log == [("open", 1), ("close", 1)]
+
+
+def test_pinhole_closes_when_server_refuses(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn.s(b"500 Illegal PORT command.\r\n")
+    assert not holes.live
+
+
+def test_multiline_reply_does_not_close_early(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn.s(b"200-ok\r\n226 not the end\r\n")  # inside a 200- reply: not a final reply
+    conn.c(b"RETR f\r\n")
+    conn.s(b"200 end\r\n")  # now the PORT reply ends
+    assert holes.live
+    conn.s(b"226 done\r\n")
+    assert not holes.live
+
+
+def test_new_port_replaces_old_pinhole(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn.s(b"200 ok\r\n")
+    conn.c(b"PORT 10,0,0,2,195,90\r\n")
+    assert [p.inside_port for p in holes.live.values()] == [50010]
+    assert holes.log == [("open", 1), ("close", 1), ("open", 2)]
+
+
+def test_pinhole_times_out(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    alg.tick(100.0)
+    assert holes.live
+    alg.tick(120.0)
+    assert not holes.live
+
+
+@pytest.mark.parametrize("flags", ["FA", "RA"])
+def test_pinhole_closes_with_control_connection(env, flags):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn.c(b"", flags)
+    assert not holes.live
+    if flags == "FA":
+        conn.s(b"", "FA")
+    alg.tick(1000.0)
+    assert not alg.flows  # finished connections are forgotten after a grace period
+
+
+def test_backend_failure_passes_unchanged(env):
+    alg, nat, holes = env
+    holes.fail = True
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(PORT).payload == PORT
+    assert alg.counters["pinhole_failed"] == 1
+    assert conn.s(b"500 no\r\n").ack == conn.cseq  # nothing to correct
+
+
+def test_no_nat_mapping_passes_unchanged(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    nat.table.clear()
+    alg.flows.clear()
+    assert conn.c(PORT).payload == PORT
+    assert alg.counters["no_nat_mapping"] == 1
+
+
+def test_sequence_wraparound(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat, cisn=MASK - 30)
+    login(conn)  # "USER anonymous\r\n" crosses 2**32
+    start = conn.cseq
+    seg = conn.c(PORT)
+    assert seg.payload == PORT_OUT
+    ack = conn.s(b"200 ok\r\n")
+    assert ack.ack == (start + len(PORT)) & MASK
+    assert conn.c(b"NOOP\r\n").seq == (start + len(PORT) + 3) & MASK
+
+
+def test_sack_blocks_mapped_back(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    conn.c(PORT)
+    conn.c(b"NOOP\r\n")
+    wire = (start + len(PORT_OUT)) & MASK
+    seg = conn.s(b"", "A", options=[("NOP", None), ("NOP", None), ("SAck", (wire, wire + 6))])
+    assert seg.sack_blocks() == [((start + len(PORT)) & MASK, (start + len(PORT) + 6) & MASK)]
+
+
+def test_mid_session_start(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat, handshake=False)
+    assert conn.c(PORT).payload == PORT_OUT
+
+
+def test_reused_tuple_starts_fresh(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    conn2 = Conn(alg, nat, cisn=777777)
+    assert not holes.live
+    login(conn2)
+    assert conn2.c(b"NOOP\r\n").seq == conn2.cseq - 6
+
+
+def test_server_side_packets_of_unknown_flows_pass():
+    alg = Alg(FakeNat(), FakePinholes())
+    raw = bytes(IP(src="203.0.113.2", dst="203.0.113.1") / TCP(sport=21, dport=5000, flags="PA") / b"227 x\r\n")
+    assert alg.handle(raw, 0.0) is None
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=120))
+def test_garbage_packets_never_raise(env, data):
+    alg, nat, holes = env
+    out = alg.handle(data, 0.0)
+    assert out is None or isinstance(out, bytes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=60), max_size=6))
+def test_hostile_payloads_never_raise(chunks):
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes)
+    conn = Conn(alg, nat)
+    for i, chunk in enumerate(chunks):
+        seg = conn.c(b"PORT " + chunk) if i % 2 else conn.s(chunk)
+        assert seg is not None
+    assert len(holes.live) <= 1

@@ -1,0 +1,90 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ftpalg.seqadj import MASK, MAX_EDITS, SeqAdjust, Unreplayable, diff
+
+
+def test_no_edits_is_identity():
+    a = SeqAdjust()
+    assert a.forward(1234) == 1234 and a.backward(1234) == 1234
+
+
+@pytest.mark.parametrize("grow", [4, -3])
+def test_single_edit_maps_both_ways(grow):
+    a = SeqAdjust()
+    line_len = 22
+    a.add(1000, line_len, b"x" * (line_len + grow))
+    assert a.forward(1000) == 1000  # the rewritten segment itself keeps its seq
+    assert a.forward(1000 + line_len) == 1000 + line_len + grow  # later data is shifted
+    assert a.backward(1000 + line_len + grow) == 1000 + line_len  # ack of the whole line
+    assert a.backward(1000) == 1000  # ack before the edit is unchanged
+    assert a.backward(1005) == 1000  # ack inside the new bytes: start of the line again
+
+
+def test_edits_accumulate():
+    a = SeqAdjust()
+    a.add(100, 20, b"y" * 24)  # +4
+    a.add(200, 20, b"y" * 17)  # -3
+    assert a.delta == 1
+    assert a.forward(150) == 154
+    assert a.forward(220) == 221
+    assert a.backward(221) == 220
+    assert a.backward(154) == 150
+
+
+def test_wraparound():
+    a = SeqAdjust()
+    start = MASK - 10  # the line crosses 2**32
+    a.add(start, 22, b"z" * 26)
+    end = (start + 22) & MASK
+    assert end < start
+    assert a.forward(end) == (end + 4) & MASK
+    assert a.backward((end + 4) & MASK) == end
+    assert a.forward(start) == start
+
+
+@given(st.integers(0, MASK), st.lists(st.integers(-8, 8), min_size=1, max_size=MAX_EDITS),
+       st.integers(0, 5000))
+def test_backward_inverts_forward_outside_edits(base, deltas, probe):
+    a = SeqAdjust()
+    pos = base
+    for d in deltas:
+        pos = (pos + 100) & MASK
+        a.add(pos, 20, b"a" * (20 + d))
+        pos = (pos + 20) & MASK
+    x = (pos + probe) & MASK  # anywhere after the last edit
+    assert a.backward(a.forward(x)) == x
+    assert diff(a.forward(x), x) == sum(deltas)
+
+
+def test_replay_is_byte_identical():
+    a = SeqAdjust()
+    a.add(1010, 10, b"0123456789AB")
+    seg = b"x" * 10 + b"ORIGINAL!\n" + b"tail"
+    out = a.replay(1000, seg)
+    assert out == b"x" * 10 + b"0123456789AB" + b"tail"
+    assert a.replay(1000, seg) == out
+
+
+def test_replay_cuts_before_partly_covered_edit():
+    a = SeqAdjust()
+    a.add(1010, 10, b"0123456789AB")
+    assert a.replay(1000, b"x" * 15) == b"x" * 10
+
+
+def test_replay_inside_edit_raises():
+    a = SeqAdjust()
+    a.add(1010, 10, b"0123456789AB")
+    with pytest.raises(Unreplayable):
+        a.replay(1015, b"56789")
+
+
+def test_old_edits_fold_into_base():
+    a = SeqAdjust()
+    for i in range(MAX_EDITS + 5):
+        a.add(i * 100, 10, b"b" * 11)
+    assert len(a.edits) == MAX_EDITS
+    assert a.delta == MAX_EDITS + 5
+    far = 100 * (MAX_EDITS + 10)
+    assert a.forward(far) == far + MAX_EDITS + 5
