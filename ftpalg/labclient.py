@@ -19,6 +19,7 @@ class ActiveFTP(ftplib.FTP):
 
     def __init__(self, eprt: bool, data_port: int, timeout: float) -> None:
         super().__init__(timeout=timeout)
+        self.passiveserver = False  # active mode, whatever the caller forgets
         self.eprt = eprt
         self.data_port = data_port
 

@@ -252,6 +252,7 @@ def test_fifty_concurrent_sessions(lab, alg):
     got = res.stdout.split("\n")[:50]
     assert got == [want] * 50, [g for g in got if g != want][:5]
     time.sleep(0.5)
+    assert lab.ftpalg_log().count("pinhole open") == 50  # every session was active mode
     assert lab.pinhole_rules() == []
 
 
