@@ -83,7 +83,7 @@ def key_text(key: FlowKey) -> str:
 
 class Flow:
     __slots__ = (
-        "key", "reply_key", "client", "server", "family", "streams", "adj",
+        "key", "reply_key", "client", "family", "streams", "adj",
         "pending", "pinhole", "fin", "closed_at", "last_seen", "logged", "reply_code", "lookups",
     )
 
@@ -91,7 +91,6 @@ class Flow:
         self.key = key
         self.reply_key: FlowKey | None = None
         self.client = addr_text(key[0])
-        self.server = addr_text(key[2])
         self.family = 4 if len(key[0]) == 4 else 6
         self.streams = (Stream(), Stream())
         self.adj = (SeqAdjust(), SeqAdjust())
@@ -243,15 +242,15 @@ class Alg:
             self._count("no_nat_mapping", "conntrack has no entry for the control connection", flow)
             return line
         assert flow.reply_key is not None
-        public = addr_text(flow.reply_key[2])
+        # The reply tuple names the real server (after any DNAT) and the address it sees.
+        peer, public = addr_text(flow.reply_key[0]), addr_text(flow.reply_key[2])
         for port in policy.candidate_ports(hp.port):
-            if (flow.server, public, port) not in self.promised:
+            if (peer, public, port) not in self.promised:
                 break
         else:
             self._count("no_free_port", f"no free public port near {hp.port}", flow)
             return line
-        ph = Pinhole(self._next_id, flow.server, public, port, flow.client, hp.port,
-                     now + self.pinhole_timeout)
+        ph = Pinhole(self._next_id, peer, public, port, flow.client, hp.port, now + self.pinhole_timeout)
         try:
             self.backend.open(ph)
         except Exception as e:  # the backend's failure must not take the packet with it

@@ -233,7 +233,9 @@ class Lab:
         """Start ``ftpalg run`` in the gateway namespace and wait until it is bound."""
         log = self.state / "ftpalg.log"
         log.write_bytes(b"")
-        p = self.popen(self.gw, [sys.executable, "-m", "ftpalg", "run", "--log-level", "info", *args], log)
+        script = Path(sys.executable).parent / "ftpalg"  # the console script, as users run it
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ftpalg"]
+        p = self.popen(self.gw, [*cmd, "run", "--log-level", "info", *args], log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if b"bound to NFQUEUE" in log.read_bytes():

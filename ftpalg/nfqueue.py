@@ -22,6 +22,7 @@ from .flow import Alg
 log = logging.getLogger("ftpalg")
 
 TICK = 1.0
+QUEUE_MAXLEN = 4096  # packets the kernel holds for us before it applies the bypass/drop
 
 
 class QueueHandler:
@@ -52,7 +53,7 @@ class QueueHandler:
     def run(self, ready: Any = None) -> None:
         """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound."""
         nfq = NetfilterQueue()
-        nfq.bind(self.queue_num, self._on_packet, max_len=4096)
+        nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
 
         wake_r, wake_w = socket.socketpair()
         stopped: list[str] = []

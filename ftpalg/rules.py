@@ -74,7 +74,7 @@ def iptables_queue_rules(ports: Iterable[int], queue: int) -> str:
 def nft_queue_rules(ports: Iterable[int], queue: int) -> str:
     ps = ", ".join(str(int(p)) for p in sorted(set(ports)))
     return (
-        f"table inet {NFT_TABLE} {{\n"
+        f"table ip {NFT_TABLE} {{\n"
         "\tchain prerouting {\n"
         "\t\ttype filter hook prerouting priority raw; policy accept;\n"
         f"\t\ttcp dport {{ {ps} }} queue flags bypass to {int(queue)}\n"
@@ -121,13 +121,13 @@ class IptablesPinholes:
 
 def nft_queue_available() -> bool:
     """Whether this kernel runs nft's queue statement: try it in a scratch table."""
-    probe = nft_queue_rules([9], 0).replace(f"table inet {NFT_TABLE} ", "table inet ftpalg_probe ")
+    probe = nft_queue_rules([9], 0).replace(f"table ip {NFT_TABLE} ", "table ip ftpalg_probe ")
     try:
         _run(["nft", "-f", "-"], probe)
     except RuleError:
         return False
     finally:
-        _quiet(["nft", "delete", "table", "inet", "ftpalg_probe"])
+        _quiet(["nft", "delete", "table", "ip", "ftpalg_probe"])
     return True
 
 
@@ -165,5 +165,5 @@ class StaticRules:
                     break
             _quiet(["iptables", "-w", "-t", table, "-F", chain])
             _quiet(["iptables", "-w", "-t", table, "-X", chain])
-        _quiet(["nft", "delete", "table", "inet", NFT_TABLE])
+        _quiet(["nft", "delete", "table", "ip", NFT_TABLE])
         self.installed = False

@@ -322,3 +322,27 @@ def test_differential_against_kernel_helper(lab):
         seen[mode] = commands(wire, b"PORT") + commands(wire, b"EPRT")
     assert seen["kernel"] == seen["ftpalg"]
     assert seen["ftpalg"] == [b"PORT 203,0,113,1,160,40"] * 2 + [b"EPRT |1|203.0.113.1|41001|"] * 2
+
+
+def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
+    """nft's queue statement where the kernel has it, iptables' NFQUEUE otherwise; forcing
+    nft on a kernel without it fails clearly and leaves nothing behind."""
+    probe = lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.rules import nft_queue_available; "
+                                                  "print(nft_queue_available())"])
+    has_nft_queue = probe.stdout.strip() == "True"
+    assert "ftpalg_probe" not in lab.ns(lab.gw, ["nft", "list", "tables"]).stdout
+    p = lab.start_ftpalg()
+    try:
+        want = "queue via nft" if has_nft_queue else "queue via iptables"
+        assert want in lab.ftpalg_log()
+        assert ("NFQUEUE" in lab.gw_rules()) != has_nft_queue
+    finally:
+        assert lab.stop_ftpalg(p) == 0
+    if not has_nft_queue:
+        script = Path(sys.executable).parent / "ftpalg"
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ftpalg"]
+        res = lab.ns(lab.gw, [*cmd, "run", "--queue-backend", "nft"], check=False, timeout=30)
+        assert res.returncode == 1
+        assert "queue" in res.stderr and "Error" in res.stderr
+    assert "FTPALG" not in lab.gw_rules()
+    assert "ftpalg" not in lab.ns(lab.gw, ["nft", "list", "tables"]).stdout
