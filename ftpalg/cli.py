@@ -29,7 +29,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
     nat = ConntrackLookup()
-    alg = Alg(nat, IptablesPinholes(), ports, args.pinhole_timeout)
+    holes = IptablesPinholes()
+    alg = Alg(nat, holes, ports, args.pinhole_timeout)
     try:
         if rules is not None:
             backend = rules.install()
@@ -43,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         alg.shutdown()
+        holes.shutdown()
         nat.close()
         if rules is not None:
             rules.remove()

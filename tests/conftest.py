@@ -4,8 +4,27 @@ kernel NAT, real FTP servers and clients. They are skipped, loudly, without root
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import pytest
+
+STALE = re.compile(r"^(f[apb]\d+)-(c|gw|s)$")  # labs made by tests and bench/, named after their pid
+
+
+def pytest_sessionstart(session):
+    """Remove labs left by an earlier run that was killed (its pid is gone)."""
+    if os.geteuid() != 0:
+        return
+    from ftpalg.lab import Lab
+
+    try:
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    except OSError:
+        return
+    for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
+        if not os.path.exists(f"/proc/{prefix[2:]}"):
+            Lab(prefix).down()
 
 
 def pytest_collection_modifyitems(config, items):
