@@ -24,7 +24,7 @@ from typing import Protocol
 
 from . import ftp, policy
 from .packet import DecodeError, Segment, TcpFlags, decode, encode
-from .seqadj import SeqAdjust, Unreplayable
+from .seqadj import MASK, SeqAdjust, Unreplayable
 from .stream import Stream
 
 log = logging.getLogger("ftpalg")
@@ -156,8 +156,10 @@ class Alg:
             # lets us follow the server's replies from its greeting on.
             self._learn_mapping(flow)
         if flags & TcpFlags.SYN:
-            if d == C2S and not flags & TcpFlags.ACK and flow.streams[C2S].next_seq is not None:
+            known = flow.streams[C2S].next_seq
+            if d == C2S and not flags & TcpFlags.ACK and known is not None and known != (seg.seq + 1) & MASK:
                 self._end(flow, "reused by a new SYN")
+                self.counters["flows_reused"] += 1
                 flow = Flow(flow.key, now)
                 self.flows[flow.key] = (flow, C2S)
             flow.streams[d].syn(seg.seq)

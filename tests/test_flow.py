@@ -287,9 +287,22 @@ def test_reused_tuple_starts_fresh(env):
     login(conn)
     conn.c(PORT)
     conn2 = Conn(alg, nat, cisn=777777)
-    assert not holes.live
+    assert not holes.live and alg.counters["flows_reused"] == 1
     login(conn2)
     assert conn2.c(b"NOOP\r\n").seq == conn2.cseq - 6
+
+
+def test_retransmitted_syn_keeps_the_flow(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat, handshake=False)
+    isn = conn.cseq
+    conn.c(b"", "S")
+    conn.c(b"", "S", seq=isn)
+    conn.s(b"", "SA")
+    conn.c(b"", "A")
+    login(conn)
+    conn.c(PORT)
+    assert len(holes.live) == 1 and alg.counters["flows_reused"] == 0
 
 
 def test_server_side_packets_of_unknown_flows_pass():
