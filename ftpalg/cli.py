@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
+import os
 import signal
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 from . import __version__
-from .rules import DEFAULT_QUEUE
+from .rules import DEFAULT_QUEUE, RuleError
 
 log = logging.getLogger("ftpalg")
 
@@ -18,15 +22,47 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def single_instance() -> Iterator[None]:
+    """One ``ftpalg run`` per network namespace: a second one would remove the first one's
+    rules when it exits. The lock file is named after the namespace and removed on exit."""
+    ns = os.stat("/proc/self/ns/net").st_ino
+    path = f"/run/ftpalg-netns-{ns}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuleError(f"another ftpalg run holds {path} in this network namespace") from None
+        try:
+            yield
+        finally:
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGTERM during set-up must still clean up (the loop installs its own handler later).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with single_instance():
+            return _serve(args)
+    except (RuleError, OSError) as e:
+        log.error("%s", e)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
     from .conntrack import ConntrackLookup
     from .flow import Alg
     from .nfqueue import QueueHandler
-    from .rules import IptablesPinholes, RuleError, StaticRules
+    from .rules import IptablesPinholes, StaticRules, pinhole_chains_present
 
     ports = frozenset(args.control_port or [21])
-    # SIGTERM during set-up must still clean up (the loop installs its own handler later).
-    signal.signal(signal.SIGTERM, _interrupt)
+    if args.no_rules and not pinhole_chains_present():
+        raise RuleError("--no-rules: chain FTPALG-PINHOLES is missing in the nat or filter table; "
+                        "load deploy/pinholes.iptables (and a queue rule from deploy/) first")
     rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
     nat = ConntrackLookup()
     holes = IptablesPinholes()

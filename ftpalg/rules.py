@@ -194,6 +194,11 @@ def nft_queue_available() -> bool:
     return True
 
 
+def pinhole_chains_present() -> bool:
+    """Whether the pinhole chains exist (what ``--no-rules`` expects the admin to load)."""
+    return all(_quiet(["iptables", "-w", "-t", t, "-S", CHAIN_PINHOLES]) for t in ("nat", "filter"))
+
+
 class StaticRules:
     """The queue rule and the pinhole chains, installed by ``ftpalg run``."""
 
