@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s ftpalg %(levelname)s %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into it; clean-up already ran
+        log.warning("interrupted (%s)", e or "SIGINT")
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ _REPLY = re.compile(r"\b[45]\d\d [^)\r\n]*")
 
 
 def failure_reason(stderr: str, rc: int) -> str:
-    """The last FTP error reply a client printed, else its last line."""
+    """The first FTP error reply a client printed (curl falls back from EPRT to PORT: the
+    EPRT refusal is the one that matters), else its last line."""
     replies = _REPLY.findall(stderr)
     if replies:
-        return replies[-1].strip()
+        return replies[0].strip()
     lines = stderr.strip().splitlines()
     return lines[-1] if lines else f"exit {rc}"
 
@@ -45,7 +46,7 @@ def matrix(lab: Lab) -> dict[tuple[str, str], Outcome]:
             if p.returncode == 0 and got == want:
                 res[(server, kind.label)] = Outcome(True, f"sha256 ok, {dt:.1f}s")
             else:
-                why = failure_reason(p.stderr, p.returncode)[:50]
+                why = failure_reason(p.stderr, p.returncode)[:66]
                 if p.returncode == 0:
                     why = "checksum mismatch" if got else "no file"
                 res[(server, kind.label)] = Outcome(False, why)
@@ -74,11 +75,11 @@ def main(prefix: str = "ftpalg-demo") -> int:
         lab.down()
     w = max(len(k[0]) + len(k[1]) for k in without) + 3
     print()
-    print(f"{'server / client':<{w}}  {'without ftpalg':<52}  with ftpalg")
-    print("-" * (w + 80))
+    print(f"{'server / client':<{w}}  {'without ftpalg':<72}  with ftpalg")
+    print("-" * (w + 98))
     for key in without:
         a, b = without[key], with_[key]
-        print(f"{key[0] + ' / ' + key[1]:<{w}}  {('PASS ' if a.ok else 'FAIL ') + a.detail:<52}  "
+        print(f"{key[0] + ' / ' + key[1]:<{w}}  {('PASS ' if a.ok else 'FAIL ') + a.detail:<72}  "
               f"{('PASS ' if b.ok else 'FAIL ') + b.detail}")
     print()
     opened = log.count("pinhole open")
