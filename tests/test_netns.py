@@ -406,3 +406,53 @@ def test_no_rules_without_chains_fails_clearly(lab):
     assert res.returncode == 1 and "deploy/pinholes.iptables" in res.stderr
     ino = lab.ns(lab.gw, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
     assert not Path(f"/run/ftpalg-netns-{ino}.lock").exists()  # its lock file is gone too
+
+
+def test_sessions_survive_control_packet_loss(lab, alg):
+    """20 % of control packets dropped after the gateway, both ways (iptables statistic in
+    the end hosts: tc netem is not available). Retransmitted PORT lines must come out of
+    ftpalg exactly as the first copy, and every transfer must complete."""
+    drops = [
+        (lab.server, ["INPUT", "-p", "tcp", "--dport", "21"]),
+        (lab.client, ["INPUT", "-p", "tcp", "--sport", "21"]),
+    ]
+    for ns, spec in drops:
+        lab.ns(ns, ["iptables", "-A", *spec, "-m", "statistic", "--mode", "random", "--probability", "0.2",
+                    "-j", "DROP"])
+    cap = Capture(lab, "loss")
+    try:
+        res = ns_python(lab, lab.client, f"""
+            import hashlib, sys
+            sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+            from ftpalg.labclient import ActiveFTP
+            for i in range(8):
+                host = {SERVERS['vsftpd']!r} if i % 2 else {SERVERS['pyftpdlib']!r}
+                ftp = ActiveFTP(eprt=bool(i % 4 < 2), data_port=42000 + i, timeout=60)
+                ftp.connect(host, 21)
+                ftp.login()
+                for _ in range(2):
+                    h = hashlib.sha256()
+                    ftp.retrbinary("RETR small.txt", h.update)
+                    print(h.hexdigest(), flush=True)
+                ftp.quit()
+        """, timeout=400)
+    finally:
+        for ns, spec in drops:
+            lab.ns(ns, ["iptables", "-D", *spec, "-m", "statistic", "--mode", "random", "--probability", "0.2",
+                        "-j", "DROP"])
+    wire = cap.stop()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [sha256(lab.files / "small.txt")] * 16
+    copies: dict[tuple[int, int], set[bytes]] = {}  # what the server's interface saw, per (port, seq)
+    for p in rdpcap(str(cap.path)):
+        if TCP in p and p[TCP].dport == 21 and bytes(p[TCP].payload):
+            copies.setdefault((p[TCP].sport, p[TCP].seq), set()).add(bytes(p[TCP].payload))
+    sent = sum(1 for p in rdpcap(str(cap.path)) if TCP in p and p[TCP].dport == 21 and bytes(p[TCP].payload))
+    assert sent > len(copies)  # there were retransmissions ...
+    for v in copies.values():  # ... and every copy of a byte range carries the same bytes
+        longest = max(v, key=len)
+        assert all(longest.startswith(c) for c in v), v
+    announced = commands(wire, b"PORT") + commands(wire, b"EPRT")
+    assert len(set(announced)) == 8  # one text per session (fixed data port), however often sent
+    assert all(b"203,0,113,1" in a or b"203.0.113.1" in a for a in announced)
+    assert no_pinholes_soon(lab)
