@@ -66,7 +66,7 @@ case "$cmd" in
     demo) setup; exec .venv/bin/ftpalg demo "$@" ;;
     test)
         setup
-        .venv/bin/ruff check ftpalg tests
+        .venv/bin/ruff check ftpalg tests bench
         .venv/bin/mypy
         exec .venv/bin/pytest "$@"
         ;;

@@ -13,7 +13,6 @@ import os
 import statistics
 import sys
 import textwrap
-import time
 import timeit
 from pathlib import Path
 
@@ -53,7 +52,6 @@ def sessions(lab: Lab, n: int, host: str) -> tuple[float, float, float]:
 
 def core_cost() -> float:
     from alg_helpers import Conn, FakeNat, FakePinholes
-
     from ftpalg.flow import Alg
 
     nat, holes = FakeNat(), FakePinholes()
@@ -70,7 +68,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=200)
     args = ap.parse_args()
-    lab = Lab(f"fb{os.getpid() % 100000}")
+    lab = Lab(f"fb{os.getpid()}")
     rows = []
     try:
         lab.up()

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-STALE = re.compile(r"^(f[apb]\d+)-(c|gw|s)$")  # labs made by tests and bench/, named after their pid
+STALE = re.compile(r"^(f[ab]\d+)-(c|gw|s)$")  # labs made by tests and bench/, named after their pid
 
 
 def pytest_sessionstart(session):
@@ -34,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A namespace lab (client, NAT gateway, vsftpd + pyftpdlib) per test module."""
+    from ftpalg.lab import Lab
+
+    lab = Lab(f"fa{os.getpid()}")
+    lab.up()
+    yield lab
+    lab.down()
+    assert not lab.exists()

@@ -19,15 +19,6 @@ from ftpalg.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, sha256
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab = Lab(f"fa{os.getpid() % 100000}")
-    lab.up()
-    yield lab
-    lab.down()
-    assert not lab.exists()
-
-
 @pytest.fixture
 def alg(lab):
     """ftpalg run (no options) in the gateway for one test; checks it cleaned up."""

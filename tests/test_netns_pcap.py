@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpalg.lab import SERVERS, Lab
+from ftpalg.lab import SERVERS
 from pcap_replay import replay
 
 pytestmark = pytest.mark.netns
@@ -32,14 +32,6 @@ SESSION = """
         ftp.retrbinary("RETR small.txt", lambda b: None)
     ftp.quit()
 """
-
-
-@pytest.fixture(scope="module")
-def lab():
-    lab = Lab(f"fp{os.getpid() % 100000}")
-    lab.up()
-    yield lab
-    lab.down()
 
 
 @pytest.mark.parametrize("server, eprt", [("vsftpd", False), ("pyftpdlib", True)])
