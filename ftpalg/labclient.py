@@ -1,6 +1,6 @@
 """Python ftplib client for the lab, active mode only:
 
-    python -m ftpalg.labclient HOST (get NAME OUT | put FILE NAME) [--eprt] [--data-port N]
+    python -m ftpalg.labclient HOST (get NAME OUT | put FILE NAME) [--eprt] [--data-port N] [--port N]
 
 Exit 0 on success; on failure the server's reply is printed on stderr.
 """
@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("b")
     ap.add_argument("--eprt", action="store_true")
     ap.add_argument("--data-port", type=int, default=0)
+    ap.add_argument("--port", type=int, default=21, help="control port of the server")
     ap.add_argument("--timeout", type=float, default=15.0)
     ap.add_argument("--source", default="", help="local address to connect from")
     args = ap.parse_args(argv)
     ftp = ActiveFTP(args.eprt, args.data_port, args.timeout)
     try:
-        ftp.connect(args.host, 21, source_address=(args.source, 0) if args.source else None)
+        ftp.connect(args.host, args.port, source_address=(args.source, 0) if args.source else None)
         ftp.login()
         ftp.set_pasv(False)
         if args.op == "get":

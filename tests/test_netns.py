@@ -447,3 +447,26 @@ def test_sessions_survive_control_packet_loss(lab, alg):
     assert len(set(announced)) == 8  # one text per session (fixed data port), however often sent
     assert all(b"203,0,113,1" in a or b"203.0.113.1" in a for a in announced)
     assert no_pinholes_soon(lab)
+
+
+def test_extra_control_port(lab, tmp_path):
+    """--control-port is repeatable: a server on 2121 is handled as well as one on 21."""
+    server = lab.popen(lab.server, [sys.executable, "-m", "ftpalg.labservers", SERVERS["pyftpdlib"],
+                                    str(lab.files), "2121"])
+    try:
+        lab.wait_port(lab.server, SERVERS["pyftpdlib"], 2121)
+        p = lab.start_ftpalg("--control-port", "21", "--control-port", "2121")
+        try:
+            for port in (2121, 21):
+                out = tmp_path / f"f{port}"
+                res = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.labclient", SERVERS["pyftpdlib"], "get",
+                                          "big.bin", str(out), "--port", str(port)], check=False)
+                assert res.returncode == 0, res.stderr
+                assert sha256(out) == sha256(lab.files / "big.bin")
+            assert lab.ftpalg_log().count("pinhole open") == 2
+        finally:
+            assert lab.stop_ftpalg(p) == 0
+    finally:
+        server.terminate()
+        server.wait(10)
+        lab.procs.remove(server)
