@@ -173,10 +173,10 @@ class Alg:
                 self._log_once(flow, "unreplayable", str(e))
                 return b""
         adj_out, adj_in = flow.adj[d], flow.adj[1 - d]
-        seq = adj_out.forward(seg.seq) if adj_out.edits or adj_out.base else seg.seq
+        seq = adj_out.forward(seg.seq) if adj_out.active else seg.seq
         ack = seg.ack
         sack = None
-        if flags & TcpFlags.ACK and (adj_in.edits or adj_in.base):
+        if flags & TcpFlags.ACK and adj_in.active:
             ack = adj_in.backward(seg.ack)
             sack = adj_in.backward
         if flags & (TcpFlags.FIN | TcpFlags.RST):
@@ -347,16 +347,12 @@ class Alg:
             if flow.closed_at is not None and now - flow.closed_at >= CLOSE_GRACE:
                 self._end(flow, "closed")
             elif now - flow.last_seen >= IDLE_CHECK:
-                if not (flow.adj[0].edits or flow.adj[1].edits or flow.adj[0].base):
+                if not (flow.adj[0].active or flow.adj[1].active):
                     self._end(flow, "idle")
                 elif self.nat.reply_tuple(flow.key) is None:
                     self._end(flow, "gone from conntrack")
                 else:
                     flow.last_seen = now
-
-    def next_deadline(self) -> float | None:
-        times = [ph.expires for ph in self.promised.values()]
-        return min(times) if times else None
 
     def shutdown(self) -> None:
         """Close every pinhole (flows are kept in memory only)."""

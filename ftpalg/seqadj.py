@@ -59,6 +59,11 @@ class SeqAdjust:
         self.base = 0  # delta of everything folded away
 
     @property
+    def active(self) -> bool:
+        """Whether any correction applies (otherwise numbers pass through unchanged)."""
+        return bool(self.edits) or self.base != 0
+
+    @property
     def delta(self) -> int:
         """Current total length change (applies to all new data)."""
         return self.edits[-1].after if self.edits else self.base

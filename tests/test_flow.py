@@ -329,3 +329,19 @@ def test_hostile_payloads_never_raise(chunks):
         seg = conn.c(b"PORT " + chunk) if i % 2 else conn.s(chunk)
         assert seg is not None
     assert len(holes.live) <= 1
+
+
+def test_idle_flows_are_forgotten_only_when_safe(env):
+    alg, nat, holes = env
+    plain = Conn(alg, nat, client=("10.0.0.3", 40001))
+    login(plain)
+    fixed = Conn(alg, nat)
+    login(fixed)
+    fixed.c(PORT)  # now carries a seq correction
+    alg.tick(700.0)
+    assert fixed.last_raw and len({id(f) for f, _ in alg.flows.values()}) == 1  # the corrected one stays
+    alg.tick(1400.0)
+    assert alg.flows  # conntrack still knows it: keep its corrections
+    nat.table.clear()
+    alg.tick(2100.0)
+    assert not alg.flows and not holes.live
