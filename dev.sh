@@ -32,11 +32,17 @@ install_debian_packages() {
         printf '#!/bin/sh\nexit 101\n' > "$guard"
         chmod +x "$guard"
     fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-        || { [ -n "$guard" ] && rm -f "$guard"; exit 1; }
+    local log=/tmp/ftpalg-apt.log rc=0
+    { apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        > "$log" 2>&1 || rc=$?
     [ -n "$guard" ] && rm -f "$guard"
-    return 0
+    if [ "$rc" != 0 ]; then
+        tail -n 30 "$log" >&2
+        echo "dev.sh: apt-get failed (full log: $log)" >&2
+        exit 1
+    fi
+    rm -f "$log"
 }
 
 setup_venv() {
