@@ -8,6 +8,12 @@ import re
 import subprocess
 
 import pytest
+from hypothesis import settings
+
+# Shared CI machines are slow and noisy: property tests are bounded by example counts,
+# not by per-example deadlines.
+settings.register_profile("ftpalg", deadline=None)
+settings.load_profile("ftpalg")
 
 STALE = re.compile(r"^(f[ab]\d+)-(c|gw|s)$")  # labs made by tests and bench/, named after their pid
 

@@ -67,17 +67,10 @@ class Capture:
 
     def __init__(self, lab: Lab, name: str) -> None:
         self.path = lab.state / f"{name}.pcap"
-        # --immediate-mode: with TPACKET_V3's block timeout, this kernel's veth delivered
-        # almost nothing to the ring (seen: "25 received by filter, 0 captured").
-        argv = ["tcpdump", "--immediate-mode", "-i", "s0", "-U", "-n", "-w", str(self.path), "tcp port 21"]
-        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.server, *argv], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        time.sleep(1.0)
+        self.proc = lab.capture(lab.server, "s0", self.path)
 
     def stop(self) -> list[bytes]:
-        time.sleep(0.3)
-        self.proc.terminate()
-        self.proc.wait(10)
+        Lab.stop_capture(self.proc)
         return [bytes(p[TCP].payload) for p in rdpcap(str(self.path)) if TCP in p and bytes(p[TCP].payload)]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -40,10 +39,7 @@ def test_record_and_replay(lab, server, eprt):
     caps = {}
     for side, dev in (("inside", "gi"), ("outside", "go")):
         path = lab.state / f"{name}-{side}.pcap"
-        caps[side] = (path, subprocess.Popen(
-            ["ip", "netns", "exec", lab.gw, "tcpdump", "--immediate-mode", "-i", dev, "-U", "-n", "-w", str(path),
-             "tcp port 21"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    time.sleep(1.0)
+        caps[side] = (path, lab.capture(lab.gw, dev, path))
     p = lab.start_ftpalg()
     try:
         code = SESSION.format(root=str(Path(__file__).resolve().parent.parent), eprt=eprt, host=SERVERS[server])
@@ -52,8 +48,7 @@ def test_record_and_replay(lab, server, eprt):
     finally:
         lab.stop_ftpalg(p)
         for _, proc in caps.values():
-            proc.terminate()
-            proc.wait(10)
+            lab.stop_capture(proc)
     assert res.returncode == 0, res.stderr
     assert lab.ftpalg_log().count("pinhole open") == 4
     n, bad = replay(caps["inside"][0], caps["outside"][0])
