@@ -463,3 +463,53 @@ def test_extra_control_port(lab, tmp_path):
         server.terminate()
         server.wait(10)
         lab.procs.remove(server)
+
+
+HOSTILE_CLIENT = r"""
+import ftplib, hashlib, sys, time
+ftp = ftplib.FTP(timeout=10, encoding="latin-1")
+ftp.connect(sys.argv[1], 21)
+ftp.login()
+s = ftp.sock
+
+
+def expect_error(raw):
+    s.sendall(raw)
+    try:
+        ftp.getresp()
+    except ftplib.Error:
+        pass
+
+
+for line in [b"PORT 10,0,0,2,999,1", b"PORT 10,0,0,2,0,0", b"EPRT |1|10.0.0.2|70000|",
+             b"EPRT |2|10.0.0.2|5000|", b"PORT 10,0,0,9,4,1", b"EPRT |1|10.0.0.999|5000|",
+             b"PORT " + bytes(range(0xa0, 0x100))]:
+    expect_error(line + b"\r\n")
+s.sendall(b"PORT 10,0,0")  # one command split across two segments
+time.sleep(0.2)
+expect_error(b",2,4,1\r\n")
+print(ftp.voidcmd("NOOP"))
+ftp.set_pasv(False)
+h = hashlib.sha256()
+ftp.retrbinary("RETR small.txt", h.update)
+print(h.hexdigest())
+ftp.quit()
+"""
+
+
+def test_hostile_lines_pass_unchanged_and_never_wedge_the_session(lab, alg):
+    """Malformed and bounce PORT/EPRT lines, binary junk and a line split across segments
+    go through unchanged and open nothing; the session stays usable and a later good PORT
+    still works."""
+    cap = Capture(lab, "hostile")
+    res = lab.ns(lab.client, [sys.executable, "-c", HOSTILE_CLIENT, SERVERS["pyftpdlib"]], check=False)
+    wire = cap.stop()
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.split("\n")
+    assert out[0].startswith("200") and out[1] == sha256(lab.files / "small.txt")
+    seen = b"".join(wire)
+    for raw in (b"PORT 10,0,0,2,999,1", b"EPRT |1|10.0.0.2|70000|", b"PORT 10,0,0,9,4,1", b"PORT 10,0,0,2,4,1"):
+        assert raw in seen  # unchanged on the server's side
+    log = lab.ftpalg_log()
+    assert "malformed" in log and "refused" in log and "partial_line" in log
+    assert log.count("pinhole open") == 1  # only the good PORT of the transfer
