@@ -99,8 +99,13 @@ def _pinhole_specs(ph: Pinhole) -> tuple[str, str]:
     peer, public, inside = _ip(ph.peer), _ip(ph.public), _ip(ph.inside)
     pp, ip_ = int(ph.public_port), int(ph.inside_port)
     tag = f'-m comment --comment "ftpalg pinhole {int(ph.id)}"'
+    # --syn + limit 1/day, burst 1: the rule matches one SYN; the nat table only sees a
+    # connection's first packet, so the pinhole DNATs exactly one connection (one-shot, like
+    # a kernel expectation), and a stray non-SYN packet cannot use it up. Later connections
+    # to the port are not DNATed, hence not accepted by the filter rule either.
     return (
-        f"-s {peer}/32 -d {public}/32 -p tcp -m tcp --dport {pp} {tag} -j DNAT --to-destination {inside}:{ip_}",
+        f"-s {peer}/32 -d {public}/32 -p tcp -m tcp --dport {pp} --syn -m limit --limit 1/day --limit-burst 1 {tag}"
+        f" -j DNAT --to-destination {inside}:{ip_}",
         f"-s {peer}/32 -d {inside}/32 -p tcp -m tcp --dport {ip_}"
         f" -m conntrack --ctstate DNAT --ctorigdst {public} --ctorigdstport {pp} {tag} -j ACCEPT",
     )

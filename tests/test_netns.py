@@ -513,3 +513,42 @@ def test_hostile_lines_pass_unchanged_and_never_wedge_the_session(lab, alg):
     log = lab.ftpalg_log()
     assert "malformed" in log and "refused" in log and "partial_line" in log
     assert log.count("pinhole open") == 1  # only the good PORT of the transfer
+
+
+def test_pinhole_lets_in_one_connection_only(lab, alg):
+    """One-shot, like a kernel expectation: pyftpdlib connects as soon as it reads PORT; a
+    second connection from the same server to the same public port gets nowhere."""
+    client = subprocess.Popen(["ip", "netns", "exec", lab.client, sys.executable, "-c", textwrap.dedent(f"""
+        import ftplib, socket
+        ftp = ftplib.FTP("{SERVERS['pyftpdlib']}", timeout=10)
+        ftp.login()
+        ls = socket.create_server(("{CLIENTS[0]}", 46000), backlog=8)
+        print(ftp.sendport("{CLIENTS[0]}", 46000), flush=True)  # the server connects now
+        ls.settimeout(5)
+        first, _ = ls.accept()
+        print("first", flush=True)
+        try:
+            ls.accept()
+            print("second accepted", flush=True)
+        except OSError:
+            print("no second", flush=True)
+        input()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().startswith("200")
+        assert client.stdout.readline().strip() == "first"
+        assert len(lab.pinhole_rules()) == 2  # still installed: the transfer has not happened
+        probe = ns_python(lab, lab.server, f"""
+            import socket
+            try:
+                socket.create_connection(("{GW_PUBLIC}", 46000), timeout=2,
+                                         source_address=("{SERVERS['pyftpdlib']}", 0))
+                print("connected")
+            except OSError as e:
+                print("refused", e)
+        """)
+        assert probe.stdout.startswith("refused"), probe.stdout
+        assert client.stdout.readline().strip() == "no second"
+    finally:
+        client.kill()
+        client.wait()

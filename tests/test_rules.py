@@ -28,7 +28,8 @@ def test_queue_rules_cover_both_directions_of_every_port():
 def test_pinhole_rules():
     ph = Pinhole(3, "203.0.113.2", "203.0.113.1", 50001, "10.0.0.2", 50000, 0.0)
     text = pinhole_rules(ph, "-I")
-    assert ("-I FTPALG-PINHOLES 1 -s 203.0.113.2/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 50001 "
+    assert ("-I FTPALG-PINHOLES 1 -s 203.0.113.2/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 50001 --syn "
+            "-m limit --limit 1/day --limit-burst 1 "
             '-m comment --comment "ftpalg pinhole 3" -j DNAT --to-destination 10.0.0.2:50000') in text
     assert "--ctstate DNAT --ctorigdst 203.0.113.1 --ctorigdstport 50001" in text
     assert pinhole_rules(ph, "-D").replace("-D FTPALG-PINHOLES", "-I FTPALG-PINHOLES 1") == text
