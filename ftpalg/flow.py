@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -113,8 +114,10 @@ class Alg:
         pinholes: PinholeBackend,
         control_ports: frozenset[int] = frozenset({21}),
         pinhole_timeout: float = 120.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.nat = nat
+        self.rng = rng or random.SystemRandom()
         self.backend = pinholes
         self.control_ports = control_ports
         self.pinhole_timeout = pinhole_timeout
@@ -246,11 +249,11 @@ class Alg:
         assert flow.reply_key is not None
         # The reply tuple names the real server (after any DNAT) and the address it sees.
         peer, public = addr_text(flow.reply_key[0]), addr_text(flow.reply_key[2])
-        for port in policy.candidate_ports(hp.port):
+        for port in policy.candidate_ports(hp.port, self.rng):
             if (peer, public, port) not in self.promised:
                 break
         else:
-            self._count("no_free_port", f"no free public port near {hp.port}", flow)
+            self._count("no_free_port", f"no free public port for {hp.port} in {policy.PORT_TRIES} tries", flow)
             return line
         ph = Pinhole(self._next_id, peer, public, port, flow.client, hp.port, now + self.pinhole_timeout)
         try:

@@ -6,17 +6,19 @@ Rules (this release, clients behind NAT, active mode):
 - the pinhole's source is pinned to the control connection's server address;
 - one live pinhole per control connection: a new PORT/EPRT replaces the old one;
 - a public port already promised to another pinhole for the same server is not reused:
-  the next free port is taken and the rewritten command names it (as nf_nat_ftp does).
+  a random free port above it is taken and the rewritten command names it (as nf_nat_ftp
+  does).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 from .ftp import HostPort
 
 FIRST_DYNAMIC = 1024
-PORT_TRIES = 256
+PORT_TRIES = 128  # as nf_nat_exp_find_port
 
 
 def refuse_reason(hp: HostPort, client_addr: str, client_family: int) -> str | None:
@@ -28,10 +30,11 @@ def refuse_reason(hp: HostPort, client_addr: str, client_family: int) -> str | N
     return None
 
 
-def candidate_ports(want: int) -> Iterator[int]:
-    """``want`` first, then the following ports, wrapping within 1024..65535."""
+def candidate_ports(want: int, rng: random.Random) -> Iterator[int]:
+    """``want`` first, then random ports between it (at least 1024) and 65535, as the
+    kernel's nf_nat_exp_find_port does since it stopped counting upwards: the replacement
+    port of a busy one is not predictable."""
     yield want
-    span = 65536 - FIRST_DYNAMIC
-    base = max(want, FIRST_DYNAMIC) - FIRST_DYNAMIC
-    for i in range(1, PORT_TRIES):
-        yield FIRST_DYNAMIC + (base + i) % span
+    lo = max(want, FIRST_DYNAMIC)
+    for _ in range(PORT_TRIES - 1):
+        yield rng.randint(lo, 65535)

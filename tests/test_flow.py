@@ -1,3 +1,5 @@
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,16 +151,31 @@ def test_not_at_line_start_is_ignored(env):
     assert not holes.log
 
 
-def test_busy_port_gets_the_next_one(env):
-    alg, nat, holes = env
+def test_busy_port_is_replaced_by_a_random_higher_one():
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes, rng=random.Random(7))
     a = Conn(alg, nat)
     b = Conn(alg, nat, client=("10.0.0.3", 40000), public=("203.0.113.1", 61001))
     login(a)
     login(b)
     assert a.c(PORT).payload == PORT_OUT
-    assert b.c(b"PORT 10,0,0,3,195,80\r\n").payload == b"PORT 203,0,113,1,195,81\r\n"
-    ports = sorted((p.public_port, p.inside) for p in holes.live.values())
-    assert ports == [(50000, "10.0.0.2"), (50001, "10.0.0.3")]
+    out = b.c(b"PORT 10,0,0,3,195,80\r\n").payload
+    ph = next(p for p in holes.live.values() if p.inside == "10.0.0.3")
+    assert 50000 < ph.public_port <= 65535 and ph.inside_port == 50000
+    assert out == f"PORT 203,0,113,1,{ph.public_port >> 8},{ph.public_port & 255}\r\n".encode()
+
+
+def test_no_free_port_passes_unchanged():
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes)
+    a = Conn(alg, nat)
+    b = Conn(alg, nat, client=("10.0.0.3", 40000), public=("203.0.113.1", 61001))
+    login(a)
+    login(b)
+    a.c(b"PORT 10,0,0,2,255,255\r\n")  # 65535: the only candidate for another 65535
+    line = b"PORT 10,0,0,3,255,255\r\n"
+    assert b.c(line).payload == line
+    assert alg.counters["no_free_port"] == 1 and len(holes.live) == 1
 
 
 def test_pinhole_closes_after_transfer(env):

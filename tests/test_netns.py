@@ -180,38 +180,53 @@ def test_bounce_opens_nothing(lab, alg):
     assert "refused" in lab.ftpalg_log() and "FTP bounce" in lab.ftpalg_log()
 
 
+COLLIDE_CLIENT = r"""
+import ftplib, hashlib, socket, sys
+server, sources = sys.argv[1], sys.argv[2:]
+conns = []
+for src in sources:  # every client announces port 40000, all before any transfer
+    ftp = ftplib.FTP(timeout=10)
+    ftp.connect(server, 21, source_address=(src, 0))
+    ftp.login()
+    ftp.voidcmd("TYPE I")
+    ls = socket.create_server((src, 40000))
+    ftp.sendport(src, 40000)
+    conns.append((ftp, ls))
+for ftp, ls in conns:
+    ftp.putcmd("RETR small.txt")
+    ftp.getresp()
+    c, _ = ls.accept()
+    data = b""
+    while chunk := c.recv(65536):
+        data += chunk
+    c.close()
+    ftp.voidresp()
+    print(hashlib.sha256(data).hexdigest())
+    ftp.quit()
+"""
+
+
+def collide(lab: Lab) -> subprocess.CompletedProcess[str]:
+    return lab.ns(lab.client, [sys.executable, "-c", COLLIDE_CLIENT, SERVERS["vsftpd"], *CLIENTS], check=False)
+
+
 def test_busy_public_port_is_replaced(lab, alg):
     """Two inside clients announce the same port to the same server at the same time: the
     second gets the next public port, and both transfers work."""
     cap = Capture(lab, "collide")
-    res = ns_python(lab, lab.client, f"""
-        import ftplib, socket, hashlib
-        conns = []
-        for src in {list(CLIENTS)!r}:
-            ftp = ftplib.FTP(timeout=10)
-            ftp.connect("{SERVERS['vsftpd']}", 21, source_address=(src, 0))
-            ftp.login()
-            ftp.voidcmd("TYPE I")
-            ls = socket.create_server((src, 40000))
-            ftp.sendport(src, 40000)
-            conns.append((ftp, ls))
-        for ftp, ls in conns:
-            ftp.putcmd("RETR small.txt")
-            ftp.getresp()
-            c, _ = ls.accept()
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
-            c.close()
-            ftp.voidresp()
-            print(hashlib.sha256(data).hexdigest())
-            ftp.quit()
-    """)
+    res = collide(lab)
     wire = cap.stop()
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [sha256(lab.files / "small.txt")] * 2
-    ports = sorted(commands(wire, b"PORT"))
-    assert ports == [b"PORT 203,0,113,1,156,64", b"PORT 203,0,113,1,156,65"]
+    check_collision(commands(wire, b"PORT"))
+
+
+def check_collision(announced: list[bytes]) -> None:
+    """One client keeps port 40000; the other gets a random higher one (as nf_nat_ftp)."""
+    assert len(announced) == 2 and b"PORT 203,0,113,1,156,64" in announced, announced
+    (other,) = [a for a in announced if a != b"PORT 203,0,113,1,156,64"]
+    h = [int(x) for x in other.split()[1].split(b",")]
+    assert h[:4] == [203, 0, 113, 1] and 40000 < h[4] * 256 + h[5] <= 65535
 
 
 def test_fifty_concurrent_sessions(lab, alg):
@@ -276,43 +291,54 @@ def test_control_traffic_passes_when_ftpalg_is_not_running(lab, tmp_path):
     assert "FTPALG" not in lab.gw_rules()
 
 
-def test_differential_against_kernel_helper(lab):
+SEQUENTIAL_CLIENT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from ftpalg.labclient import main
+for eprt, port in ((False, 41000), (True, 41001)):
+    for host in sys.argv[2:]:
+        args = [host, "get", "small.txt", "/dev/null", "--data-port", str(port)]
+        if eprt:
+            args.append("--eprt")
+        assert main(args) == 0
+"""
+
+
+def sequential(lab: Lab) -> subprocess.CompletedProcess[str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    return lab.ns(lab.client, [sys.executable, "-c", SEQUENTIAL_CLIENT, root, *SERVERS.values()], check=False)
+
+
+def check_sequential(announced: list[bytes]) -> None:
+    assert sorted(announced) == [b"EPRT |1|203.0.113.1|41001|"] * 2 + [b"PORT 203,0,113,1,160,40"] * 2
+
+
+@pytest.mark.parametrize("scenario, check", [(sequential, check_sequential), (collide, check_collision)],
+                         ids=["sequential", "port-collision"])
+def test_differential_against_kernel_helper(lab, scenario, check):
     """The PORT/EPRT text the server receives is the same with the kernel's nf_nat_ftp helper
-    and with ftpalg, for the same session (fixed data ports)."""
-    script = f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from ftpalg.labclient import main
-        for eprt, port in ((False, 41000), (True, 41001)):
-            for host in {list(SERVERS.values())!r}:
-                args = [host, "get", "small.txt", "/dev/null", "--data-port", str(port)]
-                if eprt:
-                    args.append("--eprt")
-                assert main(args) == 0
-    """
+    and with ftpalg, for the same sessions (fixed data ports)."""
+    helper = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
     seen = {}
     for mode in ("kernel", "ftpalg"):
         cap = Capture(lab, f"diff-{mode}")
         if mode == "kernel":
-            lab.ns(lab.gw, ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "21",
-                            "-j", "CT", "--helper", "ftp"])
+            lab.ns(lab.gw, ["iptables", "-t", "raw", "-A", *helper])
             try:
-                res = ns_python(lab, lab.client, script)
+                res = scenario(lab)
             finally:
-                lab.ns(lab.gw, ["iptables", "-t", "raw", "-D", "PREROUTING", "-p", "tcp", "--dport", "21",
-                                "-j", "CT", "--helper", "ftp"])
+                lab.ns(lab.gw, ["iptables", "-t", "raw", "-D", *helper])
                 lab.ns(lab.gw, ["conntrack", "-F"], check=False)
         else:
             p = lab.start_ftpalg()
             try:
-                res = ns_python(lab, lab.client, script)
+                res = scenario(lab)
             finally:
                 lab.stop_ftpalg(p)
         wire = cap.stop()
         assert res.returncode == 0, (mode, res.stderr)
         seen[mode] = commands(wire, b"PORT") + commands(wire, b"EPRT")
-    assert seen["kernel"] == seen["ftpalg"]
-    assert seen["ftpalg"] == [b"PORT 203,0,113,1,160,40"] * 2 + [b"EPRT |1|203.0.113.1|41001|"] * 2
+        check(seen[mode])  # the same rules hold for the kernel's text and for ftpalg's
 
 
 def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
