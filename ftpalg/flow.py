@@ -136,11 +136,16 @@ class Alg:
         except DecodeError as e:
             self._count("undecodable", str(e))
             return None
-        if seg.truncated:
-            self._count("truncated", f"copy {len(raw)} of {seg.total_len} bytes")
-            return None
         key: FlowKey = (seg.src, seg.sport, seg.dst, seg.dport)
         hit = self.flows.get(key)
+        if seg.truncated:  # cannot be rewritten: a copy must never be sent back for a packet
+            self._count("truncated", f"copy {len(raw)} of {seg.total_len} bytes")
+            if hit is not None and (hit[0].adj[0].active or hit[0].adj[1].active):
+                # Unchanged, its seq/ack would contradict the corrected stream: drop it and
+                # let TCP resend (a resent segment is not coalesced, so it fits).
+                self.counters["dropped_truncated"] += 1
+                return b""
+            return None
         if hit is None:
             if seg.dport not in self.control_ports:
                 return None  # server -> client before any correction: nothing to adjust

@@ -322,6 +322,19 @@ def test_retransmitted_syn_keeps_the_flow(env):
     assert len(holes.live) == 1 and alg.counters["flows_reused"] == 0
 
 
+def test_truncated_copy_passes_unless_the_flow_has_corrections(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(b"NOOP\r\n")
+    # the same packet cut short, as netfilterqueue hands over a copy larger than its buffer
+    assert alg.handle(conn.last_in[:-3], 0.0) is None and alg.counters["truncated"] == 1
+    conn.c(PORT)  # from now on the stream is corrected
+    conn.c(b"NOOP\r\n")
+    assert alg.handle(conn.last_in[:-3], 0.0) == b""
+    assert alg.counters["dropped_truncated"] == 1
+
+
 def test_server_side_packets_of_unknown_flows_pass():
     alg = Alg(FakeNat(), FakePinholes())
     raw = bytes(IP(src="203.0.113.2", dst="203.0.113.1") / TCP(sport=21, dport=5000, flags="PA") / b"227 x\r\n")
