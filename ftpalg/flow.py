@@ -104,6 +104,11 @@ class Flow:
         self.reply_code = 0  # code of an open multi-line reply, 0 if none
         self.lookups = 0  # NAT mapping look-ups tried
 
+    @property
+    def corrected(self) -> bool:
+        """Whether seq/ack corrections apply to this connection."""
+        return self.adj[0].active or self.adj[1].active
+
 
 class Alg:
     """All tracked control connections of one gateway."""
@@ -140,7 +145,7 @@ class Alg:
         hit = self.flows.get(key)
         if seg.truncated:  # cannot be rewritten: a copy must never be sent back for a packet
             self._count("truncated", f"copy {len(raw)} of {seg.total_len} bytes")
-            if hit is not None and (hit[0].adj[0].active or hit[0].adj[1].active):
+            if hit is not None and hit[0].corrected:
                 # Unchanged, its seq/ack would contradict the corrected stream: drop it and
                 # let TCP resend (a resent segment is not coalesced, so it fits).
                 self.counters["dropped_truncated"] += 1
@@ -201,7 +206,7 @@ class Alg:
     def _data(self, flow: Flow, d: int, seg: Segment, payload: bytes, now: float) -> bytes:
         lines = flow.streams[d].feed(seg.seq, payload)
         if lines.gap:
-            self._count("gap", "data before this segment not seen; lines not inspected")
+            self._count("gap", "data before this segment not seen; lines not inspected", flow)
         out = flow.adj[d].replay(seg.seq, payload[: lines.old]) if lines.old else b""
         if len(out) < lines.old or lines.old == len(payload):
             return out if out != payload else payload
@@ -218,7 +223,7 @@ class Alg:
                 parts.append(new)
                 pos = off + len(line)
         if lines.tail and d == C2S and lines.tail[:4].upper() in (b"PORT", b"EPRT"):
-            self._count("partial_line", "PORT/EPRT line split across segments: not rewritten")
+            self._count("partial_line", "PORT/EPRT line split across segments: not rewritten", flow)
         if len(parts) == 1 and not lines.old:
             return payload
         parts.append(payload[pos:])
@@ -355,7 +360,7 @@ class Alg:
             if flow.closed_at is not None and now - flow.closed_at >= CLOSE_GRACE:
                 self._end(flow, "closed")
             elif now - flow.last_seen >= IDLE_CHECK:
-                if not (flow.adj[0].active or flow.adj[1].active):
+                if not flow.corrected:
                     self._end(flow, "idle")
                 elif self.nat.reply_tuple(flow.key) is None:
                     self._end(flow, "gone from conntrack")

@@ -87,6 +87,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def ftpalg_argv() -> list[str]:
+    """How to start the CLI: the installed console script, as users run it."""
+    script = Path(sys.executable).parent / "ftpalg"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ftpalg"]
+
+
 @dataclass
 class Lab:
     prefix: str = "ftpalg"
@@ -258,9 +264,7 @@ class Lab:
         """Start ``ftpalg run`` in the gateway namespace and wait until it is bound."""
         log = self.state / "ftpalg.log"
         log.write_bytes(b"")
-        script = Path(sys.executable).parent / "ftpalg"  # the console script, as users run it
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ftpalg"]
-        p = self.popen(self.gw, [*cmd, "run", "--log-level", "info", *args], log)
+        p = self.popen(self.gw, [*ftpalg_argv(), "run", "--log-level", "info", *args], log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if b"bound to NFQUEUE" in log.read_bytes():

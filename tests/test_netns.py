@@ -14,7 +14,7 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.utils import rdpcap
 
-from ftpalg.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, sha256
+from ftpalg.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
 
 pytestmark = pytest.mark.netns
 
@@ -356,7 +356,7 @@ def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
     finally:
         assert lab.stop_ftpalg(p) == 0
     if not has_nft_queue:
-        res = lab.ns(lab.gw, [*_ftpalg_cmd(), "run", "--queue-backend", "nft"], check=False, timeout=30)
+        res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--queue-backend", "nft"], check=False, timeout=30)
         assert res.returncode == 1
         assert "queue" in res.stderr and "Error" in res.stderr
     assert "FTPALG" not in lab.gw_rules()
@@ -399,20 +399,15 @@ def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_p
         lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.rules import StaticRules; StaticRules([21], 0).remove()"])
 
 
-def _ftpalg_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "ftpalg"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ftpalg"]
-
-
 def test_second_instance_refuses_and_leaves_the_first_intact(lab, alg):
     rules = lab.gw_rules()
-    res = lab.ns(lab.gw, [*_ftpalg_cmd(), "run"], check=False, timeout=30)
+    res = lab.ns(lab.gw, [*ftpalg_argv(), "run"], check=False, timeout=30)
     assert res.returncode == 1 and "another ftpalg run" in res.stderr
     assert _rules(lab.gw_rules()) == _rules(rules)  # the running instance's rules are untouched
 
 
 def test_no_rules_without_chains_fails_clearly(lab):
-    res = lab.ns(lab.gw, [*_ftpalg_cmd(), "run", "--no-rules"], check=False, timeout=30)
+    res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--no-rules"], check=False, timeout=30)
     assert res.returncode == 1 and "deploy/pinholes.iptables" in res.stderr
     ino = lab.ns(lab.gw, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
     assert not Path(f"/run/ftpalg-netns-{ino}.lock").exists()  # its lock file is gone too
