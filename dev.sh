@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl tcpdump
+APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl wget tnftp tcpdump
               libnetfilter-queue-dev build-essential python3-venv python3-dev)
 
 need_root() {

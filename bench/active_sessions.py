@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from ftpalg.lab import SERVERS, Lab  # noqa: E402
+from ftpalg.lab.lab import SERVERS, Lab  # noqa: E402
 
 CLIENT = """
     import sys, time, json
     sys.path.insert(0, {root!r})
-    from ftpalg.labclient import ActiveFTP
+    from ftpalg.lab.ftpclient import ActiveFTP
     times = []
     t0 = time.perf_counter()
     for i in range({n}):
@@ -52,7 +52,7 @@ def sessions(lab: Lab, n: int, host: str) -> tuple[float, float, float]:
 
 def core_cost() -> float:
     from alg_helpers import Conn, FakeNat, FakePinholes
-    from ftpalg.flow import Alg
+    from ftpalg.core.table import Alg
 
     nat, holes = FakeNat(), FakePinholes()
     alg = Alg(nat, holes)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from . import __version__
-from .rules import DEFAULT_QUEUE, RuleError
+from .linux.rules import DEFAULT_QUEUE, RuleError
 
 log = logging.getLogger("ftpalg")
 
@@ -54,10 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .conntrack import ConntrackLookup
-    from .flow import Alg
-    from .nfqueue import QueueHandler
-    from .rules import IptablesPinholes, StaticRules, pinhole_chains_present
+    from .core.table import Alg
+    from .linux.conntrack import ConntrackLookup
+    from .linux.nfqueue import QueueHandler
+    from .linux.rules import IptablesPinholes, StaticRules, pinhole_chains_present
 
     ports = frozenset(args.control_port or [21])
     if args.no_rules and not pinhole_chains_present():
@@ -91,14 +91,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main
+    from .lab.demo import main
 
     signal.signal(signal.SIGTERM, _interrupt)
     return main(args.prefix)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from .lab import Lab
+    from .lab.lab import Lab
 
     lab = Lab(args.prefix)
     if args.action == "up":
@@ -113,7 +113,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from .rules import iptables_queue_rules, nft_queue_rules, pinhole_chain_rules
+    from .linux.rules import iptables_queue_rules, nft_queue_rules, pinhole_chain_rules
 
     ports = args.control_port or [21]
     text = {

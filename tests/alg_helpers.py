@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from scapy.layers.inet import IP, TCP
 
-from ftpalg import packet
-from ftpalg.flow import Alg, FlowKey, Pinhole
+from ftpalg.core import packet
+from ftpalg.core.table import Alg, FlowKey, Pinhole
 
 MASK = 0xFFFFFFFF
 

@@ -22,7 +22,7 @@ def pytest_sessionstart(session):
     """Remove labs left by an earlier run that was killed (its pid is gone)."""
     if os.geteuid() != 0:
         return
-    from ftpalg.lab import Lab
+    from ftpalg.lab.lab import Lab
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def lab():
     """A namespace lab (client, NAT gateway, vsftpd + pyftpdlib) per test module."""
-    from ftpalg.lab import Lab
+    from ftpalg.lab.lab import Lab
 
     lab = Lab(f"fa{os.getpid()}")
     lab.up()

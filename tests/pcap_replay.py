@@ -16,7 +16,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
 from alg_helpers import FakeNat, FakePinholes
-from ftpalg.flow import Alg
+from ftpalg.core.table import Alg
 
 
 def _norm(raw: bytes, src: tuple[str, int] | None = None, dst: tuple[str, int] | None = None,

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftpalg import ftp
-from ftpalg.ftp import Form
+from ftpalg.core import ftp
+from ftpalg.core.ftp import Form
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.utils import rdpcap
 
-from ftpalg.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
+from ftpalg.lab.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
 
 pytestmark = pytest.mark.netns
 
@@ -46,6 +46,11 @@ def _rules(save: str) -> list[str]:
             if policy != "ACCEPT":
                 out.append(f"{table} {name} {policy}")
     return sorted(out)
+
+
+def remove_static_rules(lab: Lab) -> None:
+    code = "from ftpalg.linux.rules import StaticRules; StaticRules([21], 0).remove()"
+    lab.ns(lab.gw, [sys.executable, "-c", code])
 
 
 def no_pinholes_soon(lab: Lab, within: float = 3.0) -> bool:
@@ -114,7 +119,7 @@ def test_upload(lab, alg, tmp_path, server):
     src = lab.state / "upload-src"
     src.write_bytes(os.urandom(300_000))
     name = f"upload/up-{server}.bin" if server == "vsftpd" else f"up-{server}.bin"
-    p = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.labclient", SERVERS[server], "put", str(src), name],
+    p = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.lab.ftpclient", SERVERS[server], "put", str(src), name],
                check=False)
     assert p.returncode == 0, p.stderr
     assert sha256(lab.files / name) == sha256(src)
@@ -233,7 +238,7 @@ def test_fifty_concurrent_sessions(lab, alg):
     res = ns_python(lab, lab.client, f"""
         import hashlib, sys, threading
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from ftpalg.labclient import ActiveFTP
+        from ftpalg.lab.ftpclient import ActiveFTP
         results = []
         def one(i):
             host = {SERVERS['vsftpd']!r} if i % 2 else {SERVERS['pyftpdlib']!r}
@@ -287,14 +292,14 @@ def test_control_traffic_passes_when_ftpalg_is_not_running(lab, tmp_path):
         assert p.returncode == 0, p.stderr
         assert sha256(out) == sha256(lab.files / "small.txt")
     finally:
-        lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.rules import StaticRules; StaticRules([21], 0).remove()"])
+        remove_static_rules(lab)
     assert "FTPALG" not in lab.gw_rules()
 
 
 SEQUENTIAL_CLIENT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from ftpalg.labclient import main
+from ftpalg.lab.ftpclient import main
 for eprt, port in ((False, 41000), (True, 41001)):
     for host in sys.argv[2:]:
         args = [host, "get", "small.txt", "/dev/null", "--data-port", str(port)]
@@ -344,7 +349,7 @@ def test_differential_against_kernel_helper(lab, scenario, check):
 def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
     """nft's queue statement where the kernel has it, iptables' NFQUEUE otherwise; forcing
     nft on a kernel without it fails clearly and leaves nothing behind."""
-    probe = lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.rules import nft_queue_available; "
+    probe = lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.linux.rules import nft_queue_available; "
                                                   "print(nft_queue_available())"])
     has_nft_queue = probe.stdout.strip() == "True"
     assert "ftpalg_probe" not in lab.ns(lab.gw, ["nft", "list", "tables"]).stdout
@@ -396,7 +401,7 @@ def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_p
         finally:
             client.kill()
     finally:
-        lab.ns(lab.gw, [sys.executable, "-c", "from ftpalg.rules import StaticRules; StaticRules([21], 0).remove()"])
+        remove_static_rules(lab)
 
 
 def test_second_instance_refuses_and_leaves_the_first_intact(lab, alg):
@@ -429,7 +434,7 @@ def test_sessions_survive_control_packet_loss(lab, alg):
         res = ns_python(lab, lab.client, f"""
             import hashlib, sys
             sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-            from ftpalg.labclient import ActiveFTP
+            from ftpalg.lab.ftpclient import ActiveFTP
             for i in range(8):
                 host = {SERVERS['vsftpd']!r} if i % 2 else {SERVERS['pyftpdlib']!r}
                 ftp = ActiveFTP(eprt=bool(i % 4 < 2), data_port=42000 + i, timeout=60)
@@ -465,7 +470,7 @@ def test_sessions_survive_control_packet_loss(lab, alg):
 
 def test_extra_control_port(lab, tmp_path):
     """--control-port is repeatable: a server on 2121 is handled as well as one on 21."""
-    server = lab.popen(lab.server, [sys.executable, "-m", "ftpalg.labservers", SERVERS["pyftpdlib"],
+    server = lab.popen(lab.server, [sys.executable, "-m", "ftpalg.lab.servers", SERVERS["pyftpdlib"],
                                     str(lab.files), "2121"])
     try:
         lab.wait_port(lab.server, SERVERS["pyftpdlib"], 2121)
@@ -473,7 +478,7 @@ def test_extra_control_port(lab, tmp_path):
         try:
             for port in (2121, 21):
                 out = tmp_path / f"f{port}"
-                res = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.labclient", SERVERS["pyftpdlib"], "get",
+                res = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.lab.ftpclient", SERVERS["pyftpdlib"], "get",
                                           "big.bin", str(out), "--port", str(port)], check=False)
                 assert res.returncode == 0, res.stderr
                 assert sha256(out) == sha256(lab.files / "big.bin")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpalg.lab import SERVERS
+from ftpalg.lab.lab import SERVERS
 from pcap_replay import replay
 
 pytestmark = pytest.mark.netns
@@ -22,7 +22,7 @@ DATA = Path(__file__).resolve().parent / "data"
 SESSION = """
     import sys
     sys.path.insert(0, {root!r})
-    from ftpalg.labclient import ActiveFTP
+    from ftpalg.lab.ftpclient import ActiveFTP
     ftp = ActiveFTP(eprt={eprt}, data_port=0, timeout=10)
     ftp.connect({host!r}, 21)
     ftp.login()

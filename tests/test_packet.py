@@ -2,8 +2,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from ftpalg import packet
-from ftpalg.packet import DecodeError, TcpFlags
+from ftpalg.core import packet
+from ftpalg.core.packet import DecodeError, TcpFlags
 
 
 def scapy_bytes(pkt) -> bytes:

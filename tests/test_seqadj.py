@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftpalg.seqadj import MASK, MAX_EDITS, SeqAdjust, Unreplayable, diff
+from ftpalg.core.seqadj import MASK, MAX_EDITS, SeqAdjust, Unreplayable, diff
 
 
 def test_no_edits_is_identity():

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from ftpalg import cli
-from ftpalg.flow import Pinhole
-from ftpalg.rules import iptables_queue_rules, nft_queue_rules, pinhole_rules
+from ftpalg.core.table import Pinhole
+from ftpalg.linux.rules import iptables_queue_rules, nft_queue_rules, pinhole_rules
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

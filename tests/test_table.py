@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
 from alg_helpers import MASK, Conn, FakeNat, FakePinholes
-from ftpalg.flow import Alg
+from ftpalg.core.table import Alg
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
 PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"

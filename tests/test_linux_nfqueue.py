@@ -1,8 +1,8 @@
 """The NFQUEUE adapter's verdict logic, with a stand-in for netfilterqueue's Packet."""
 
 from alg_helpers import FakeNat, FakePinholes
-from ftpalg.flow import Alg
-from ftpalg.nfqueue import QueueHandler
+from ftpalg.core.table import Alg
+from ftpalg.linux.nfqueue import QueueHandler
 
 
 class Pkt:

@@ -1,6 +1,6 @@
 """Python ftplib client for the lab, active mode only:
 
-    python -m ftpalg.labclient HOST (get NAME OUT | put FILE NAME) [--eprt] [--data-port N] [--port N]
+    python -m ftpalg.lab.ftpclient HOST (get NAME OUT | put FILE NAME) [--eprt] [--data-port N] [--port N]
 
 Exit 0 on success; on failure the server's reply is printed on stderr.
 """
@@ -41,7 +41,7 @@ class ActiveFTP(ftplib.FTP):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ftpalg.labclient")
+    ap = argparse.ArgumentParser(prog="ftpalg.lab.ftpclient")
     ap.add_argument("host")
     ap.add_argument("op", choices=["get", "put"])
     ap.add_argument("a")

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import servers
+
 CLIENT_NET = "10.0.0"
 PUBLIC_NET = "203.0.113"
 GW_INSIDE = f"{CLIENT_NET}.1"
@@ -47,28 +49,6 @@ COMMIT
 COMMIT
 """
 
-VSFTPD_CONF = """listen=YES
-listen_ipv6=NO
-listen_address={addr}
-background=NO
-anonymous_enable=YES
-local_enable=NO
-no_anon_password=YES
-anon_root={root}
-write_enable=YES
-anon_upload_enable=YES
-anon_umask=022
-port_enable=YES
-pasv_enable=YES
-connect_from_port_20=YES
-seccomp_sandbox=NO
-secure_chroot_dir={empty}
-xferlog_enable=NO
-syslog_enable=NO
-vsftpd_log_file={log}
-max_clients=500
-max_per_ip=500
-"""
 
 
 class LabError(RuntimeError):
@@ -175,13 +155,9 @@ class Lab:
         (self.state / "empty").mkdir(exist_ok=True)
 
     def start_servers(self) -> None:
-        conf = self.state / "vsftpd.conf"
-        conf.write_text(VSFTPD_CONF.format(addr=SERVERS["vsftpd"], root=self.files,
-                                           empty=self.state / "empty", log=self.state / "vsftpd.log"))
-        conf.chmod(0o600)
-        self.popen(self.server, ["vsftpd", str(conf)], self.state / "vsftpd.out")
-        self.popen(self.server, [sys.executable, "-m", "ftpalg.labservers", SERVERS["pyftpdlib"], str(self.files)],
-                   self.state / "pyftpdlib.out")
+        for kind, addr in SERVERS.items():
+            argv = servers.server_command(kind, addr, self.files, self.state / kind)
+            self.popen(self.server, argv, self.state / f"{kind}.out")
         for addr in SERVERS.values():
             self.wait_port(self.server, addr, 21)
 
@@ -316,7 +292,7 @@ class ClientKind:
             return ["lftp", "-e", script, f"ftp://{host}"]
         if self.name == "ftplib":
             extra = ["--eprt"] if self.form == "EPRT" else []
-            return [sys.executable, "-m", "ftpalg.labclient", host, "get", remote, str(out), *extra]
+            return [sys.executable, "-m", "ftpalg.lab.ftpclient", host, "get", remote, str(out), *extra]
         raise ValueError(self.name)
 
     @property

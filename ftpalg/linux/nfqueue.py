@@ -17,7 +17,7 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
-from .flow import Alg
+from ..core.table import Alg
 
 log = logging.getLogger("ftpalg")
 

@@ -11,7 +11,7 @@ from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from .flow import FlowKey
+from ..core.table import FlowKey
 
 
 class ConntrackLookup:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from .flow import Pinhole
+from ..core.table import Pinhole
 
 log = logging.getLogger("ftpalg")
 

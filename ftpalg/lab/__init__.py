@@ -1,0 +1,1 @@
+"""The namespace lab: topologies, FTP servers and clients, the demo. Never on a production path."""
