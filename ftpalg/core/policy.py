@@ -1,19 +1,37 @@
-"""What may open a pinhole. Pure decisions, no I/O.
+"""What an announced address may open, and what the pinhole looks like. Pure decisions.
 
-Rules (this release, clients behind NAT, active mode):
-- the address in PORT/EPRT must be the client's own (inside) address, as the kernel's
-  nf_conntrack_ftp requires; anything else is an FTP bounce (RFC 2577) and opens nothing;
-- the pinhole's source is pinned to the control connection's server address;
-- one live pinhole per control connection: a new PORT/EPRT replaces the old one;
-- a public port already promised to another pinhole for the same server is not reused:
-  a random free port above it is taken and the rewritten command names it (as nf_nat_ftp
-  does).
+A control connection is seen at the gateway with two tuples (conntrack's view):
+original ``client:cport -> public:pport`` (as the client sent it) and reply
+``server:sport -> client_seen:cport'`` (as the server answers it). Any DNAT of the control
+connection makes ``server`` differ from ``public``; any SNAT makes ``client_seen`` differ from
+``client``. The data connection must get the same translations, mirrored, as the kernel's
+nf_nat_follow_master gives an expected connection:
+
+- active mode (PORT/EPRT/LPRT naming ``client``:p): the server connects from ``server``
+  (any port) to ``client_seen``:p'. It is DNATed to ``client``:p and, when the control
+  connection was DNATed, SNATed to ``public`` (the address the client knows). The command
+  is rewritten to ``client_seen``:p'.
+- passive mode (227/228 naming ``server`` or ``public``, 229 naming only a port q): the client
+  connects from ``client`` (any port) to ``public``:q'. It is DNATed to ``server``:q and, when
+  the control connection was SNATed, SNATed to ``client_seen``. The reply is rewritten to
+  ``public``:q'.
+
+Rules:
+- an active announcement must name the client's own address (anything else is an FTP
+  bounce, RFC 2577; as nf_conntrack_ftp); a passive one must name the server's real
+  address or the public address the client used (a server configured with the gateway's
+  address, e.g. vsftpd ``pasv_address``); a third address opens nothing;
+- the pinhole's source is pinned to the real peer of the control connection;
+- a public port already promised to another pinhole for the same peer is not reused: a
+  random free port above it is taken and the rewritten line names it (as nf_nat_ftp does).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from .ftp import HostPort
 
@@ -21,13 +39,64 @@ FIRST_DYNAMIC = 1024
 PORT_TRIES = 128  # as nf_nat_exp_find_port
 
 
-def refuse_reason(hp: HostPort, client_addr: str, client_family: int) -> str | None:
-    """Why ``hp`` sent by ``client_addr`` must not open a pinhole, or None."""
-    if hp.family != client_family:
+def addr_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """The NAT mapping of a control connection, from its two conntrack tuples."""
+
+    client: str
+    public: str
+    server: str
+    client_seen: str
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.client else 4
+
+    @classmethod
+    def from_tuples(cls, orig: tuple[bytes, int, bytes, int], reply: tuple[bytes, int, bytes, int]) -> Mapping:
+        return cls(addr_text(orig[0]), addr_text(orig[2]), addr_text(reply[0]), addr_text(reply[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A pinhole to open, before its public port is chosen."""
+
+    peer: str  # who may connect (any source port)
+    public: str  # the address it connects to
+    want_port: int  # the announced port: public port if free
+    inside: str  # where the connection is sent (== public: no DNAT)
+    inside_port: int
+    snat: str | None  # source address it leaves with (None: unchanged)
+    announce_addr: str | None  # the address the rewritten line names (None: 229, port only)
+
+
+def refuse_reason(hp: HostPort, m: Mapping) -> str | None:
+    """Why ``hp`` must not open a pinhole on the connection mapped by ``m``, or None."""
+    if hp.addr is None:  # 229: a port of the server the client talks to
+        return None
+    if hp.family != m.family:
         return "address family differs from the control connection"
-    if hp.addr != client_addr:
+    if hp.form.is_reply:
+        if hp.addr not in (m.server, m.public):
+            return "address is neither the server's nor the public address of the control connection"
+        return None
+    if hp.addr != m.client:
         return "address is not the client's own (FTP bounce)"
     return None
+
+
+def plan(hp: HostPort, m: Mapping) -> Plan:
+    """The pinhole for an announcement that ``refuse_reason`` accepted."""
+    if hp.form.is_reply:
+        return Plan(peer=m.client, public=m.public, want_port=hp.port, inside=m.server, inside_port=hp.port,
+                    snat=m.client_seen if m.client_seen != m.client else None,
+                    announce_addr=None if hp.addr is None else m.public)
+    return Plan(peer=m.server, public=m.client_seen, want_port=hp.port, inside=m.client, inside_port=hp.port,
+                snat=m.public if m.public != m.server else None, announce_addr=m.client_seen)
 
 
 def candidate_ports(want: int, rng: random.Random) -> Iterator[int]:

@@ -1,48 +1,49 @@
-"""The ALG core: one ``Flow`` per FTP control connection and the ``Alg`` table over them.
+"""The connection table and the per-packet walk: decode -> connection -> session -> edits ->
+encode.
 
-Segments in, payload/seq/ack decisions out; pinholes go through an injected backend and the
-NAT mapping comes from an injected lookup, so this module does no I/O and is driven by
-tests with plain bytes.
+One ``Flow`` per FTP control connection holds the TCP view (two byte streams, their edits,
+FIN/RST state) and the FTP view (a ``Session``, which knows nothing of sequence numbers).
+Pinholes go through an injected backend and the NAT mapping comes from an injected lookup,
+so this module does no I/O and is driven by tests with plain bytes.
 
 Directions: 0 = client -> server (the connection's original direction, towards the control
 port), 1 = server -> client. Keys are the (src, sport, dst, dport) of packets as the hook
-sees them; the hook sits before NAT (raw PREROUTING), so server -> client packets carry the
-public address and are found through the reply tuple of the NAT mapping.
-
-Pinhole life: opened when a PORT/EPRT is rewritten; closed when the server refuses the
-command (4xx/5xx), when the transfer command that used it gets its final reply, when a new
-PORT/EPRT replaces it, on FIN/RST of the control connection, or after ``pinhole_timeout``.
+sees them; the hook sits before NAT (raw PREROUTING), so a packet of either direction carries
+the addresses of its side of the gateway: the client's packets are found by the original
+tuple, the server's by the reply tuple of the NAT mapping.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
 from . import ftp, policy
 from .packet import DecodeError, Segment, TcpFlags, decode, encode
+from .policy import Mapping, addr_text
 from .seqadj import MASK, SeqAdjust, Unreplayable
+from .session import Decision, Session
 from .stream import Stream
 
 log = logging.getLogger("ftpalg")
 
 FlowKey = tuple[bytes, int, bytes, int]
 C2S, S2C = 0, 1
-TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
-HOSTPORT_VERBS = frozenset({b"PORT", b"EPRT"})
-MAX_PENDING = 64
 MAX_LOOKUPS = 3
 CLOSE_GRACE = 60.0  # keep corrections this long after both FINs (late retransmissions)
 IDLE_CHECK = 600.0  # idle flows older than this are dropped once conntrack forgot them
+_PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT")
+_PARTIAL_CODES = (b"227", b"228", b"229")
 
 
 @dataclass(frozen=True, slots=True)
 class Pinhole:
-    """Let ``peer`` (any port) reach ``public``:``public_port``, DNAT to ``inside``:``inside_port``."""
+    """Let ``peer`` (any port) connect to ``public``:``public_port``; send it to
+    ``inside``:``inside_port`` (DNAT unless equal) and let it leave from ``snat`` (SNAT, if
+    set). One connection only; ``expires`` on the caller's clock."""
 
     id: int
     peer: str
@@ -51,12 +52,24 @@ class Pinhole:
     inside: str
     inside_port: int
     expires: float
+    snat: str | None = None
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.peer else 4
+
+    @property
+    def dnat(self) -> bool:
+        return (self.public, self.public_port) != (self.inside, self.inside_port)
 
     def describe(self) -> str:
-        return (
-            f"id={self.id} from={self.peer} to={self.public}:{self.public_port}"
-            f" dnat={self.inside}:{self.inside_port}"
-        )
+        s = (f"id={self.id} from={self.peer} to={_hostport(self.public, self.public_port)}"
+             f" dnat={_hostport(self.inside, self.inside_port)}")
+        return s + (f" snat={self.snat}" if self.snat else "")
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 class NatLookup(Protocol):
@@ -73,41 +86,39 @@ class PinholeBackend(Protocol):
         """Remove ``ph``; raise on failure."""
 
 
-def addr_text(packed: bytes) -> str:
-    return str(ipaddress.ip_address(packed))
-
-
 def key_text(key: FlowKey) -> str:
     s, sp, d, dp = key
-    return f"{addr_text(s)}:{sp}>{addr_text(d)}:{dp}"
+    return f"{_hostport(addr_text(s), sp)}>{_hostport(addr_text(d), dp)}"
 
 
 class Flow:
-    __slots__ = (
-        "key", "reply_key", "client", "family", "streams", "adj",
-        "pending", "pinhole", "fin", "closed_at", "last_seen", "logged", "reply_code", "lookups",
-    )
+    """One control connection: its TCP view and its FTP session."""
+
+    __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
+                 "fin", "closed_at", "last_seen", "logged", "lookups")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
         self.reply_key: FlowKey | None = None
-        self.client = addr_text(key[0])
-        self.family = 4 if len(key[0]) == 4 else 6
+        self.mapping: Mapping | None = None
         self.streams = (Stream(), Stream())
         self.adj = (SeqAdjust(), SeqAdjust())
-        self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
+        self.session = Session()
         self.pinhole: Pinhole | None = None
         self.fin = [False, False]
         self.closed_at: float | None = None
         self.last_seen = now
         self.logged: set[str] = set()
-        self.reply_code = 0  # code of an open multi-line reply, 0 if none
         self.lookups = 0  # NAT mapping look-ups tried
 
     @property
     def corrected(self) -> bool:
         """Whether seq/ack corrections apply to this connection."""
         return self.adj[0].active or self.adj[1].active
+
+    @property
+    def closing(self) -> bool:
+        return self.closed_at is not None or any(self.fin)
 
 
 class Alg:
@@ -153,7 +164,7 @@ class Alg:
             return None
         if hit is None:
             if seg.dport not in self.control_ports:
-                return None  # server -> client before any correction: nothing to adjust
+                return None  # server -> client before the mapping is known: nothing to adjust
             flow = Flow(key, now)
             self.flows[key] = (flow, C2S)
             self.counters["flows"] += 1
@@ -212,60 +223,57 @@ class Alg:
             return out if out != payload else payload
         pos = lines.old
         parts = [out]
+        session, follow = flow.session, flow.reply_key is not None
         for off, line in lines.lines:
-            if d == C2S:
-                new = self._command(flow, seg.seq + off, line, now)
-            else:
-                self._reply(flow, line)
-                new = line
+            dec = session.command(line, follow) if d == C2S else session.reply(line)
+            new = self._act(flow, d, dec, seg.seq + off, line, now) if dec else line
             if new is not line:
                 parts.append(payload[pos:off])
                 parts.append(new)
                 pos = off + len(line)
-        if lines.tail and d == C2S and lines.tail[:4].upper() in (b"PORT", b"EPRT"):
-            self._count("partial_line", "PORT/EPRT line split across segments: not rewritten", flow)
+        tail = lines.tail
+        if tail and (tail[:4].upper() in _PARTIAL_VERBS if d == C2S else tail[:3] in _PARTIAL_CODES):
+            self._count("partial_line", "address-carrying line split across segments: not rewritten", flow)
         if len(parts) == 1 and not lines.old:
             return payload
         parts.append(payload[pos:])
         res = b"".join(parts)
         return payload if res == payload else res
 
-    # ---- FTP ----------------------------------------------------------------------------
-    def _command(self, flow: Flow, seq: int, line: bytes, now: float) -> bytes:
-        verb = ftp.command_verb(line)
-        new = line
-        if verb in HOSTPORT_VERBS and flow.closed_at is None and not any(flow.fin):
-            new = self._hostport(flow, seq, line, now)
-        if flow.reply_key is not None:  # replies are followed: match them to commands
-            flow.pending.append((verb, flow.pinhole.id if flow.pinhole else 0))
+    # ---- FTP decisions ------------------------------------------------------------------
+    def _act(self, flow: Flow, d: int, dec: Decision, seq: int, line: bytes, now: float) -> bytes:
+        if dec.problem is not None:
+            self._count(dec.problem[0], dec.problem[1], flow)
+        if dec.close is not None:
+            self._close_pinhole(flow, dec.close)
+        if dec.announce is None or flow.closing:
+            return line
+        new = self._announce(flow, dec.announce, dec.cmd, line, now)
+        if new is not line:
+            flow.adj[d].add(seq, len(line), new)
+            self.counters["rewrites"] += 1
         return new
 
-    def _hostport(self, flow: Flow, seq: int, line: bytes, now: float) -> bytes:
-        try:
-            hp = ftp.parse_hostport(line)
-        except ftp.ParseError as e:
-            self._count("malformed", f"{e}: {line[:80]!r}", flow)
-            return line
-        if hp is None:
-            return line
-        self._close_pinhole(flow, "replaced by a new " + hp.form.value)
-        why = policy.refuse_reason(hp, flow.client, flow.family)
-        if why:
-            self._count("refused", f"{hp.form.value} {hp.addr}:{hp.port}: {why}", flow)
-            return line
-        if flow.reply_key is None and not self._learn_mapping(flow, force=True):
+    def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, now: float) -> bytes:
+        """Open the pinhole an accepted announcement asks for; return the line to send."""
+        if flow.mapping is None and not self._learn_mapping(flow, force=True):
             self._count("no_nat_mapping", "conntrack has no entry for the control connection", flow)
             return line
-        assert flow.reply_key is not None
-        # The reply tuple names the real server (after any DNAT) and the address it sees.
-        peer, public = addr_text(flow.reply_key[0]), addr_text(flow.reply_key[2])
-        for port in policy.candidate_ports(hp.port, self.rng):
-            if (peer, public, port) not in self.promised:
+        assert flow.mapping is not None
+        why = policy.refuse_reason(hp, flow.mapping)
+        if why:
+            self._count("refused", f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow)
+            return line
+        p = policy.plan(hp, flow.mapping)
+        for port in policy.candidate_ports(p.want_port, self.rng):
+            if (p.peer, p.public, port) not in self.promised:
                 break
         else:
-            self._count("no_free_port", f"no free public port for {hp.port} in {policy.PORT_TRIES} tries", flow)
+            self._count("no_free_port", f"no free public port for {p.want_port} in {policy.PORT_TRIES} tries",
+                        flow)
             return line
-        ph = Pinhole(self._next_id, peer, public, port, flow.client, hp.port, now + self.pinhole_timeout)
+        ph = Pinhole(self._next_id, p.peer, p.public, port, p.inside, p.inside_port,
+                     now + self.pinhole_timeout, p.snat)
         try:
             self.backend.open(ph)
         except Exception as e:  # the backend's failure must not take the packet with it
@@ -273,16 +281,15 @@ class Alg:
             return line
         self._next_id += 1
         flow.pinhole = ph
+        flow.session.opened(cmd)
         self.promised[(ph.peer, ph.public, ph.public_port)] = ph
         self.counters["pinholes_opened"] += 1
-        new = ftp.rewrite_line(line, hp, public, port)
+        self.counters[f"announced_{hp.form.name}"] += 1
+        same = port == hp.port and (p.announce_addr is None or p.announce_addr == hp.addr)
+        new = line if same else ftp.rewrite_line(line, hp, p.announce_addr, port)
         log.info("pinhole open %s flow=%s %s", ph.describe(), key_text(flow.key),
-                 f"{line.strip()!r} -> {new.strip()!r}" if new != line else "unchanged")
-        if new != line:
-            flow.adj[C2S].add(seq, len(line), new)
-            self.counters["rewrites"] += 1
-            return new
-        return line
+                 f"{line.strip()!r} -> {new.strip()!r}" if new != line else f"{line.strip()!r} unchanged")
+        return new
 
     def _learn_mapping(self, flow: Flow, force: bool = False) -> bool:
         """Ask conntrack for the control connection's reply tuple (a few tries per flow,
@@ -295,34 +302,9 @@ class Alg:
         if reply is None:
             return False
         flow.reply_key = reply
+        flow.mapping = Mapping.from_tuples(flow.key, reply)
         self.flows[reply] = (flow, S2C)
         return True
-
-    def _reply(self, flow: Flow, line: bytes) -> None:
-        if flow.reply_code:
-            if line[:3] == b"%03d" % flow.reply_code and line[3:4] != b"-":
-                code, flow.reply_code = flow.reply_code, 0
-                self._final_reply(flow, code)
-            return
-        r = ftp.parse_reply(line)
-        if r is None:
-            return
-        if not r.final:
-            flow.reply_code = r.code
-        elif r.code >= 200:
-            self._final_reply(flow, r.code)
-
-    def _final_reply(self, flow: Flow, code: int) -> None:
-        if not flow.pending:
-            return  # greeting or unsolicited (e.g. 421)
-        verb, ph_id = flow.pending.popleft()
-        ph = flow.pinhole
-        if ph is None:
-            return
-        if verb in HOSTPORT_VERBS and code >= 400 and ph_id == ph.id:
-            self._close_pinhole(flow, f"server refused {verb.decode()} ({code})")
-        elif verb in TRANSFER_VERBS and ph_id == ph.id:
-            self._close_pinhole(flow, f"{verb.decode()} finished ({code})")
 
     # ---- life cycle ---------------------------------------------------------------------
     def _close_pinhole(self, flow: Flow, why: str) -> None:
@@ -330,6 +312,7 @@ class Alg:
         if ph is None:
             return
         flow.pinhole = None
+        flow.session.closed()
         self.promised.pop((ph.peer, ph.public, ph.public_port), None)
         try:
             self.backend.close(ph)

@@ -1,0 +1,164 @@
+"""The FTP session of one control connection, as a state machine of commands and replies.
+
+Lines in, ``Decision``s out; nothing here knows TCP, sequence numbers, addresses of the
+connection or the firewall. The rules:
+
+1. Commands come only from the client side, replies only from the server side; the caller
+   feeds each whole line of its direction (``command`` / ``reply``).
+2. Every command gets an index (1, 2, ...). While replies are followed, commands wait in
+   ``pending`` for their final reply; replies answer them in order (RFC 959 §4.2: one
+   reply per command, so pipelined commands are answered in the order sent). A 1xx reply is
+   preliminary and answers nothing; a multi-line reply (``NNN-`` ... ``NNN ``) counts once,
+   when its last line arrives.
+3. An address announcement is acted on only in these places:
+   - ``PORT`` / ``EPRT`` / ``LPRT`` (RFC 959 §4.1.2, RFC 2428 §2, RFC 1639) sent by the client;
+   - ``227`` / ``229`` / ``228`` (RFC 959 §4.2, RFC 2428 §3, RFC 1639) sent by the server as
+     the reply to the ``PASV`` / ``EPSV`` / ``LPSV`` that is at the head of ``pending``, i.e.
+     the command the client just sent. The address is searched in every line of the reply
+     (RFC 1123 §4.1.2.6: the text is not fixed) and the first one found counts.
+   Anything else that looks like one (a ``227`` sent by a client, a ``227`` that answers
+   another command or nothing) opens nothing and is reported as ``unsolicited``. A reply that
+   starts with 227 but carries no address (``227 Logout.``) is just a reply.
+4. One live pinhole per session, remembered by the index of the command that announced it
+   (the PORT itself, or the PASV that the 227 answered). It is closed when a new
+   announcement replaces it, when the server refuses the PORT/EPRT/LPRT that announced it
+   (4xx/5xx), and when a transfer command sent at or after that index gets its final reply.
+   The caller closes it too on timeout and at the end of the connection (``closed()``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from . import ftp
+
+HOSTPORT_VERBS = frozenset({b"PORT", b"EPRT", b"LPRT"})
+TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
+# the command each passive reply answers
+PASSIVE_VERB = {ftp.Form.PASV: b"PASV", ftp.Form.EPSV: b"EPSV", ftp.Form.LPSV: b"LPSV"}
+MAX_PENDING = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one line means for the gateway."""
+
+    announce: ftp.HostPort | None = None  # an address to open a pinhole for (and rewrite)
+    cmd: int = 0  # index of the command the announcement belongs to
+    close: str | None = None  # close the live pinhole, for this reason (before announcing)
+    problem: tuple[str, str] | None = None  # (reason, detail) to count and log
+
+    def __bool__(self) -> bool:
+        return self.announce is not None or self.close is not None or self.problem is not None
+
+
+NOTHING = Decision()
+
+
+class Session:
+    __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found")
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
+        self.count = 0  # commands seen
+        self.live: int | None = None  # index of the command behind the live pinhole
+        self.reply_code = 0  # code of an open multi-line reply, 0 if none
+        self.reply_cmd: tuple[bytes, int] | None = None  # the command the open reply answers
+        self.reply_found = False  # the open passive reply already announced an address
+
+    # ---- client side --------------------------------------------------------------------
+    def command(self, line: bytes, follow_replies: bool = True) -> Decision:
+        """One command line from the client. ``follow_replies``: whether the caller also
+        feeds this connection's replies (otherwise nothing waits for them)."""
+        self.count += 1
+        n = self.count
+        verb = ftp.command_verb(line)
+        if follow_replies:
+            self.pending.append((verb, n))
+        if verb in HOSTPORT_VERBS:
+            try:
+                hp = ftp.parse_hostport(line)
+            except ftp.ParseError as e:
+                return Decision(problem=("malformed", f"{e}: {line[:80]!r}"))
+            if hp is None:
+                return NOTHING
+            return Decision(announce=hp, cmd=n, close=self._replacing(hp))
+        if verb[:3].isdigit() and int(verb[:3]) in ftp.PASSIVE_REPLY_CODES:
+            return Decision(problem=("unsolicited", f"{line[:80]!r} sent by the client: opens nothing"))
+        return NOTHING
+
+    # ---- server side --------------------------------------------------------------------
+    def reply(self, line: bytes) -> Decision:
+        """One line of a reply from the server."""
+        if self.reply_code:  # inside a multi-line reply
+            last = line[:3] == b"%03d" % self.reply_code and line[3:4] == b" "
+            found = self._passive(line, self.reply_code)
+            if not last:
+                return found
+            code, self.reply_code = self.reply_code, 0
+            return self._merge(found, self._answered(code))
+        r = ftp.parse_reply(line)
+        if r is None:
+            return NOTHING
+        self.reply_cmd = self.pending[0] if self.pending else None
+        self.reply_found = False
+        found = self._passive(line, r.code)
+        if not r.final:
+            self.reply_code = r.code
+            return found
+        return self._merge(found, self._answered(r.code))
+
+    def _passive(self, line: bytes, code: int) -> Decision:
+        form = ftp.PASSIVE_REPLY_CODES.get(code)
+        if form is None or self.reply_found:
+            return NOTHING
+        try:
+            hp = ftp.parse_passive_reply(line, code)
+        except ftp.ParseError as e:
+            self.reply_found = True
+            return Decision(problem=("malformed", f"{e}: {line[:80]!r}"))
+        if hp is None:
+            return NOTHING
+        self.reply_found = True
+        asked = self.reply_cmd
+        if asked is None or asked[0] != PASSIVE_VERB[form]:
+            what = asked[0].decode("ascii", "replace") if asked else "no command"
+            return Decision(problem=("unsolicited", f"{code} answers {what}, not {PASSIVE_VERB[form].decode()}: "
+                                                    "opens nothing"))
+        return Decision(announce=hp, cmd=asked[1], close=self._replacing(hp))
+
+    def _answered(self, code: int) -> Decision:
+        """The final line of a reply: it answers the oldest pending command."""
+        if code < 200 or not self.pending:
+            return NOTHING  # preliminary, or the greeting / an unsolicited 421
+        verb, n = self.pending.popleft()
+        live = self.live
+        if live is None:
+            return NOTHING
+        if verb in HOSTPORT_VERBS and code >= 400 and n == live:
+            return Decision(close=f"server refused {verb.decode()} ({code})")
+        if verb in TRANSFER_VERBS and live <= n:
+            return Decision(close=f"{verb.decode()} finished ({code})")
+        return NOTHING
+
+    # ---- the live pinhole ----------------------------------------------------------------
+    def _replacing(self, hp: ftp.HostPort) -> str | None:
+        return f"replaced by a new {hp.form.name}" if self.live is not None else None
+
+    def opened(self, cmd: int) -> None:
+        """The caller opened the pinhole announced by command ``cmd``."""
+        self.live = cmd
+
+    def closed(self) -> None:
+        """The caller closed the live pinhole."""
+        self.live = None
+
+    @staticmethod
+    def _merge(a: Decision, b: Decision) -> Decision:
+        if not b:
+            return a
+        if not a:
+            return b
+        # an announcement and the end of its own reply: the close (if any) came first
+        return Decision(a.announce, a.cmd, a.close or b.close, a.problem or b.problem)
