@@ -7,6 +7,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from ftpalg.core import packet
 from ftpalg.core.table import Alg, FlowKey, Pinhole
@@ -53,11 +54,15 @@ class Conn:
     """
 
     def __init__(self, alg: Alg, nat: FakeNat, client=("10.0.0.2", 40000), server=("203.0.113.2", 21),
-                 public=("203.0.113.1", 61000), cisn=1000, sisn=5000, handshake=True) -> None:
+                 public=("203.0.113.1", 61000), cisn=1000, sisn=5000, handshake=True, dest=None) -> None:
+        """``dest``: where the client connects (default: the server itself; a public address
+        that the gateway DNATs to ``server`` otherwise); ``public``: the client's address
+        and port as the server sees them (after any SNAT)."""
         self.alg, self.client, self.server, self.public = alg, client, server, public
+        self.dest = dest or server
         self.cseq, self.sseq = cisn & MASK, sisn & MASK  # next seq each peer sends (own numbering)
         self.c_rcv = self.s_rcv = 0  # next seq each peer expects to receive (sender's wire numbering)
-        nat.table[(packed(client[0]), client[1], packed(server[0]), server[1])] = (
+        nat.table[(packed(client[0]), client[1], packed(self.dest[0]), self.dest[1])] = (
             packed(server[0]), server[1], packed(public[0]), public[1])
         self.now = 0.0
         if handshake:
@@ -66,7 +71,8 @@ class Conn:
             self.c(b"", "A")
 
     def _send(self, src, dst, seq, ack, payload, flags, options=()):
-        raw = bytes(IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags,
+        ip = IPv6(src=src[0], dst=dst[0]) if ":" in src[0] else IP(src=src[0], dst=dst[0])
+        raw = bytes(ip / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags,
                                                      options=list(options)) / payload)
         out = self.alg.handle(raw, self.now)
         self.last_in = raw
@@ -76,7 +82,7 @@ class Conn:
     def c(self, payload: bytes, flags: str = "PA", seq: int | None = None, options=()):
         s = self.cseq if seq is None else seq
         ack = self.c_rcv if "A" in flags else 0
-        seg = self._send(self.client, self.server, s, ack, payload, flags, options)
+        seg = self._send(self.client, self.dest, s, ack, payload, flags, options)
         extra = 1 if "S" in flags or "F" in flags else 0
         if seq is None:  # in order: the server now expects what follows
             self.cseq = (self.cseq + len(payload) + extra) & MASK

@@ -375,3 +375,151 @@ def test_idle_flows_are_forgotten_only_when_safe(env):
     nat.table.clear()
     alg.tick(2100.0)
     assert not alg.flows and not holes.live
+
+
+# ---- servers behind NAT, passive mode, IPv6 (issue 5) -------------------------------------
+OUTSIDE = ("203.0.113.100", 40000)
+PUBLIC = ("198.51.100.2", 21)
+INSIDE = ("10.1.0.2", 21)
+
+
+def dnat_conn(alg, nat, **kw):
+    """An outside client talking to a server behind DNAT (no SNAT: the server sees the client)."""
+    kw.setdefault("client", OUTSIDE)
+    kw.setdefault("public", kw["client"])
+    return Conn(alg, nat, server=kw.pop("server", INSIDE), dest=kw.pop("dest", PUBLIC), **kw)
+
+
+def passive(conn, reply, cmd=b"PASV\r\n"):
+    login(conn)
+    conn.s(b"230 in\r\n")
+    conn.c(cmd)
+    return conn.s(reply)
+
+
+def pinholes(holes):
+    return [(p.peer, p.public, p.public_port, p.inside, p.inside_port, p.snat) for p in holes.live.values()]
+
+
+def test_227_from_a_server_behind_dnat_is_rewritten_to_the_public_address(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    seg = passive(conn, b"227 Entering Passive Mode (10,1,0,2,195,149).\r\n")
+    assert seg.payload == b"227 Entering Passive Mode (198,51,100,2,195,149).\r\n"
+    assert pinholes(holes) == [("203.0.113.100", "198.51.100.2", 50069, "10.1.0.2", 50069, None)]
+    grow = len(b"198,51,100,2") - len(b"10,1,0,2")
+    # the client acks the longer reply: the server sees its own numbering ...
+    ack = conn.c(b"RETR f\r\n")
+    assert ack.ack == conn.sseq
+    # ... and the server's next segment is shifted for the client
+    seg = conn.s(b"150 ok\r\n")
+    assert seg.seq == (conn.sseq - 8 + grow) & MASK and seg.seq != conn.sseq - 8
+    conn.s(b"226 done\r\n")
+    assert holes.live == {} and holes.log[-1] == ("close", 1)
+
+
+def test_227_already_naming_the_public_address_opens_without_rewrite(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    line = b"227 =198,51,100,2,117,48\r\n"
+    seg = passive(conn, line)
+    assert seg.payload == line and alg.counters["rewrites"] == 0
+    assert pinholes(holes) == [("203.0.113.100", "198.51.100.2", 30000, "10.1.0.2", 30000, None)]
+
+
+def test_229_opens_the_port_and_rewrites_only_a_busy_one(env):
+    alg, nat, holes = env
+    line = b"229 Entering Extended Passive Mode (|||30000|)\r\n"
+    first = dnat_conn(alg, nat)
+    assert passive(first, line, b"EPSV\r\n").payload == line
+    second = dnat_conn(alg, nat, client=("203.0.113.100", 40001))  # same client, same port announced
+    seg = passive(second, line, b"EPSV\r\n")
+    port = int(seg.payload.split(b"|||")[1].split(b"|")[0])
+    assert 30000 < port <= 65535 and seg.payload.endswith(b"|)\r\n")
+    assert sorted(p[2] for p in pinholes(holes)) == [30000, port]
+    assert all(p[3:5] == ("10.1.0.2", 30000) for p in pinholes(holes))
+
+
+def test_228_and_lprt(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    seg = passive(conn, b"228 Entering Long Passive Mode (4,4,10,1,0,2,2,117,48)\r\n", b"LPSV\r\n")
+    assert seg.payload == b"228 Entering Long Passive Mode (4,4,198,51,100,2,2,117,48)\r\n"
+    conn = Conn(alg, nat, client=("10.0.0.2", 40002))
+    login(conn)
+    assert conn.c(b"LPRT 4,4,10,0,0,2,2,117,48\r\n").payload == b"LPRT 4,4,203,0,113,1,2,117,48\r\n"
+    assert ("203.0.113.2", "203.0.113.1", 30000, "10.0.0.2", 30000, None) in pinholes(holes)
+
+
+@pytest.mark.parametrize("reply", [b"227 Entering Passive Mode (10,1,0,2,117,48)\r\n",
+                                   b"229 Entering Extended Passive Mode (|||30000|)\r\n"])
+def test_passive_reply_only_counts_as_the_answer_to_pasv(env, reply):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    login(conn)
+    conn.s(b"230 in\r\n")
+    conn.c(b"NOOP\r\n")
+    assert conn.s(reply).payload == reply  # unsolicited: unchanged, nothing opened
+    assert holes.live == {} and alg.counters["unsolicited"] == 1
+    assert conn.c(b"PASV\r\n" if reply.startswith(b"227") else b"EPSV\r\n").payload  # a real one works
+    conn.s(reply)
+    assert len(holes.live) == 1
+
+
+def test_227_naming_a_third_address_is_refused(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    line = b"227 Entering Passive Mode (192,0,2,99,117,48)\r\n"
+    assert passive(conn, line).payload == line
+    assert holes.live == {} and alg.counters["refused"] == 1
+
+
+def test_active_mode_towards_an_inside_server_snats_the_data_connection(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    login(conn)
+    line = b"PORT 203,0,113,100,117,48\r\n"
+    assert conn.c(line).payload == line  # the client's own public address: nothing to rewrite
+    assert pinholes(holes) == [("10.1.0.2", "203.0.113.100", 30000, "203.0.113.100", 30000, "198.51.100.2")]
+
+
+def test_one_gateway_dnats_the_server_and_snats_the_client(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat, dest=("198.51.100.6", 21), public=("10.1.0.1", 61000))
+    seg = passive(conn, b"227 Entering Passive Mode (10,1,0,2,117,48)\r\n")
+    assert seg.payload == b"227 Entering Passive Mode (198,51,100,6,117,48)\r\n"
+    assert pinholes(holes) == [("203.0.113.100", "198.51.100.6", 30000, "10.1.0.2", 30000, "10.1.0.1")]
+    conn.c(b"RETR f\r\n")
+    conn.s(b"226 ok\r\n")
+    seg = conn.c(b"EPRT |1|203.0.113.100|30001|\r\n")
+    assert seg.payload == b"EPRT |1|10.1.0.1|30001|\r\n"
+    assert pinholes(holes) == [("10.1.0.2", "10.1.0.1", 30001, "203.0.113.100", 30001, "198.51.100.6")]
+
+
+def test_ipv6_without_nat_opens_pinholes_without_rewriting(env):
+    alg, nat, holes = env
+    client, server = ("2001:db8:1::100", 40000), ("2001:db8:3::2", 21)
+    conn = Conn(alg, nat, client=client, server=server, public=client)
+    line = b"229 Entering Extended Passive Mode (|||30000|)\r\n"
+    assert passive(conn, line, b"EPSV\r\n").payload == line
+    assert pinholes(holes) == [("2001:db8:1::100", "2001:db8:3::2", 30000, "2001:db8:3::2", 30000, None)]
+    conn.c(b"LIST\r\n")
+    conn.s(b"226 ok\r\n")
+    line = b"EPRT |2|2001:db8:1::100|30001|\r\n"
+    assert conn.c(line).payload == line
+    assert pinholes(holes) == [("2001:db8:3::2", "2001:db8:1::100", 30001, "2001:db8:1::100", 30001, None)]
+    assert alg.counters["rewrites"] == 0
+
+
+def test_nat66_rewrites_eprt(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat, client=("fd00:1::2", 40000), server=("2001:db8:1::2", 21),
+                public=("2001:db8:1::1", 61000))
+    login(conn)
+    seg = conn.c(b"EPRT |2|fd00:1::2|30000|\r\n")
+    assert seg.payload == b"EPRT |2|2001:db8:1::1|30000|\r\n"
+    assert pinholes(holes) == [("2001:db8:1::2", "2001:db8:1::1", 30000, "fd00:1::2", 30000, None)]
+    ack = conn.s(b"200 ok\r\n")
+    assert ack.ack == conn.cseq  # the client's own numbering, over IPv6 too
+    assert conn.c(b"EPRT |1|10.0.0.2|30000|\r\n").payload == b"EPRT |1|10.0.0.2|30000|\r\n"  # wrong family
+    assert alg.counters["refused"] == 1
