@@ -63,8 +63,9 @@ class Pinhole:
         return (self.public, self.public_port) != (self.inside, self.inside_port)
 
     def describe(self) -> str:
-        s = (f"id={self.id} from={self.peer} to={_hostport(self.public, self.public_port)}"
-             f" dnat={_hostport(self.inside, self.inside_port)}")
+        s = f"id={self.id} from={self.peer} to={_hostport(self.public, self.public_port)}"
+        if self.dnat:
+            s += f" dnat={_hostport(self.inside, self.inside_port)}"
         return s + (f" snat={self.snat}" if self.snat else "")
 
 

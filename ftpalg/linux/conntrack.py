@@ -5,6 +5,7 @@ public address; never cached here (the core keeps what it needs per flow)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 from pyroute2 import Conntrack
@@ -13,10 +14,13 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from ..core.table import FlowKey
 
+log = logging.getLogger("ftpalg")
+
 
 class ConntrackLookup:
     def __init__(self) -> None:
         self._ct: dict[int, Conntrack] = {}
+        self._failed = 0
 
     def _sock(self, family: int) -> Conntrack:
         ct = self._ct.get(family)
@@ -28,12 +32,17 @@ class ConntrackLookup:
         src, sport, dst, dport = key
         family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
         orig = NFCTAttrTuple(
-            saddr=str(ipaddress.ip_address(src)), daddr=str(ipaddress.ip_address(dst)),
+            family=family, saddr=str(ipaddress.ip_address(src)), daddr=str(ipaddress.ip_address(dst)),
             sport=sport, dport=dport, proto=socket.IPPROTO_TCP,
         )
         try:
             msg = self._sock(family).entry("get", tuple_orig=orig)
         except NetlinkError:
+            return None  # ENOENT: conntrack has no such connection
+        except (OSError, ValueError) as e:  # a broken socket or message: no mapping, said once
+            if not self._failed:
+                log.warning("conntrack look-up failed: %s", e)
+            self._failed += 1
             return None
         if msg is None:
             return None
