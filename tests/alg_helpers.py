@@ -18,6 +18,13 @@ MASK = 0xFFFFFFFF
 class FakeNat:
     def __init__(self) -> None:
         self.table: dict[FlowKey, FlowKey] = {}
+        self.liberal: list[FlowKey] = []
+        self.fail_liberal = False
+
+    def be_liberal(self, key: FlowKey) -> None:
+        if self.fail_liberal:
+            raise OSError(2, "No such file or directory")
+        self.liberal.append(key)
 
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
         return self.table.get(key)

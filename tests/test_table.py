@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
-from alg_helpers import MASK, Conn, FakeNat, FakePinholes
+from alg_helpers import MASK, Conn, FakeNat, FakePinholes, packed
 from ftpalg.core.table import Alg
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
@@ -65,6 +65,10 @@ def test_shrinking_rewrite():
     ack = conn.s(b"200 ok\r\n")
     assert ack.ack == (start + len(line)) & MASK
     assert conn.c(b"NOOP\r\n").seq == (start + len(line) - 8) & MASK
+    # conntrack would find the server's ACKs (mapped back) beyond what it saw: it is told
+    # to skip its window check for this connection, once, before the segment leaves
+    assert nat.liberal == [(packed("192.168.100.200"), 40000, packed("203.0.113.2"), 21)]
+    assert alg.counters["conntrack_liberal"] == 1
 
 
 def test_retransmission_is_byte_identical_and_opens_nothing_new(env):
@@ -523,3 +527,16 @@ def test_nat66_rewrites_eprt(env):
     assert ack.ack == conn.cseq  # the client's own numbering, over IPv6 too
     assert conn.c(b"EPRT |1|10.0.0.2|30000|\r\n").payload == b"EPRT |1|10.0.0.2|30000|\r\n"  # wrong family
     assert alg.counters["refused"] == 1
+
+
+def test_growing_rewrites_leave_conntrack_strict_and_a_failure_is_counted(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    assert nat.liberal == []  # the usual case: nothing to relax
+    nat.fail_liberal = True
+    shrink = Conn(alg, nat, client=("192.168.100.200", 40001), public=("1.2.3.4", 61001))
+    login(shrink)
+    assert shrink.c(b"PORT 192,168,100,200,195,80\r\n").payload == b"PORT 1,2,3,4,195,80\r\n"
+    assert alg.counters["liberal_failed"] == 1

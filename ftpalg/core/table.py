@@ -74,9 +74,15 @@ def _hostport(addr: str, port: int) -> str:
 
 
 class NatLookup(Protocol):
+    """The kernel's connection tracking, as far as the core needs it."""
+
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
         """The reply tuple (src, sport, dst, dport) of the connection whose original tuple
         is ``key``, or None if conntrack has no such connection."""
+
+    def be_liberal(self, key: FlowKey) -> None:
+        """Stop conntrack's TCP window check for the connection whose original tuple is
+        ``key`` (needed once a rewrite made a direction shorter); raise on failure."""
 
 
 class PinholeBackend(Protocol):
@@ -96,7 +102,7 @@ class Flow:
     """One control connection: its TCP view and its FTP session."""
 
     __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
-                 "fin", "closed_at", "last_seen", "logged", "lookups")
+                 "fin", "closed_at", "last_seen", "logged", "lookups", "liberal")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -111,6 +117,7 @@ class Flow:
         self.last_seen = now
         self.logged: set[str] = set()
         self.lookups = 0  # NAT mapping look-ups tried
+        self.liberal = False  # conntrack's window check is off for this connection
 
     @property
     def corrected(self) -> bool:
@@ -253,7 +260,21 @@ class Alg:
         if new is not line:
             flow.adj[d].add(seq, len(line), new)
             self.counters["rewrites"] += 1
+            if flow.adj[d].delta < 0 and not flow.liberal:
+                self._liberal(flow)
         return new
+
+    def _liberal(self, flow: Flow) -> None:
+        """The direction is now shorter than the sender wrote it: the peer's ACKs, mapped
+        back before conntrack sees them, lie beyond what conntrack saw. Tell conntrack to
+        skip its window check for this connection (before this segment leaves)."""
+        try:
+            self.nat.be_liberal(flow.key)
+        except Exception as e:
+            self._count("liberal_failed", f"conntrack window check could not be relaxed: {e}", flow)
+            return
+        flow.liberal = True
+        self.counters["conntrack_liberal"] += 1
 
     def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, now: float) -> bytes:
         """Open the pinhole an accepted announcement asks for; return the line to send."""

@@ -13,6 +13,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from ..core.table import FlowKey
+from .ctnetlink import CtNetlink
 
 log = logging.getLogger("ftpalg")
 
@@ -21,6 +22,7 @@ class ConntrackLookup:
     def __init__(self) -> None:
         self._ct: dict[int, Conntrack] = {}
         self._failed = 0
+        self._nl: CtNetlink | None = None
 
     def _sock(self, family: int) -> Conntrack:
         ct = self._ct.get(family)
@@ -57,7 +59,15 @@ class ConntrackLookup:
             proto.get_attr("CTA_PROTO_DST_PORT"),
         )
 
+    def be_liberal(self, key: FlowKey) -> None:
+        if self._nl is None:
+            self._nl = CtNetlink()
+        self._nl.be_liberal(key)
+
     def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
         for ct in self._ct.values():
             ct.close()
         self._ct.clear()
