@@ -10,6 +10,15 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl wget tnftp tcpdump
               libnetfilter-queue-dev build-essential python3-venv python3-dev)
 
+# The lab's FTP servers. vsftpd (above) is installed normally; proftpd and pure-ftpd conflict
+# with it as packages (all provide ftp-server), so their .debs are only unpacked into
+# LAB_PKG_DIR (one directory per package), never dpkg-installed: no maintainer scripts, no
+# daemons, nothing in /etc. ftpalg/lab/servers.py finds the binaries there. Their shared
+# libraries do not conflict and are installed normally. `rm -rf .lab-pkgs` to refresh.
+LAB_PKG_DIR=.lab-pkgs
+LAB_DEBS=(proftpd-core pure-ftpd)
+APT_PACKAGES+=(libhiredis0.14 libmemcached11 libmemcachedutil2 libpcre2-posix3 libsodium23)
+
 need_root() {
     if [ "$(id -u)" != 0 ]; then
         echo "dev.sh: run as root (network namespaces, iptables, NFQUEUE)" >&2
@@ -59,9 +68,39 @@ setup_venv() {
     fi
 }
 
+unpack_lab_servers() {
+    local missing=() p
+    for p in "${LAB_DEBS[@]}"; do
+        [ -e "$LAB_PKG_DIR/$p/.unpacked" ] || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "dev.sh: unpacking into $LAB_PKG_DIR/: ${missing[*]}"
+    local tmp log=/tmp/ftpalg-apt.log deb
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true  # apt-get download runs as _apt
+    if ! ( cd "$tmp" && apt-get download "${missing[@]}" ) > "$log" 2>&1 &&
+       ! { apt-get update -qq && ( cd "$tmp" && apt-get download "${missing[@]}" ); } > "$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "dev.sh: apt-get download failed (full log: $log)" >&2
+        rm -rf "$tmp"
+        exit 1
+    fi
+    rm -f "$log"
+    mkdir -p "$LAB_PKG_DIR"
+    for p in "${missing[@]}"; do
+        deb=$(echo "$tmp/${p}"_*.deb)
+        rm -rf "$LAB_PKG_DIR/$p" "$LAB_PKG_DIR/$p.tmp"
+        dpkg-deb -x "$deb" "$LAB_PKG_DIR/$p.tmp"
+        basename "$deb" > "$LAB_PKG_DIR/$p.tmp/.unpacked"
+        mv "$LAB_PKG_DIR/$p.tmp" "$LAB_PKG_DIR/$p"
+    done
+    rm -rf "$tmp"
+}
+
 setup() {
     need_root
     install_debian_packages
+    unpack_lab_servers
     setup_venv
 }
 
