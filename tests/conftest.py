@@ -15,7 +15,7 @@ from hypothesis import settings
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-STALE = re.compile(r"^(f[ab]\d+)-(c|gw|s)$")  # labs made by tests and bench/, named after their pid
+STALE = re.compile(r"^(f[abl]\d+)-(c|gw|s|gw2|i)$")  # labs made by tests and bench/, named after their pid
 
 
 def pytest_sessionstart(session):
@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def lab():
-    """A namespace lab (client, NAT gateway, vsftpd + pyftpdlib) per test module."""
+    """The namespace lab (every topology: client NAT, server DNAT, double NAT, IPv6; every
+    server kind), built once per test module."""
     from ftpalg.lab.lab import Lab
 
     lab = Lab(f"fa{os.getpid()}")
