@@ -1,0 +1,327 @@
+"""Servers behind NAT, double NAT and IPv6, end to end in network namespaces: real kernel NAT
+and conntrack, DROP-policy firewalls on both gateways, real servers, checksums of what was
+transferred, captures of what crossed the wire and the pinhole rules that existed.
+
+Tests that need no ALG come first; the module-scoped ``algs`` fixture then runs
+``ftpalg run`` in both gateways for the rest of the module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from scapy.layers.inet import TCP
+from scapy.utils import rdpcap
+
+from ftpalg.lab.lab import (
+    BOTH_NAT_PUBLIC,
+    CLIENTS,
+    CLIENTS6,
+    FORWARDED_PORT,
+    GW2_NET,
+    INSIDE_SERVERS,
+    INSIDE_SERVERS6,
+    OUTSIDE_CLIENTS,
+    OUTSIDE_CLIENTS6,
+    PUBLIC_OF,
+    SERVERS6,
+    Lab,
+    sha256,
+)
+
+pytestmark = pytest.mark.netns
+
+KINDS = list(INSIDE_SERVERS)
+FILE = "small.txt"
+
+
+def fetch(lab: Lab, ns: str, host: str, mode: str, source: str, port: int = 21, name: str = FILE,
+          timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Download ``name`` with the lab's ftplib client in ``mode``; stdout: the SHA-256."""
+    out = lab.state / f"fetch-{mode}-{host}-{source}-{port}".replace(":", "_")
+    out.unlink(missing_ok=True)
+    res = lab.ns(ns, [sys.executable, "-m", "ftpalg.lab.ftpclient", host, "get", name, str(out), "--mode", mode,
+                      "--port", str(port), "--source", source, "--timeout", "8"], check=False, timeout=timeout)
+    res.stdout = sha256(out) if res.returncode == 0 and out.exists() else ""
+    out.unlink(missing_ok=True)
+    return res
+
+
+def ok(res: subprocess.CompletedProcess[str], lab: Lab, name: str = FILE) -> bool:
+    return res.returncode == 0 and res.stdout == sha256(lab.files / name)
+
+
+def passive_modes(kind: str) -> list[str]:
+    return ["PASV", "EPSV"] + (["LPSV"] if kind == "pyftpdlib" else [])
+
+
+def active_modes(kind: str) -> list[str]:
+    return ["PORT", "EPRT"] + (["LPRT"] if kind == "pyftpdlib" else [])
+
+
+def modes(kind: str) -> list[tuple[str, str]]:
+    return [(kind, m) for m in passive_modes(kind) + active_modes(kind)]
+
+
+ALL4 = [km for k in KINDS for km in modes(k)]
+
+
+# ---- without any ALG: the lab breaks what ftpalg must fix ----------------------------------
+def test_without_alg_passive_and_active_fail_towards_inside_servers(lab):
+    for kind in KINDS:
+        for mode in ("PASV", "EPRT"):
+            res = fetch(lab, lab.server, PUBLIC_OF[kind], mode, OUTSIDE_CLIENTS[0], timeout=40)
+            assert not ok(res, lab), (kind, mode)
+    assert lab.pinhole_rules(lab.gw2) == []
+
+
+def test_without_alg_ipv6_data_connections_are_dropped(lab):
+    for mode in ("EPSV", "EPRT"):
+        res = fetch(lab, lab.server, INSIDE_SERVERS6["vsftpd"], mode, OUTSIDE_CLIENTS6[0], timeout=40)
+        assert not ok(res, lab), mode
+
+
+def replies(path, code: bytes) -> list[bytes]:
+    return [line.strip() for p in rdpcap(str(path)) if TCP in p
+            for line in bytes(p[TCP].payload).splitlines() if line.startswith(code)]
+
+
+@pytest.mark.parametrize("mode, code", [("PASV", b"227"), ("EPSV", b"229")])
+def test_differential_against_kernel_helper_for_passive_replies(lab, mode, code):
+    """Server behind DNAT: the kernel's nf_nat_ftp and ftpalg turn the server's 227/229 into
+    the same text for the client (modulo the port the server picked), and both transfers
+    work. Runs before the module's ``algs`` fixture starts ftpalg for good."""
+    kind = "vsftpd"
+    helper = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
+    seen = {}
+    for who in ("kernel", "ftpalg"):
+        inner, outer = lab.state / f"d-{who}-in.pcap", lab.state / f"d-{who}-out.pcap"
+        caps = [lab.capture(lab.inside, "i0", inner), lab.capture(lab.server, "s1", outer)]
+        if who == "kernel":
+            lab.ns(lab.gw2, ["iptables", "-t", "raw", "-A", *helper])
+            try:
+                res = fetch(lab, lab.server, PUBLIC_OF[kind], mode, OUTSIDE_CLIENTS[0])
+            finally:
+                lab.ns(lab.gw2, ["iptables", "-t", "raw", "-D", *helper])
+                lab.ns(lab.gw2, ["conntrack", "-F"], check=False)
+        else:
+            p = lab.start_ftpalg(gw=lab.gw2)
+            try:
+                res = fetch(lab, lab.server, PUBLIC_OF[kind], mode, OUTSIDE_CLIENTS[0])
+            finally:
+                assert lab.stop_ftpalg(p) == 0
+        for c in caps:
+            Lab.stop_capture(c)
+        assert ok(res, lab), (who, res.stderr[-1500:])
+        (sent,), (got,) = replies(inner, code), replies(outer, code)
+        private, public = INSIDE_SERVERS[kind], PUBLIC_OF[kind]
+        if code == b"227":
+            assert private.replace(".", ",").encode() in sent
+            sent = sent.replace(private.replace(".", ",").encode(), public.replace(".", ",").encode())
+        seen[who] = got
+        assert got == sent, (who, sent, got)  # both apply exactly this transformation
+    assert seen["kernel"].split(b"(")[0] == seen["ftpalg"].split(b"(")[0]  # same text around it
+
+
+# ---- with ftpalg in both gateways ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def algs(lab):
+    """``ftpalg run`` in both gateways (gw2 also watches the forwarded port 2121 and the
+    pasv_address test's port 2100) for the rest of the module; checks it cleaned up."""
+    before = {gw: lab.gw_rules(gw) + lab.gw_rules6(gw) for gw in lab.gateways}
+    p1 = lab.start_ftpalg()
+    p2 = lab.start_ftpalg("--control-port", "21", "--control-port", "2121", "--control-port", "2100", gw=lab.gw2)
+    yield
+    for gw, p in ((lab.gw, p1), (lab.gw2, p2)):
+        assert lab.stop_ftpalg(p) == 0
+        after = lab.gw_rules(gw) + lab.gw_rules6(gw)
+        assert "FTPALG" not in after and "NFQUEUE" not in after
+        assert sorted(line for line in after.splitlines() if line.startswith("-")) == sorted(
+            line for line in before[gw].splitlines() if line.startswith("-"))
+        assert "Traceback" not in lab.ftpalg_log_path(gw).read_text()
+
+
+def no_pinholes_soon(lab: Lab, gw: str, within: float = 3.0) -> bool:
+    deadline = time.monotonic() + within
+    while lab.pinhole_rules(gw):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("kind, mode", ALL4, ids=[f"{k}-{m}" for k, m in ALL4])
+def test_outside_client_to_server_behind_dnat(lab, algs, kind, mode):
+    """Only port 21 is forwarded; PASV with the 227 address trusted, EPSV, active modes."""
+    res = fetch(lab, lab.server, PUBLIC_OF[kind], mode, OUTSIDE_CLIENTS[0])
+    assert ok(res, lab), res.stderr[-1500:]
+    assert no_pinholes_soon(lab, lab.gw2)  # nothing survives the session
+
+
+@pytest.mark.parametrize("kind, mode", ALL4, ids=[f"{k}-{m}" for k, m in ALL4])
+def test_double_nat_inside_client_to_inside_server(lab, algs, kind, mode):
+    """Client behind gw (MASQUERADE) to server behind gw2 (DNAT), ftpalg in both."""
+    res = fetch(lab, lab.client, PUBLIC_OF[kind], mode, CLIENTS[0])
+    assert ok(res, lab), res.stderr[-1500:]
+    assert no_pinholes_soon(lab, lab.gw) and no_pinholes_soon(lab, lab.gw2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["EPSV", "EPRT"])
+def test_ipv6_stateful_gateway_without_nat(lab, algs, kind, mode):
+    res = fetch(lab, lab.server, INSIDE_SERVERS6[kind], mode, OUTSIDE_CLIENTS6[0])
+    assert ok(res, lab), res.stderr[-1500:]
+    assert "-j DNAT" not in lab.gw_rules6(lab.gw2)  # nothing is translated on this gateway
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["EPRT", "EPSV"])
+def test_nat66_client_behind_gateway(lab, algs, kind, mode):
+    res = fetch(lab, lab.client, SERVERS6[kind], mode, CLIENTS6[0])
+    assert ok(res, lab), res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("mode", ["PASV", "EPSV", "PORT", "EPRT"])
+def test_forwarded_control_port_2121(lab, algs, mode):
+    host, port = FORWARDED_PORT
+    res = fetch(lab, lab.server, host, mode, OUTSIDE_CLIENTS[0], port=port)
+    assert ok(res, lab), res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("mode", ["PASV", "EPSV", "PORT", "EPRT"])
+def test_one_gateway_dnats_the_server_and_snats_the_client(lab, algs, mode):
+    """198.51.100.6 is DNATed to vsftpd and its clients SNATed to 10.1.0.1: the data
+    connection must get both translations, or vsftpd refuses it (425 Security: Bad IP)."""
+    res = fetch(lab, lab.server, BOTH_NAT_PUBLIC, mode, OUTSIDE_CLIENTS[0])
+    assert ok(res, lab), res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_upload_through_dnat_in_passive_mode(lab, algs, kind):
+    src = lab.state / f"up-{kind}"
+    src.write_bytes(bytes(range(256)) * 1000)
+    name = f"upload/pasv-{kind}.bin"
+    res = lab.ns(lab.server, [sys.executable, "-m", "ftpalg.lab.ftpclient", PUBLIC_OF[kind], "put", str(src), name,
+                              "--mode", "PASV", "--source", OUTSIDE_CLIENTS[0]], check=False, timeout=30)
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert sha256(lab.files / name) == sha256(src)
+
+
+def test_pasv_pinhole_is_only_for_the_announced_client(lab, algs):
+    """The 227 names a public port; only the client of that control connection may use it,
+    once. A second, unrelated outside client gets nothing, and afterwards neither does the
+    first one."""
+    kind = "pyftpdlib"
+    assert no_pinholes_soon(lab, lab.gw2), lab.pinhole_rules(lab.gw2)  # earlier tests' are gone
+    client = subprocess.Popen(["ip", "netns", "exec", lab.server, sys.executable, "-c", textwrap.dedent(f"""
+        import ftplib, hashlib, socket
+        ftp = ftplib.FTP(timeout=10)
+        ftp.connect("{PUBLIC_OF[kind]}", 21, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
+        ftp.login()
+        ftp.voidcmd("TYPE I")
+        resp = ftp.sendcmd("PASV")
+        print(resp, flush=True)
+        host, port = ftplib.parse227(resp)
+        input()
+        data = socket.create_connection((host, port), timeout=5, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
+        ftp.sendcmd("RETR {FILE}")
+        h = hashlib.sha256()
+        while chunk := data.recv(65536):
+            h.update(chunk)
+        data.close()
+        ftp.voidresp()
+        print(h.hexdigest(), flush=True)
+        try:
+            socket.create_connection((host, port), timeout=3, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
+            print("second connection accepted", flush=True)
+        except OSError:
+            print("no second connection", flush=True)
+        ftp.quit()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("227") and GW2_NET.replace(".", ",") in line, line
+        nums = line.split("(")[1].split(")")[0].split(",")
+        port = int(nums[4]) * 256 + int(nums[5])
+        rules = lab.pinhole_rules(lab.gw2)
+        assert len(rules) == 3 and all(f"-s {OUTSIDE_CLIENTS[0]}/32" in r for r in rules), rules
+        probe = lab.ns(lab.server, [sys.executable, "-c", textwrap.dedent(f"""
+            import socket
+            try:
+                socket.create_connection(("{PUBLIC_OF[kind]}", {port}), timeout=3,
+                                         source_address=("{OUTSIDE_CLIENTS[1]}", 0))
+                print("connected")
+            except OSError as e:
+                print("refused", e)
+        """)], check=False)
+        assert probe.stdout.startswith("refused"), probe.stdout
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == sha256(lab.files / FILE)
+        assert client.stdout.readline().strip() == "no second connection"
+        assert client.wait(10) == 0
+    finally:
+        client.kill()
+        client.wait()
+    assert no_pinholes_soon(lab, lab.gw2)
+
+
+def test_active_mode_data_connection_leaves_with_the_public_address(lab, algs):
+    """vsftpd behind gw2 connects from port 20 of its private address; the client must see
+    the connection come from the public address it used (a pinhole SNATs it out)."""
+    path = lab.state / "active-out.pcap"
+    cap = lab.capture(lab.server, "s1", path, bpf="tcp and not port 21")
+    res = fetch(lab, lab.server, PUBLIC_OF["vsftpd"], "PORT", OUTSIDE_CLIENTS[0])
+    Lab.stop_capture(cap)
+    assert ok(res, lab), res.stderr[-1500:]
+    syns = [p for p in rdpcap(str(path)) if TCP in p and p[TCP].flags == "S"]
+    assert syns and all(p["IP"].src == PUBLIC_OF["vsftpd"] and p[TCP].sport == 20 for p in syns), \
+        [p.summary() for p in syns]
+
+
+def test_server_announcing_the_public_address_still_gets_its_port_opened(lab, algs):
+    """pyftpdlib with masquerade_address = the public address (like vsftpd pasv_address):
+    nothing to rewrite, but the port must still be opened, and only for this client."""
+    public, inside, port = PUBLIC_OF["pyftpdlib"], INSIDE_SERVERS["pyftpdlib"], 2100
+    rules = [("nat", ["PREROUTING", "-d", public, "-p", "tcp", "--dport", str(port), "-j", "DNAT",
+                      "--to-destination", f"{inside}:{port}"]),
+             ("filter", ["FORWARD", "-d", inside, "-p", "tcp", "--dport", str(port), "-m", "conntrack",
+                         "--ctstate", "DNAT", "-j", "ACCEPT"])]
+    server = lab.popen(lab.inside, [sys.executable, "-m", "ftpalg.lab.servers", inside, str(lab.files), str(port),
+                                    public])
+    for table, r in rules:
+        lab.ns(lab.gw2, ["iptables", "-t", table, "-I", *r])
+    try:
+        lab.wait_port(lab.inside, inside, port)
+        res = fetch(lab, lab.server, public, "PASV", OUTSIDE_CLIENTS[0], port=port)
+        assert ok(res, lab), res.stderr[-1500:]
+        log = lab.ftpalg_log_path(lab.gw2).read_text()
+        assert f"to={public}:" in log and "unchanged" in log
+    finally:
+        for table, r in rules:
+            lab.ns(lab.gw2, ["iptables", "-t", table, "-D", *r])
+        server.terminate()
+        server.wait(10)
+        lab.procs.remove(server)
+
+
+def test_unsolicited_227_from_the_client_side_opens_nothing(lab, algs):
+    assert no_pinholes_soon(lab, lab.gw2)
+    res = lab.ns(lab.server, [sys.executable, "-c", textwrap.dedent(f"""
+        import ftplib
+        ftp = ftplib.FTP(timeout=10)
+        ftp.connect("{PUBLIC_OF['pyftpdlib']}", 21, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
+        ftp.login()
+        try:
+            ftp.sendcmd("227 Entering Passive Mode (10,1,0,3,117,48)")
+        except ftplib.Error as e:
+            print(e)
+        print(ftp.sendcmd("NOOP"))
+        ftp.quit()
+    """)], check=False)
+    assert res.returncode == 0 and "200" in res.stdout, res.stderr
+    assert lab.pinhole_rules(lab.gw2) == []
+    assert "unsolicited" in lab.ftpalg_log_path(lab.gw2).read_text()
