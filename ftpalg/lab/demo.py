@@ -1,94 +1,215 @@
-"""``ftpalg demo``: active-mode FTP through a NAT gateway, without and then with ftpalg.
+"""``ftpalg demo``: FTP through NAT gateways, without and then with ftpalg, as a matrix of
+topology x client x mode x server, every download checked by SHA-256.
 
-Builds the lab, downloads a file from each server with each client (checked by SHA-256),
-prints a table, and removes everything it created, also on failure or Ctrl-C.
+Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
+that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), runs every cell
+with no ALG, starts ``ftpalg run`` (no options but the forwarded control port) in both
+gateways, runs every cell again, prints the matrix and removes everything it created, also
+on failure or Ctrl-C. Cells run in parallel: most failures without ftpalg are timeouts.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .lab import CLIENT_KINDS, SERVERS, Lab, sha256
+from . import clients
+from .lab import (
+    CLIENTS,
+    CLIENTS6,
+    INSIDE_SERVERS,
+    INSIDE_SERVERS6,
+    OUTSIDE_CLIENTS,
+    OUTSIDE_CLIENTS6,
+    PUBLIC_OF,
+    SERVERS,
+    SERVERS6,
+    Lab,
+    sha256,
+)
 
 FILE = "big.bin"
-_REPLY = re.compile(r"\b[45]\d\d [^)\r\n]*")
+CELL_TIMEOUT = 6.0  # seconds; a cell that takes longer failed (typically: a dropped SYN)
+WORKERS = 24
+# What the servers themselves implement (LPRT/LPSV: only the lab's pyftpdlib, RFC 1639).
+SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
+DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
+_REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
 
 
-def failure_reason(stderr: str, rc: int) -> str:
-    """The first FTP error reply a client printed (curl falls back from EPRT to PORT: the
-    EPRT refusal is the one that matters), else its last line."""
-    replies = _REPLY.findall(stderr)
-    if replies:
-        return replies[0].strip()
-    lines = stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit {rc}"
+@dataclass(frozen=True)
+class Topology:
+    key: str
+    title: str
+    client_ns: str  # "client" (inside, behind gw) or "server" (the internet)
+    source: str
+    targets: tuple[tuple[str, str], ...]  # (server kind, address the client connects to)
+    family: int
+
+    def target(self, kind: str) -> str:
+        return dict(self.targets)[kind]
 
 
-@dataclass
+def topologies() -> list[Topology]:
+    return [
+        Topology("client-nat", "client 10.0.0.2 behind gw (MASQUERADE) -> servers 203.0.113.2-5",
+                 "client", CLIENTS[0], tuple(SERVERS.items()), 4),
+        Topology("server-dnat", "client 203.0.113.100 -> gw2 (DNAT of tcp/21 only) -> servers 10.1.0.2-5",
+                 "server", OUTSIDE_CLIENTS[0], tuple(PUBLIC_OF.items()), 4),
+        Topology("double-nat", "client 10.0.0.2 -> gw (MASQUERADE) -> gw2 (DNAT) -> servers 10.1.0.2-5",
+                 "client", CLIENTS[0], tuple(PUBLIC_OF.items()), 4),
+        Topology("ipv6-nat66", "client fd00:1::2 behind gw (NAT66) -> servers 2001:db8:1::2-5",
+                 "client", CLIENTS6[0], tuple(SERVERS6.items()), 6),
+        Topology("ipv6-stateful", "client 2001:db8:1::100 -> gw2 (no NAT, FORWARD DROP) -> "
+                 "servers 2001:db8:3::2-5", "server", OUTSIDE_CLIENTS6[0], tuple(INSIDE_SERVERS6.items()), 6),
+    ]
+
+
+@dataclass(frozen=True)
+class Cell:
+    topo: Topology
+    client: clients.ClientKind
+    server: str
+
+
+@dataclass(frozen=True)
 class Outcome:
     ok: bool
     detail: str
 
 
-def matrix(lab: Lab) -> dict[tuple[str, str], Outcome]:
+def cells() -> list[Cell]:
+    out = []
+    for t in topologies():
+        for k in clients.kinds(family=t.family):
+            for server in INSIDE_SERVERS:
+                if k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
+                    out.append(Cell(t, k, server))
+    return out
+
+
+def failure_reason(text: str, rc: int | None) -> str:
+    """The first FTP error reply a client printed, else its last line."""
+    replies = _REPLY.findall(text)
+    if replies:
+        return replies[0].strip()
+    if rc is None:
+        return f"no answer within {CELL_TIMEOUT:.0f} s"
+    # the client's own last words, not the commands it echoed (curl "> ", tnftp "---> ")
+    lines = [line for line in text.strip().splitlines()
+             if line.strip() and not line.startswith((">", "--->", "<", "*"))]
+    return lines[-1].strip() if lines else f"exit {rc}"
+
+
+def run_cell(lab: Lab, cell: Cell, want: str, tag: str) -> Outcome:
+    out = lab.state / "demo" / f"{tag}-{cell.topo.key}-{cell.client.name}-{cell.client.mode}-{cell.server}"
+    out.unlink(missing_ok=True)
+    ns = getattr(lab, cell.topo.client_ns)
+    argv = cell.client.argv(cell.topo.target(cell.server), FILE, out, source=cell.topo.source)
+    try:
+        p = lab.ns(ns, ["timeout", "-k", "1", str(CELL_TIMEOUT), *argv], check=False, timeout=CELL_TIMEOUT + 5)
+        rc: int | None = None if p.returncode in (124, 137) else p.returncode
+        text = p.stderr + p.stdout
+    except Exception as e:  # a hung `ip netns exec`: count it as a failure, never crash the demo
+        rc, text = None, str(e)
+    got = sha256(out) if out.exists() else None
+    out.unlink(missing_ok=True)
+    if rc == 0 and got == want:
+        return Outcome(True, "ok")
+    if rc == 0:
+        return Outcome(False, "checksum mismatch" if got else "no file")
+    if tag == "with":  # keep what the client said, for the report
+        out.with_suffix(".log").write_text(" ".join(argv) + "\n" + text)
+    return Outcome(False, failure_reason(text, rc))
+
+
+def matrix(lab: Lab, tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
     want = sha256(lab.files / FILE)
-    res = {}
-    for server in SERVERS:
-        for kind in CLIENT_KINDS:
-            out = lab.state / f"out-{server}-{kind.name}-{kind.form}"
-            out.unlink(missing_ok=True)
-            t0 = time.monotonic()
-            p = lab.transfer(kind, server, FILE, out)
-            dt = time.monotonic() - t0
-            got = sha256(out) if out.exists() else None
-            if p.returncode == 0 and got == want:
-                res[(server, kind.label)] = Outcome(True, f"sha256 ok, {dt:.1f}s")
-            else:
-                why = failure_reason(p.stderr, p.returncode)[:66]
-                if p.returncode == 0:
-                    why = "checksum mismatch" if got else "no file"
-                res[(server, kind.label)] = Outcome(False, why)
-            out.unlink(missing_ok=True)
-    return res
+    (lab.state / "demo").mkdir(exist_ok=True)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(zip(todo, pool.map(lambda c: run_cell(lab, c, want, tag), todo), strict=True))
+
+
+def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
+    kinds = list(INSIDE_SERVERS)
+    for t in topologies():
+        rows = sorted({(c.client.name, c.client.mode) for c in without if c.topo == t},
+                      key=lambda r: (clients.CLIENT_NAMES.index(r[0]), clients.MODES.index(r[1])))
+        n = sum(1 for c in with_ if c.topo == t)
+        a = sum(o.ok for c, o in without.items() if c.topo == t)
+        b = sum(o.ok for c, o in with_.items() if c.topo == t)
+        print(f"\n[{t.key}] {t.title}\n  without ftpalg {a}/{n} pass, with ftpalg {b}/{n} pass")
+        print("  " + f"{'client':<7}{'mode':<6}" + "".join(f"{k:<15}" for k in kinds))
+        for name, mode in rows:
+            line = f"  {name:<7}{mode:<6}"
+            for k in kinds:
+                c = Cell(t, clients.ClientKind(name, mode), k)
+                if c not in without:
+                    line += f"{'-':<15}"
+                    continue
+                line += f"{_mark(without[c]) + ' -> ' + _mark(with_[c]):<15}"
+            print(line.rstrip())
+    reasons: Counter[tuple[str, str]] = Counter()
+    for c, o in without.items():
+        if not o.ok:
+            reasons[(c.topo.key, re.sub(r"\d+\.\d+\.\d+\.\d+:\d+|[0-9a-f:]{6,}:\d+", "ADDR", o.detail)[:70])] += 1
+    print("\nwhy cells fail without ftpalg (most common per topology):")
+    for t in topologies():
+        top = [(r, n) for (k, r), n in reasons.most_common() if k == t.key][:3]
+        for r, n in top:
+            print(f"  {t.key:<14} {n:>3} x {r}")
+    bad = [(c, o) for c, o in with_.items() if not o.ok]
+    if bad:
+        print("\nFAILED with ftpalg:")
+        for c, o in bad:
+            print(f"  {c.topo.key} / {c.client.label} / {c.server}: {o.detail}")
+
+
+def _mark(o: Outcome) -> str:
+    return "ok" if o.ok else "FAIL"
 
 
 def main(prefix: str = "ftpalg-demo") -> int:
     lab = Lab(prefix)
+    todo = cells()
+    rcs: list[int] = []
+    leftover: list[str] = []
+    logs = ""
+    t0 = time.monotonic()
     try:
-        print("building lab: client 10.0.0.2 -> NAT gateway (MASQUERADE, FORWARD DROP) -> "
-              "vsftpd 203.0.113.2 / pyftpdlib 203.0.113.3", flush=True)
+        print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
+              "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
         lab.up()
-        print("active mode without ftpalg ...", flush=True)
-        without = matrix(lab)
-        print("starting ftpalg run in the gateway ...", flush=True)
-        proc = lab.start_ftpalg()
+        print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
+        without = matrix(lab, "without", todo)
+        print("starting `ftpalg run` in gw and gw2 ...", flush=True)
+        procs = [lab.start_ftpalg(), lab.start_ftpalg("--control-port", "21", "--control-port", "2121", gw=lab.gw2)]
         try:
-            print("active mode with ftpalg ...", flush=True)
-            with_ = matrix(lab)
+            print("the same cells with ftpalg ...", flush=True)
+            with_ = matrix(lab, "with", todo)
         finally:
-            rc = lab.stop_ftpalg(proc)
-        leftover = [line for line in lab.gw_rules().splitlines() if "FTPALG" in line or "NFQUEUE" in line]
+            rcs = [lab.stop_ftpalg(p) for p in procs]
+        leftover = [line for gw in lab.gateways for line in (lab.gw_rules(gw) + lab.gw_rules6(gw)).splitlines()
+                    if "FTPALG" in line or "NFQUEUE" in line]
+        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways)
     finally:
-        log = lab.ftpalg_log()
+        for f in sorted((lab.state / "demo").glob("*.log")):
+            print(f"--- {f.name}\n{f.read_text()[-1500:]}")
         lab.down()
-    w = max(len(k[0]) + len(k[1]) for k in without) + 3
-    print()
-    print(f"{'server / client':<{w}}  {'without ftpalg':<72}  with ftpalg")
-    print("-" * (w + 98))
-    for key in without:
-        a, b = without[key], with_[key]
-        print(f"{key[0] + ' / ' + key[1]:<{w}}  {('PASS ' if a.ok else 'FAIL ') + a.detail:<72}  "
-              f"{('PASS ' if b.ok else 'FAIL ') + b.detail}")
-    print()
-    opened = log.count("pinhole open")
-    print(f"ftpalg: exit code {rc}, {opened} pinholes opened, rules left in the gateway after exit: "
-          f"{len(leftover)}")
-    if any(o.ok for o in without.values()):
-        print("note: some transfers passed without ftpalg: this lab does not break them as expected")
-    ok = all(o.ok for o in with_.values()) and rc == 0 and not leftover
-    print("RESULT:", "every active-mode transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
+    show(without, with_)
+    opened = logs.count("pinhole open")
+    print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, rules left in the gateways after exit: "
+          f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
+    ok = all(o.ok for o in with_.values()) and rcs == [0, 0] and not leftover and "Traceback" not in logs
+    print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:
-        print(log[-4000:])
+        print(logs[-4000:])
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

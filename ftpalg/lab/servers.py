@@ -293,12 +293,16 @@ def lab_handler(root: str, masquerade: str | None = None) -> Any:
 
 
 def main() -> None:
-    from pyftpdlib.servers import FTPServer
+    from pyftpdlib.servers import ThreadedFTPServer
 
     addr, root = sys.argv[1], sys.argv[2]
     port = int(sys.argv[3]) if len(sys.argv) > 3 else 21
     handler = lab_handler(root, sys.argv[4] if len(sys.argv) > 4 else None)
-    server = FTPServer((addr, port), handler)
+    # One IOLoop per session: pyftpdlib 2.2.0 with one shared IOLoop sometimes drops a
+    # live control connection when a finished active-mode session closes (it unregisters
+    # the data socket's descriptor number after that number was reused; seen under
+    # concurrent PORT sessions). Threads keep each session's descriptors apart.
+    server = ThreadedFTPServer((addr, port), handler)
     server.max_cons = 512
     server.serve_forever()
 
