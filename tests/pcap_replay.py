@@ -2,10 +2,10 @@
 real gateway (kernel NAT + ftpalg) sent.
 
 A recording is two pcaps of the control port taken on the gateway while ftpalg ran:
-``inside`` (client-side interface) and ``outside`` (server-side interface). The core's input
-is what arrived: client packets on the inside, server packets on the outside. Its output
-must equal what left the other interface once the kernel's NAT is undone (addresses,
-ports, TTL; checksums recomputed by scapy)."""
+``inside`` (the client-side interface) and ``outside`` (the server-side interface), whichever
+side is behind NAT. The core's input is what arrived: client packets on the client side,
+server packets on the server side. Its output must equal what left the other interface once
+the kernel's NAT is undone (addresses, ports, TTL; checksums recomputed by scapy)."""
 
 from __future__ import annotations
 
@@ -57,12 +57,9 @@ def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, li
         got = alg.handle(raw, t)
         if got is None:  # passed unchanged; captured checksums may be partial (offload)
             got = _norm(raw)
-        if d == 0:
-            sent = c2s_out[i]
-            want = _norm(bytes(sent[IP]), src=(src[IP].src, src[TCP].sport), ttl=1)
-        else:
-            sent = s2c_out[i]
-            want = _norm(bytes(sent[IP]), dst=(src[IP].dst, src[TCP].dport), ttl=1)
+        sent = c2s_out[i] if d == 0 else s2c_out[i]
+        # undo SNAT and DNAT alike: the core works on packets as they arrived
+        want = _norm(bytes(sent[IP]), src=(src[IP].src, src[TCP].sport), dst=(src[IP].dst, src[TCP].dport), ttl=1)
         if got != want:
             bad.append(f"{'c2s' if d == 0 else 's2c'} #{i}: core {IP(got).summary()} {bytes(IP(got)[TCP].payload)!r}"
                        f" != wire {IP(want).summary()} {bytes(IP(want)[TCP].payload)!r}")
