@@ -55,18 +55,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .core.table import Alg
-    from .linux.conntrack import ConntrackLookup
+    from .linux.conntrack import Conntrack, ExpectationPinholes
+    from .linux.ctnetlink import CtNetlink
     from .linux.nfqueue import QueueHandler
-    from .linux.rules import IptablesPinholes, StaticRules, pinhole_chains_present
+    from .linux.rules import StaticRules, queue_chains_present
 
     ports = frozenset(args.control_port or [21])
-    if args.no_rules and not pinhole_chains_present():
-        raise RuleError("--no-rules: chain FTPALG-PINHOLES is missing in the nat or filter table; "
-                        "load deploy/pinholes.iptables (and a queue rule from deploy/) first")
+    if args.no_rules and not queue_chains_present():
+        raise RuleError("--no-rules: table inet ftpalg or its queue rule is missing; "
+                        "load deploy/ftpalg.nft and deploy/queue.iptables (or deploy/ftpalg-queue.nft) first")
     rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
-    nat = ConntrackLookup()
-    holes = IptablesPinholes()
-    alg = Alg(nat, holes, ports, args.pinhole_timeout)
+    nl = CtNetlink()
+    holes = ExpectationPinholes(nl, args.pinhole_timeout)
+    alg = Alg(Conntrack(nl), holes, ports, args.pinhole_timeout)
     try:
         if rules is not None:
             backend = rules.install()
@@ -79,9 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 1
     finally:
-        alg.shutdown()
-        holes.shutdown()
-        nat.close()
+        alg.shutdown()  # deletes the expectations still open; corrections stay with the kernel
+        nl.close()
         if rules is not None:
             rules.remove()
             log.info("rules removed")
@@ -113,13 +113,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from .linux.rules import iptables_queue_rules, nft_queue_rules, pinhole_chain_rules
+    from .linux.rules import iptables_queue_rules, nft_rules
 
     ports = args.control_port or [21]
     text = {
+        "nft": lambda: nft_rules(ports),
+        "nft-queue": lambda: nft_rules(ports, args.queue_num),
         "queue-iptables": lambda: iptables_queue_rules(ports, args.queue_num),
-        "queue-nft": lambda: nft_queue_rules(ports, args.queue_num),
-        "pinholes": pinhole_chain_rules,
     }[args.part]()
     sys.stdout.write(text)
     return 0
@@ -139,9 +139,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the ALG on this gateway")
     ports_and_queue(r)
     r.add_argument("--pinhole-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="close an unused pinhole after this long (default 120)")
+                   help="forget an unused pinhole (expectation) after this long (default 120)")
     r.add_argument("--no-rules", action="store_true",
-                   help="do not install/remove the queue rule and pinhole chains (load deploy/ files yourself)")
+                   help="do not install/remove table inet ftpalg and the queue rule (load deploy/ files yourself)")
     r.add_argument("--queue-backend", choices=["auto", "nft", "iptables"], default="auto",
                    help="how to queue control packets (auto: nft queue if the kernel has it)")
     r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
@@ -158,8 +158,10 @@ def parser() -> argparse.ArgumentParser:
     lab.set_defaults(func=cmd_lab)
 
     ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs (deploy/ files)")
-    ru.add_argument("part", choices=["queue-iptables", "queue-nft", "pinholes"],
-                    help="queue rule (iptables-restore or nft -f format) or the pinhole chains (iptables-restore)")
+    ru.add_argument("part", choices=["nft", "nft-queue", "queue-iptables"],
+                    help="nft: table inet ftpalg (helper, nat chains; nft -f); nft-queue: the same with the "
+                         "queue rule, for kernels with nft queue; queue-iptables: the queue rule for "
+                         "iptables-restore and ip6tables-restore")
     ports_and_queue(ru)
     ru.set_defaults(func=cmd_rules)
     return ap

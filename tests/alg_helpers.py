@@ -10,24 +10,43 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from ftpalg.core import packet
+from ftpalg.core.seqadj import KernelAdj
 from ftpalg.core.table import Alg, FlowKey, Pinhole
 
 MASK = 0xFFFFFFFF
 
 
 class FakeNat:
+    """Conntrack as the core sees it, and the kernel's sequence adjustment: ``seq_adjust``
+    records corrections like nf_ct_seqadj_set(); ``kernel`` applies them to a packet leaving
+    the hook like nf_ct_seq_adjust() does at confirm time."""
+
     def __init__(self) -> None:
         self.table: dict[FlowKey, FlowKey] = {}
-        self.liberal: list[FlowKey] = []
-        self.fail_liberal = False
-
-    def be_liberal(self, key: FlowKey) -> None:
-        if self.fail_liberal:
-            raise OSError(2, "No such file or directory")
-        self.liberal.append(key)
+        self.adj: dict[FlowKey, list[KernelAdj]] = {}
+        self.fail_adjust = False
 
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
         return self.table.get(key)
+
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
+        if self.fail_adjust:
+            raise OSError(95, "connection has no sequence-adjustment extension")
+        a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
+        a[direction] = a[direction].add(seq, delta)
+        return a[direction]
+
+    def kernel(self, raw: bytes, key: FlowKey, direction: int) -> bytes:
+        a = self.adj.get(key)
+        if a is None or not (a[0].active or a[1].active):
+            return raw
+        seg = packet.decode(raw)
+        this, other = a[direction], a[1 - direction]
+        seq = (seg.seq + this.seq_offset(seg.seq)) & MASK
+        if not seg.flags & packet.TcpFlags.ACK:
+            return packet.encode(seg, seg.payload, seq, seg.ack)
+        return packet.encode(seg, seg.payload, seq, (seg.ack - other.ack_offset(seg.ack)) & MASK,
+                             lambda x: (x - other.ack_offset(x)) & MASK)
 
 
 @dataclass
@@ -65,8 +84,9 @@ class Conn:
         """``dest``: where the client connects (default: the server itself; a public address
         that the gateway DNATs to ``server`` otherwise); ``public``: the client's address
         and port as the server sees them (after any SNAT)."""
-        self.alg, self.client, self.server, self.public = alg, client, server, public
+        self.alg, self.client, self.server, self.public, self.nat = alg, client, server, public, nat
         self.dest = dest or server
+        self.key = (packed(client[0]), client[1], packed(self.dest[0]), self.dest[1])
         self.cseq, self.sseq = cisn & MASK, sisn & MASK  # next seq each peer sends (own numbering)
         self.c_rcv = self.s_rcv = 0  # next seq each peer expects to receive (sender's wire numbering)
         nat.table[(packed(client[0]), client[1], packed(self.dest[0]), self.dest[1])] = (
@@ -78,13 +98,21 @@ class Conn:
             self.c(b"", "A")
 
     def _send(self, src, dst, seq, ack, payload, flags, options=()):
+        """One packet through the hook (the core), then the kernel's seq adjustment: what
+        the peer receives."""
         ip = IPv6(src=src[0], dst=dst[0]) if ":" in src[0] else IP(src=src[0], dst=dst[0])
         raw = bytes(ip / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags,
                                                      options=list(options)) / payload)
+        if src == self.client and flags == "S":  # conntrack makes a new entry for a new SYN
+            self.nat.adj.pop(self.key, None)
         out = self.alg.handle(raw, self.now)
         self.last_in = raw
-        self.last_raw = raw if out is None else out
-        return None if out == b"" else packet.decode(self.last_raw)
+        self.last_core = raw if out is None else out
+        if out == b"":
+            self.last_raw = out
+            return None
+        self.last_raw = self.nat.kernel(self.last_core, self.key, 0 if src == self.client else 1)
+        return packet.decode(self.last_raw)
 
     def c(self, payload: bytes, flags: str = "PA", seq: int | None = None, options=()):
         s = self.cseq if seq is None else seq

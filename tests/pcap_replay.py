@@ -47,6 +47,7 @@ def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, li
                a[TCP].dport)
         nat.table[key] = (ipaddress.ip_address(b[IP].dst).packed, b[TCP].dport,
                           ipaddress.ip_address(b[IP].src).packed, b[TCP].sport)
+    originals = {reply: orig for orig, reply in nat.table.items()}
     alg = Alg(nat, FakePinholes())
     events = sorted([(float(p.time), 0, i) for i, p in enumerate(c2s_in)]
                     + [(float(p.time), 1, i) for i, p in enumerate(s2c_in)])
@@ -55,8 +56,11 @@ def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, li
         src = c2s_in[i] if d == 0 else s2c_in[i]
         raw = bytes(src[IP])
         got = alg.handle(raw, t)
-        if got is None:  # passed unchanged; captured checksums may be partial (offload)
-            got = _norm(raw)
+        # then the kernel's sequence adjustment, keyed by the connection's original tuple
+        pkt_key = (ipaddress.ip_address(src[IP].src).packed, src[TCP].sport,
+                   ipaddress.ip_address(src[IP].dst).packed, src[TCP].dport)
+        key = pkt_key if d == 0 else originals[pkt_key]
+        got = _norm(nat.kernel(raw if got is None else got, key, d))  # checksums may be partial (offload)
         sent = c2s_out[i] if d == 0 else s2c_out[i]
         # undo SNAT and DNAT alike: the core works on packets as they arrived
         want = _norm(bytes(sent[IP]), src=(src[IP].src, src[TCP].sport), dst=(src[IP].dst, src[TCP].dport), ttl=1)

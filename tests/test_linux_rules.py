@@ -1,71 +1,72 @@
+import ipaddress
+import struct
 from pathlib import Path
 
 import pytest
 
 from ftpalg import cli
-from ftpalg.core.table import Pinhole
-from ftpalg.linux.rules import iptables_queue_rules, nft_queue_rules, pinhole_rules
+from ftpalg.linux import ctnetlink
+from ftpalg.linux.rules import iptables_queue_rules, nft_rules
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
-@pytest.mark.parametrize("part, path", [("queue-iptables", "queue.iptables"), ("queue-nft", "queue.nft"),
-                                        ("pinholes", "pinholes.iptables")])
+@pytest.mark.parametrize("part, path", [("nft", "ftpalg.nft"), ("nft-queue", "ftpalg-queue.nft"),
+                                        ("queue-iptables", "queue.iptables")])
 def test_deploy_files_match_what_run_installs(capsys, part, path):
     assert cli.main(["rules", part]) == 0
     assert capsys.readouterr().out == (DEPLOY / path).read_text()
 
 
-def test_queue_rules_cover_both_directions_of_every_port():
+def test_queue_rules_cover_both_directions_of_every_control_connection():
     text = iptables_queue_rules([21, 2121, 21], 7)
-    for p in (21, 2121):
-        assert f"--dport {p} -j NFQUEUE --queue-num 7 --queue-bypass" in text
-        assert f"--sport {p} -j NFQUEUE --queue-num 7 --queue-bypass" in text
-    assert text.count("--dport 21 ") == 1
-    assert "tcp dport { 21, 2121 } queue flags bypass to 7" in nft_queue_rules([2121, 21], 7)
+    for p in (21, 2121):  # conntrack's original destination port: both directions, before DNAT
+        assert f"-p tcp -m conntrack --ctorigdstport {p} -j NFQUEUE --queue-num 7 --queue-bypass" in text
+    assert text.count("--ctorigdstport 21 ") == 1 and text.startswith("*mangle\n")
+    nft = nft_rules([2121, 21], 7)
+    assert "ct original proto-dst { 21, 2121 } queue flags bypass to 7" in nft
+    assert "queue" not in nft_rules([21])
 
 
-def test_pinhole_rules_active_client_behind_snat():
-    ph = Pinhole(3, "203.0.113.2", "203.0.113.1", 50001, "10.0.0.2", 50000, 0.0)
-    text = pinhole_rules(ph, "-I")
-    tag = '-m comment --comment "ftpalg pinhole 3"'
-    mark = "-m connmark --mark 0x1000000/0x1000000"
-    nat, filt = text.split("*filter")
-    # one SYN admits one connection and marks it; only marked connections are translated
-    assert ("-I FTPALG-PINHOLES 1 -s 203.0.113.2/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 50001 --syn "
-            f"-m limit --limit 1/day --limit-burst 1 {tag} -j CONNMARK --or-mark 0x1000000") in nat
-    assert (f"-s 203.0.113.2/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 50001 {mark} {tag} "
-            "-j DNAT --to-destination 10.0.0.2:50000") in nat
-    # each is inserted at the top: the DNAT rule first, so that the marking rule ends up above it
-    assert nat.index("-j DNAT") < nat.index("-j CONNMARK")
-    assert "FTPALG-SNAT" not in nat  # the control connection had no DNAT: no SNAT here
-    assert (f"-s 203.0.113.2/32 -d 10.0.0.2/32 -p tcp -m tcp --dport 50000 {mark} -m conntrack --ctstate NEW "
-            "--ctorigsrc 203.0.113.2/32 --ctorigdst 203.0.113.1/32 --ctorigdstport 50001") in filt
-    assert pinhole_rules(ph, "-D").replace("-D FTPALG-PINHOLES", "-I FTPALG-PINHOLES 1").count("\n") == \
-        text.count("\n")
+def test_helper_is_attached_after_conntrack_and_before_nat():
+    text = nft_rules([21])
+    assert 'type "sane" protocol tcp' in text and "l3proto inet" in text
+    assert "type filter hook prerouting priority -175;" in text  # conntrack -200 < -175 < dstnat -100
+    assert 'tcp dport { 21 } ct state new ct helper set "ftpalg-sane"' in text
+    assert "type nat hook prerouting priority dstnat;" in text  # empty: NAT set up for IPv6 too
+    assert 'comment "ip mangle"' in nft_rules([21], comment="ip mangle")
 
 
-def test_pinhole_rules_snat_and_ipv6_without_nat():
-    ph = Pinhole(4, "10.1.0.2", "203.0.113.100", 40000, "203.0.113.100", 40000, 0.0, snat="198.51.100.2")
-    text = pinhole_rules(ph, "-I")
-    assert "DNAT" not in text  # same address and port: nothing to translate on the way in
-    assert "-I FTPALG-SNAT 1 -s 10.1.0.2/32 -d 203.0.113.100/32" in text and "-j SNAT --to-source 198.51.100.2" in text
-    v6 = Pinhole(5, "2001:db8:1::100", "2001:db8:3::2", 30000, "2001:db8:3::2", 30000, 0.0)
-    text = pinhole_rules(v6, "-I")
-    assert "-s 2001:db8:1::100/128 -d 2001:db8:3::2/128" in text and "DNAT" not in text and "SNAT" not in text
-    assert "CONNMARK" in text and "-j ACCEPT" in text
-    nat66 = Pinhole(6, "2001:db8:1::2", "2001:db8:1::1", 30000, "fd00:1::2", 30000, 0.0)
-    assert "-j DNAT --to-destination [fd00:1::2]:30000" in pinhole_rules(nat66, "-I")
+def _attrs(data):
+    return dict(ctnetlink._attrs(data))
 
 
-def test_pinhole_removal_is_batched():
-    phs = [Pinhole(i, "203.0.113.2", "203.0.113.1", 50000 + i, "10.0.0.2", 50000 + i, 0.0) for i in range(3)]
-    text = pinhole_rules(phs, "-D")
-    assert text.count("COMMIT") == 2 and text.count("-D FTPALG-PINHOLES") == 9
+def test_expectation_message_layout():
+    p = lambda a: ipaddress.ip_address(a).packed  # noqa: E731
+    master = (p("10.0.0.2"), 40000, p("203.0.113.2"), 21)
+    body = ctnetlink.expect_body(master, p("203.0.113.2"), p("203.0.113.1"), 50001, 50000, active=True)
+    a = _attrs(body)
+    assert ctnetlink._parse_tuple(a[ctnetlink.CTA_EXPECT_MASTER]) == master
+    assert ctnetlink._parse_tuple(a[ctnetlink.CTA_EXPECT_TUPLE]) == (p("203.0.113.2"), 0, p("203.0.113.1"), 50001)
+    mask = ctnetlink._parse_tuple(a[ctnetlink.CTA_EXPECT_MASK])
+    assert mask == (b"\xff" * 4, 0, b"\xff" * 4, 0xFFFF)  # exact peer, any source port
+    nat = _attrs(a[ctnetlink.CTA_EXPECT_NAT])
+    assert struct.unpack("!I", nat[ctnetlink.CTA_EXPECT_NAT_DIR]) == (ctnetlink.IP_CT_DIR_REPLY,)
+    assert ctnetlink._parse_tuple(nat[ctnetlink.CTA_EXPECT_NAT_TUPLE])[1] == 50000  # the kernel's saved port
+    assert a[ctnetlink.CTA_EXPECT_FN] == b"nat-follow-master\0"
+    passive = _attrs(ctnetlink.expect_body(master, p("10.0.0.2"), p("203.0.113.2"), 3000, 3000, active=False))
+    nat = _attrs(passive[ctnetlink.CTA_EXPECT_NAT])
+    assert struct.unpack("!I", nat[ctnetlink.CTA_EXPECT_NAT_DIR]) == (ctnetlink.IP_CT_DIR_ORIGINAL,)
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.2 -j ACCEPT", "10.0.0.2\n-F", "::1", "10.0.0.2/0"])
-def test_pinhole_rules_refuse_anything_but_addresses(bad):
-    ph = Pinhole(3, "203.0.113.2", "203.0.113.1", 50001, bad, 50000, 0.0)
-    with pytest.raises(ValueError):
-        pinhole_rules(ph, "-I")
+def test_conntrack_entry_parsing_round_trips_our_own_attributes():
+    p = lambda a: ipaddress.ip_address(a).packed  # noqa: E731
+    reply = (p("2001:db8::2"), 21, p("2001:db8::1"), 61000)
+    adj = ctnetlink.KernelAdj(1000, 5, -3)
+    body = (ctnetlink.tuple_attr(reply, ctnetlink.CTA_TUPLE_REPLY)
+            + ctnetlink._attr(ctnetlink.CTA_HELP, ctnetlink._attr(ctnetlink.CTA_HELP_NAME, b"sane\0"), True)
+            + ctnetlink._seqadj_attr(ctnetlink.CTA_SEQ_ADJ_ORIG, adj))
+    e = ctnetlink.parse_entry(body)
+    assert e.reply == reply and e.helper == "sane" and e.seqadj == (adj, ctnetlink.KernelAdj())
+    with pytest.raises(ctnetlink.CtError):
+        ctnetlink.parse_entry(b"")

@@ -88,3 +88,25 @@ def test_old_edits_fold_into_base():
     assert a.delta == MAX_EDITS + 5
     far = 100 * (MAX_EDITS + 10)
     assert a.forward(far) == far + MAX_EDITS + 5
+
+
+def test_kernel_adjustment_model_follows_nf_ct_seqadj_set():
+    from ftpalg.core.seqadj import KernelAdj
+
+    k = KernelAdj().add(1000, 5)  # first change: the point is the segment's seq
+    assert (k.pos, k.before, k.after) == (1000, 0, 5)
+    assert k.add(1000, 2) == KernelAdj(1000, 0, 7)  # a second change in the same segment
+    k = k.add(2000, -3)  # a later segment moves the point
+    assert (k.pos, k.before, k.after) == (2000, 5, 2)
+    assert k.add(1500, 9) == k  # an older segment (a retransmission) changes nothing
+    assert k.seq_offset(2000) == 5 and k.seq_offset(2001) == 2 and k.seq_offset(1000) == 5
+    # acks are in the receiver's (shifted) numbering: compared after removing 'before'
+    assert k.ack_offset(2000 + 5) == 5 and k.ack_offset(2000 + 5 + 1) == 2
+
+
+def test_kernel_adjustment_model_wraps():
+    from ftpalg.core.seqadj import KernelAdj
+
+    k = KernelAdj().add(MASK - 2, 4).add(5, 1)  # the second segment is after the first, modulo 2**32
+    assert (k.pos, k.before, k.after) == (5, 4, 5)
+    assert k.seq_offset(MASK) == 4 and k.seq_offset(6) == 5

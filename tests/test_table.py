@@ -65,10 +65,9 @@ def test_shrinking_rewrite():
     ack = conn.s(b"200 ok\r\n")
     assert ack.ack == (start + len(line)) & MASK
     assert conn.c(b"NOOP\r\n").seq == (start + len(line) - 8) & MASK
-    # conntrack would find the server's ACKs (mapped back) beyond what it saw: it is told
-    # to skip its window check for this connection, once, before the segment leaves
-    assert nat.liberal == [(packed("192.168.100.200"), 40000, packed("203.0.113.2"), 21)]
-    assert alg.counters["conntrack_liberal"] == 1
+    # the kernel carries the correction: one point, 8 bytes shorter after it
+    (orig, reply) = nat.adj[(packed("192.168.100.200"), 40000, packed("203.0.113.2"), 21)]
+    assert (orig.pos, orig.before, orig.after) == (start, 0, -8) and not reply.active
 
 
 def test_retransmission_is_byte_identical_and_opens_nothing_new(env):
@@ -529,14 +528,30 @@ def test_nat66_rewrites_eprt(env):
     assert alg.counters["refused"] == 1
 
 
-def test_growing_rewrites_leave_conntrack_strict_and_a_failure_is_counted(env):
+def test_no_rewrite_where_the_kernel_cannot_adjust_sequence_numbers(env):
+    """A connection that began before ftpalg's helper was attached has no seqadj extension:
+    a length-changing rewrite would desynchronise it, so the line passes unchanged."""
+    alg, nat, holes = env
+    nat.fail_adjust = True
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(PORT).payload == PORT
+    assert alg.counters["no_seq_adjust"] == 1 and holes.live == {} and holes.log == [("open", 1), ("close", 1)]
+
+
+def test_retransmission_across_two_rewrites_lands_where_it_belongs(env):
+    """Two PORTs in flight, the first lost: the kernel keeps one correction point and would
+    shift the first one's retransmission by the second's 'before' offset; the core corrects
+    the seq it hands over, so the server gets the bytes at the right place."""
     alg, nat, holes = env
     conn = Conn(alg, nat)
     login(conn)
-    conn.c(PORT)
-    assert nat.liberal == []  # the usual case: nothing to relax
-    nat.fail_liberal = True
-    shrink = Conn(alg, nat, client=("192.168.100.200", 40001), public=("1.2.3.4", 61001))
-    login(shrink)
-    assert shrink.c(b"PORT 192,168,100,200,195,80\r\n").payload == b"PORT 1,2,3,4,195,80\r\n"
-    assert alg.counters["liberal_failed"] == 1
+    start = conn.cseq
+    first = conn.c(PORT)
+    assert first.seq == start
+    second = conn.c(b"PORT 10,0,0,2,195,81\r\n")
+    grow = len(PORT_OUT) - len(PORT)
+    assert second.seq == (start + len(PORT) + grow) & MASK
+    again = conn.c(PORT, seq=start)  # the first, retransmitted
+    assert (again.seq, again.payload) == (first.seq, first.payload)
+    assert alg.counters["seq_compensated"] == 1

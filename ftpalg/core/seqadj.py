@@ -116,3 +116,39 @@ class SeqAdjust:
             pos = off + e.old_len
         out += payload[pos:]
         return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelAdj:
+    """The kernel's sequence adjustment of one direction of a connection (struct
+    nf_ct_seqadj): one correction point; segments up to ``pos`` move by ``before``, later
+    ones by ``after``; acks and SACK edges of the other direction move back the same way
+    (net/netfilter/nf_conntrack_seqadj.c). A model, so the core can tell what the kernel
+    will do with a segment, and tests can play the kernel."""
+
+    pos: int = 0
+    before: int = 0  # signed
+    after: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.before != 0 or self.after != 0
+
+    def add(self, seq: int, delta: int) -> KernelAdj:
+        """After the segment starting at ``seq`` grew by ``delta``, as nf_ct_seqadj_set()
+        records it: a segment past the point moves the point; another change in the segment
+        that set the point adds to ``after``; an older segment changes nothing."""
+        seq &= MASK
+        if self.before == self.after or diff(seq, self.pos) > 0:
+            return KernelAdj(seq, self.after, self.after + delta)
+        if seq == self.pos:
+            return KernelAdj(self.pos, self.before, self.after + delta)
+        return self
+
+    def seq_offset(self, seq: int) -> int:
+        """What the kernel adds to the seq of a segment of this direction."""
+        return self.after if diff(seq, self.pos) > 0 else self.before
+
+    def ack_offset(self, ack: int) -> int:
+        """What the kernel subtracts from an ack (or SACK edge) of the other direction."""
+        return self.after if diff(ack - self.before, self.pos) > 0 else self.before

@@ -8,9 +8,17 @@ so this module does no I/O and is driven by tests with plain bytes.
 
 Directions: 0 = client -> server (the connection's original direction, towards the control
 port), 1 = server -> client. Keys are the (src, sport, dst, dport) of packets as the hook
-sees them; the hook sits before NAT (raw PREROUTING), so a packet of either direction carries
-the addresses of its side of the gateway: the client's packets are found by the original
-tuple, the server's by the reply tuple of the NAT mapping.
+sees them; the hook sits after conntrack but before NAT (mangle PREROUTING), so a packet of
+either direction carries the addresses of its side of the gateway: the client's packets are
+found by the original tuple, the server's by the reply tuple of the NAT mapping.
+
+Sequence numbers are the kernel's job: for every rewrite that changes a line's length the
+core asks conntrack to add the change to the connection's sequence adjustment (one
+correction point per direction, as nf_nat_ftp keeps); the kernel then shifts seq, ack and
+SACK of every later packet, and that state outlives this process. The core keeps its own
+history of edits only to replay retransmitted bytes identically and to correct the seq of a
+retransmission older than the kernel's correction point (which the kernel alone would shift
+by the wrong offset).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Protocol
 from . import ftp, policy
 from .packet import DecodeError, Segment, TcpFlags, decode, encode
 from .policy import Mapping, addr_text
-from .seqadj import MASK, SeqAdjust, Unreplayable
+from .seqadj import MASK, KernelAdj, SeqAdjust, Unreplayable, diff
 from .session import Decision, Session
 from .stream import Stream
 
@@ -53,6 +61,8 @@ class Pinhole:
     inside_port: int
     expires: float
     snat: str | None = None
+    master: FlowKey = (b"", 0, b"", 0)  # the control connection's original tuple
+    active: bool = True  # the data connection goes towards the client (PORT/EPRT/LPRT)
 
     @property
     def family(self) -> int:
@@ -80,14 +90,20 @@ class NatLookup(Protocol):
         """The reply tuple (src, sport, dst, dport) of the connection whose original tuple
         is ``key``, or None if conntrack has no such connection."""
 
-    def be_liberal(self, key: FlowKey) -> None:
-        """Stop conntrack's TCP window check for the connection whose original tuple is
-        ``key`` (needed once a rewrite made a direction shorter); raise on failure."""
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
+        """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq`` to the
+        connection's kernel sequence adjustment; return the direction's new state. Raise if
+        the kernel cannot carry it for this connection."""
+
+
+class PinholeBusy(Exception):
+    """The public port of a pinhole is already expected by another connection."""
 
 
 class PinholeBackend(Protocol):
     def open(self, ph: Pinhole) -> None:
-        """Install ``ph``; raise on failure."""
+        """Install ``ph``; raise PinholeBusy if its public port is taken, anything else on
+        failure."""
 
     def close(self, ph: Pinhole) -> None:
         """Remove ``ph``; raise on failure."""
@@ -102,7 +118,7 @@ class Flow:
     """One control connection: its TCP view and its FTP session."""
 
     __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
-                 "fin", "closed_at", "last_seen", "logged", "lookups", "liberal")
+                 "fin", "closed_at", "last_seen", "logged", "lookups", "kadj")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -117,11 +133,11 @@ class Flow:
         self.last_seen = now
         self.logged: set[str] = set()
         self.lookups = 0  # NAT mapping look-ups tried
-        self.liberal = False  # conntrack's window check is off for this connection
+        self.kadj: list[KernelAdj | None] = [None, None]  # the kernel's adjustment, when known
 
     @property
     def corrected(self) -> bool:
-        """Whether seq/ack corrections apply to this connection."""
+        """Whether lines of this connection were rewritten (the kernel corrects seq/ack)."""
         return self.adj[0].active or self.adj[1].active
 
     @property
@@ -204,23 +220,34 @@ class Alg:
                 self.counters["dropped_unreplayable"] += 1
                 self._log_once(flow, "unreplayable", str(e))
                 return b""
-        adj_out, adj_in = flow.adj[d], flow.adj[1 - d]
-        seq = adj_out.forward(seg.seq) if adj_out.active else seg.seq
-        ack = seg.ack
-        sack = None
-        if flags & TcpFlags.ACK and adj_in.active:
-            ack = adj_in.backward(seg.ack)
-            sack = adj_in.backward
+        seq = self._compensate(flow, d, seg) if out_payload and flow.adj[d].edits else seg.seq
         if flags & (TcpFlags.FIN | TcpFlags.RST):
             self._closing(flow, d, bool(flags & TcpFlags.RST), now)
-        if out_payload is payload and seq == seg.seq and ack == seg.ack and sack is None:
+        if out_payload is payload and seq == seg.seq:
             return None
         self.counters["rewritten_packets"] += 1
         try:
-            return encode(seg, out_payload, seq, ack, sack)
+            return encode(seg, out_payload, seq, seg.ack)
         except DecodeError as e:
             self._count("encode_failed", str(e))
             return None
+
+    def _compensate(self, flow: Flow, d: int, seg: Segment) -> int:
+        """The seq to send so that, after the kernel's adjustment, the segment lands where
+        this process's edit history says it belongs. The kernel keeps one correction point
+        per direction: a retransmission from before the last rewrite's segment gets its
+        ``before`` offset, which is wrong when two rewrites were in flight. Only segments
+        the history covers are touched (after a restart it starts empty)."""
+        k = flow.kadj[d]
+        adj = flow.adj[d]
+        if k is None or diff(seg.seq, adj.edits[0].start) < 0:
+            return seg.seq
+        want = diff(adj.forward(seg.seq), seg.seq)
+        got = k.seq_offset(seg.seq)
+        if want == got:
+            return seg.seq
+        self.counters["seq_compensated"] += 1
+        return (seg.seq + want - got) & MASK
 
     def _data(self, flow: Flow, d: int, seg: Segment, payload: bytes, now: float) -> bytes:
         lines = flow.streams[d].feed(seg.seq, payload)
@@ -234,7 +261,7 @@ class Alg:
         session, follow = flow.session, flow.reply_key is not None
         for off, line in lines.lines:
             dec = session.command(line, follow) if d == C2S else session.reply(line)
-            new = self._act(flow, d, dec, seg.seq + off, line, now) if dec else line
+            new = self._act(flow, d, dec, seg.seq, off, line, now) if dec else line
             if new is not line:
                 parts.append(payload[pos:off])
                 parts.append(new)
@@ -249,7 +276,7 @@ class Alg:
         return payload if res == payload else res
 
     # ---- FTP decisions ------------------------------------------------------------------
-    def _act(self, flow: Flow, d: int, dec: Decision, seq: int, line: bytes, now: float) -> bytes:
+    def _act(self, flow: Flow, d: int, dec: Decision, seg_seq: int, off: int, line: bytes, now: float) -> bytes:
         if dec.problem is not None:
             self._count(dec.problem[0], dec.problem[1], flow)
         if dec.close is not None:
@@ -257,24 +284,22 @@ class Alg:
         if dec.announce is None or flow.closing:
             return line
         new = self._announce(flow, dec.announce, dec.cmd, line, now)
-        if new is not line:
-            flow.adj[d].add(seq, len(line), new)
-            self.counters["rewrites"] += 1
-            if flow.adj[d].delta < 0 and not flow.liberal:
-                self._liberal(flow)
+        if new is line:
+            return line
+        delta = len(new) - len(line)
+        if delta:
+            try:
+                k = self.nat.seq_adjust(flow.key, d, seg_seq, delta)
+            except Exception as e:  # without it the peer would see shifted bytes: no rewrite
+                self._count("no_seq_adjust", f"kernel sequence adjustment refused: {e}", flow)
+                self._close_pinhole(flow, "rewrite not possible")
+                return line
+            if not flow.adj[d].edits:  # what the kernel already shifts this direction by
+                flow.adj[d].base = k.before if k.pos == seg_seq & MASK else k.after
+            flow.kadj[d] = k
+        flow.adj[d].add(seg_seq + off, len(line), new)
+        self.counters["rewrites"] += 1
         return new
-
-    def _liberal(self, flow: Flow) -> None:
-        """The direction is now shorter than the sender wrote it: the peer's ACKs, mapped
-        back before conntrack sees them, lie beyond what conntrack saw. Tell conntrack to
-        skip its window check for this connection (before this segment leaves)."""
-        try:
-            self.nat.be_liberal(flow.key)
-        except Exception as e:
-            self._count("liberal_failed", f"conntrack window check could not be relaxed: {e}", flow)
-            return
-        flow.liberal = True
-        self.counters["conntrack_liberal"] += 1
 
     def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, now: float) -> bytes:
         """Open the pinhole an accepted announcement asks for; return the line to send."""
@@ -287,20 +312,26 @@ class Alg:
             self._count("refused", f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow)
             return line
         p = policy.plan(hp, flow.mapping)
+        ph = None
         for port in policy.candidate_ports(p.want_port, self.rng):
-            if (p.peer, p.public, port) not in self.promised:
+            if (p.peer, p.public, port) in self.promised:
+                continue
+            ph = Pinhole(self._next_id, p.peer, p.public, port, p.inside, p.inside_port,
+                         now + self.pinhole_timeout, p.snat, flow.key, not hp.form.is_reply)
+            try:
+                self.backend.open(ph)
                 break
-        else:
+            except PinholeBusy:  # expected by a connection this process does not know of
+                self.counters["pinhole_port_busy"] += 1
+                ph = None
+            except Exception as e:  # the backend's failure must not take the packet with it
+                self._count("pinhole_failed", f"{ph.describe()}: {e}", flow)
+                return line
+        if ph is None:
             self._count("no_free_port", f"no free public port for {p.want_port} in {policy.PORT_TRIES} tries",
                         flow)
             return line
-        ph = Pinhole(self._next_id, p.peer, p.public, port, p.inside, p.inside_port,
-                     now + self.pinhole_timeout, p.snat)
-        try:
-            self.backend.open(ph)
-        except Exception as e:  # the backend's failure must not take the packet with it
-            self._count("pinhole_failed", f"{ph.describe()}: {e}", flow)
-            return line
+        port = ph.public_port
         self._next_id += 1
         flow.pinhole = ph
         flow.session.opened(cmd)

@@ -3,8 +3,9 @@ topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
 that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), runs every cell
-with no ALG, starts ``ftpalg run`` (no options) in both gateways, runs every cell again, prints the matrix and removes everything it created, also
-on failure or Ctrl-C. Cells run in parallel: most failures without ftpalg are timeouts.
+with no ALG, starts ``ftpalg run`` (no options) in both gateways, runs every cell again,
+prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells run
+in parallel: most failures without ftpalg are timeouts.
 """
 
 from __future__ import annotations

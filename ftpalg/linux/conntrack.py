@@ -1,73 +1,75 @@
-"""NAT mapping of a control connection, read from the kernel's conntrack table over
-netlink (pyroute2). Asked once per control connection, when its first PORT/EPRT needs the
-public address; never cached here (the core keeps what it needs per flow)."""
+"""The kernel's connection tracking as the core sees it (``NatLookup``) and pinholes as
+conntrack expectations (``PinholeBackend``), both over one ctnetlink socket kept open.
+
+Pinholes are expectations with the NAT of ``nat-follow-master``: the data connection is
+RELATED to its control connection (so any firewall accepting related traffic admits it,
+iptables, native nftables or firewalld alike, with no rule of ftpalg's in the admin's
+chains), the kernel NATs it as it NATs the control connection (mirrored), lets one
+connection match it, forgets it after its timeout, and removes it with the control
+connection. The kernel requires a helper on the control connection for this; ftpalg's nft
+table attaches the built-in ``sane`` helper (see rules.py)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
-import socket
 
-from pyroute2 import Conntrack
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-from ..core.table import FlowKey
-from .ctnetlink import CtNetlink
+from ..core.seqadj import KernelAdj
+from ..core.table import FlowKey, Pinhole, PinholeBusy
+from .ctnetlink import CtError, CtNetlink
 
 log = logging.getLogger("ftpalg")
 
 
-class ConntrackLookup:
-    def __init__(self) -> None:
-        self._ct: dict[int, Conntrack] = {}
-        self._failed = 0
-        self._nl: CtNetlink | None = None
+class Conntrack:
+    """NatLookup on ctnetlink: reply tuples and kernel sequence adjustment."""
 
-    def _sock(self, family: int) -> Conntrack:
-        ct = self._ct.get(family)
-        if ct is None:
-            ct = self._ct[family] = Conntrack(nfgen_family=family)
-        return ct
+    def __init__(self, nl: CtNetlink) -> None:
+        self.nl = nl
+        self._failed = 0
 
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
-        src, sport, dst, dport = key
-        family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
-        orig = NFCTAttrTuple(
-            family=family, saddr=str(ipaddress.ip_address(src)), daddr=str(ipaddress.ip_address(dst)),
-            sport=sport, dport=dport, proto=socket.IPPROTO_TCP,
-        )
         try:
-            msg = self._sock(family).entry("get", tuple_orig=orig)
-        except NetlinkError:
-            return None  # ENOENT: conntrack has no such connection
-        except (OSError, ValueError) as e:  # a broken socket or message: no mapping, said once
+            entry = self.nl.get(key)
+        except OSError as e:  # a broken socket or message: no mapping, said once
             if not self._failed:
                 log.warning("conntrack look-up failed: %s", e)
             self._failed += 1
             return None
-        if msg is None:
-            return None
-        reply = msg.get_attr("CTA_TUPLE_REPLY")
-        ip = reply.get_attr("CTA_TUPLE_IP")
-        proto = reply.get_attr("CTA_TUPLE_PROTO")
-        v = "V4" if family == socket.AF_INET else "V6"
-        return (
-            ipaddress.ip_address(ip.get_attr(f"CTA_IP_{v}_SRC")).packed,
-            proto.get_attr("CTA_PROTO_SRC_PORT"),
-            ipaddress.ip_address(ip.get_attr(f"CTA_IP_{v}_DST")).packed,
-            proto.get_attr("CTA_PROTO_DST_PORT"),
-        )
+        return None if entry is None else entry.reply
 
-    def be_liberal(self, key: FlowKey) -> None:
-        if self._nl is None:
-            self._nl = CtNetlink()
-        self._nl.be_liberal(key)
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
+        return self.nl.seq_adjust(key, direction, seq, delta)
 
-    def close(self) -> None:
-        if self._nl is not None:
-            self._nl.close()
-            self._nl = None
-        for ct in self._ct.values():
-            ct.close()
-        self._ct.clear()
+
+def _packed(addr: str) -> bytes:
+    return ipaddress.ip_address(addr).packed
+
+
+class ExpectationPinholes:
+    """PinholeBackend: one conntrack expectation per pinhole, created before the line that
+    announces it is let through (pyftpdlib connects as soon as it reads PORT) and deleted
+    when the core closes it; removal is a plain netlink request (no nf_tables commit, no
+    waiting)."""
+
+    def __init__(self, nl: CtNetlink, timeout: float) -> None:
+        self.nl = nl
+        self.timeout = timeout
+        self.close_failures = 0
+
+    def open(self, ph: Pinhole) -> None:
+        try:
+            self.nl.expect(ph.master, _packed(ph.peer), _packed(ph.public), ph.public_port, ph.inside_port,
+                           ph.active, int(self.timeout))
+        except CtError as e:
+            if e.errno in (errno.EBUSY, errno.EEXIST):
+                raise PinholeBusy(str(e)) from e
+            raise
+
+    def close(self, ph: Pinhole) -> None:
+        try:
+            self.nl.unexpect(_packed(ph.peer), _packed(ph.public), ph.public_port)
+        except CtError as e:
+            self.close_failures += 1
+            log.warning("pinhole_close_failed id=%d: %s", ph.id, e)

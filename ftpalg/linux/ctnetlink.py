@@ -1,89 +1,284 @@
-"""Small ctnetlink requests built with ``struct`` on a netlink socket kept open.
+"""Conntrack over netlink (ctnetlink), messages built and parsed with ``struct`` on one socket
+kept open for the life of ``ftpalg run`` (no process, no library per request: ~10-20 us each).
 
-``be_liberal(key)``: set ``IP_CT_TCP_FLAG_BE_LIBERAL`` on both directions of one conntrack
-entry (an update, IPCTNL_MSG_CT_NEW without NLM_F_CREATE, carrying CTA_PROTOINFO_TCP flags
-with their mask, as conntrackd does when it syncs TCP state). Why ftpalg needs it: it rewrites
-before conntrack (raw PREROUTING), so conntrack tracks the rewritten stream; after a rewrite
-that made a direction *shorter* (``192,168,100,200`` -> ``198,18,0,1``), the peer's ACK,
-mapped back into the sender's numbering before conntrack sees it, lies beyond the end
-conntrack saw ("ACK is over the upper bound") and the packet is INVALID: not de-NATed, the
-session dies. A liberal entry skips the window check for that one control connection only;
-ftpalg tracks its sequence space itself. Growing rewrites never need it.
+What ftpalg asks of the kernel:
 
-Message layouts from include/uapi/linux/netfilter/nfnetlink_conntrack.h.
+- ``get(key)``: a connection's entry by its original tuple: the reply tuple (the NAT mapping),
+  its helper, and its sequence adjustment per direction (IPCTNL_MSG_CT_GET).
+- ``seq_adjust(key, direction, seq, delta)``: add a length change to the kernel's sequence
+  adjustment of one direction (IPCTNL_MSG_CT_NEW updating CTA_SEQ_ADJ_ORIG/REPLY), the way
+  nf_nat_mangle_tcp_packet does in the kernel: one correction point per direction,
+  ``offset_before`` for segments up to it, ``offset_after`` beyond. The kernel then shifts seq,
+  ack and SACK of every later packet itself, conntrack's window tracking knows the offsets,
+  and the state survives any restart of ftpalg and is synced by conntrackd.
+- ``expect(...)`` / ``unexpect(...)``: create and delete an expectation (IPCTNL_MSG_EXP_NEW /
+  EXP_DELETE) with the NAT of ``nat-follow-master``: the data connection becomes RELATED to
+  its control connection, is NATed by the kernel like the control connection (mirrored), is
+  one-shot and times out. The kernel takes expectations only on a connection that has a
+  helper attached; ftpalg attaches the built-in ``sane`` helper to control connections (its
+  parser never matches FTP text, so it adds nothing of its own).
+
+Layouts from include/uapi/linux/netfilter/nfnetlink_conntrack.h and nfnetlink.h.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from ..core.table import FlowKey
+from ..core.seqadj import KernelAdj
+
+FlowKey = tuple[bytes, int, bytes, int]
 
 NETLINK_NETFILTER = 12
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLMSG_ERROR = 2
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_CTNETLINK_EXP = 1, 2
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
+IPCTNL_MSG_EXP_NEW, IPCTNL_MSG_EXP_DELETE = 0, 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL = 0x1, 0x4, 0x400, 0x200
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
-CTA_TUPLE_ORIG, CTA_PROTOINFO = 1, 4
+NLA_TYPE_MASK = 0x3FFF
+# enum ctattr_type
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_HELP = 1, 2, 5
+CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY = 15, 16
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_PROTOINFO_TCP = 1
-CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 4, 5
-IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
+CTA_HELP_NAME = 1
+CTA_SEQADJ_CORRECTION_POS, CTA_SEQADJ_OFFSET_BEFORE, CTA_SEQADJ_OFFSET_AFTER = 1, 2, 3
+# enum ctattr_expect
+CTA_EXPECT_MASTER, CTA_EXPECT_TUPLE, CTA_EXPECT_MASK, CTA_EXPECT_TIMEOUT = 1, 2, 3, 4
+CTA_EXPECT_NAT, CTA_EXPECT_FN = 10, 11
+CTA_EXPECT_NAT_DIR, CTA_EXPECT_NAT_TUPLE = 1, 2
+IP_CT_DIR_ORIGINAL, IP_CT_DIR_REPLY = 0, 1
+_MASK32 = 0xFFFFFFFF
 
 
+class CtError(OSError):
+    """A request the kernel refused (errno set), or an answer that makes no sense."""
+
+
+class NoSeqAdjust(CtError):
+    """The connection has no sequence-adjustment extension: the kernel would accept the
+    update and ignore it. It gets one only if a helper was attached before NAT was set up,
+    i.e. for connections that began while ftpalg's rules were in place."""
+
+
+NO_ADJ = KernelAdj()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What ftpalg reads of a conntrack entry."""
+
+    reply: FlowKey
+    helper: str | None
+    seqadj: tuple[KernelAdj, KernelAdj] | None  # per direction; None: not set (status bit clear)
+
+
+# ---- message building ---------------------------------------------------------------------
 def _attr(kind: int, data: bytes, nested: bool = False) -> bytes:
     n = 4 + len(data)
     return struct.pack("=HH", n, kind | (NLA_F_NESTED if nested else 0)) + data + b"\0" * (-n % 4)
 
 
-def tuple_attr(key: FlowKey) -> bytes:
-    """CTA_TUPLE_ORIG for a TCP connection's original tuple."""
-    src, sport, dst, dport = key
+def _tuple(kind: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
     v4 = len(src) == 4
     ip = (_attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src)
           + _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, dst))
     proto = (_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))
              + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
              + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport)))
-    return _attr(CTA_TUPLE_ORIG, _attr(CTA_TUPLE_IP, ip, True) + _attr(CTA_TUPLE_PROTO, proto, True), True)
+    return _attr(kind, _attr(CTA_TUPLE_IP, ip, True) + _attr(CTA_TUPLE_PROTO, proto, True), True)
 
 
-def liberal_request(key: FlowKey, seq: int) -> bytes:
-    flags = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)
-    tcp = _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags) + _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags)
-    body = tuple_attr(key) + _attr(CTA_PROTOINFO, _attr(CTA_PROTOINFO_TCP, tcp, True), True)
-    family = socket.AF_INET if len(key[0]) == 4 else socket.AF_INET6
+def tuple_attr(key: FlowKey, kind: int = CTA_TUPLE_ORIG) -> bytes:
+    return _tuple(kind, *key)
+
+
+def _msg(subsys: int, kind: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
     nfgen = struct.pack("=BBH", family, 0, 0)
-    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-    return struct.pack("=IHHII", 16 + len(nfgen) + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + nfgen + body
+    return struct.pack("=IHHII", 20 + len(body), (subsys << 8) | kind, flags, seq, 0) + nfgen + body
+
+
+def _family(addr: bytes) -> int:
+    return socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+
+
+def _seqadj_attr(kind: int, a: KernelAdj) -> bytes:
+    return _attr(kind, _attr(CTA_SEQADJ_CORRECTION_POS, struct.pack("!I", a.pos & _MASK32))
+                 + _attr(CTA_SEQADJ_OFFSET_BEFORE, struct.pack("!I", a.before & _MASK32))
+                 + _attr(CTA_SEQADJ_OFFSET_AFTER, struct.pack("!I", a.after & _MASK32)), True)
+
+
+def expect_body(master: FlowKey, peer: bytes, public: bytes, public_port: int, inside_port: int,
+                active: bool) -> bytes:
+    """CTA_EXPECT_* of an expectation: ``peer`` (any port) -> ``public``:``public_port``,
+    RELATED to ``master``, NATed as nat-follow-master does: towards the master's address on
+    the far side (active: the client; passive: the server) at ``inside_port``."""
+    full = b"\xff" * len(peer)
+    nat_dir = IP_CT_DIR_REPLY if active else IP_CT_DIR_ORIGINAL
+    return (tuple_attr(master, CTA_EXPECT_MASTER)
+            + _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port)
+            + _tuple(CTA_EXPECT_MASK, full, 0, full, 0xFFFF)
+            + _attr(CTA_EXPECT_NAT, _attr(CTA_EXPECT_NAT_DIR, struct.pack("!I", nat_dir))
+                    # the kernel keeps the src fields as saved_addr/saved_proto (the port)
+                    + _tuple(CTA_EXPECT_NAT_TUPLE, peer, inside_port, public, inside_port), True)
+            + _attr(CTA_EXPECT_FN, b"nat-follow-master\0"))
+
+
+# ---- message parsing ----------------------------------------------------------------------
+def _attrs(data: bytes, off: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    end = len(data) if end is None else end
+    while off + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, off)
+        if n < 4 or off + n > end:
+            return
+        yield kind & NLA_TYPE_MASK, data[off + 4 : off + n]
+        off += (n + 3) & ~3
+
+
+def _parse_tuple(data: bytes) -> FlowKey:
+    src = dst = b""
+    sport = dport = 0
+    for kind, val in _attrs(data):
+        if kind == CTA_TUPLE_IP:
+            for k, v in _attrs(val):
+                if k in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = v
+                elif k in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = v
+        elif kind == CTA_TUPLE_PROTO:
+            for k, v in _attrs(val):
+                if k == CTA_PROTO_SRC_PORT:
+                    (sport,) = struct.unpack("!H", v[:2])
+                elif k == CTA_PROTO_DST_PORT:
+                    (dport,) = struct.unpack("!H", v[:2])
+    return (src, sport, dst, dport)
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _parse_seqadj(data: bytes) -> KernelAdj:
+    vals = {k: struct.unpack("!I", v[:4])[0] for k, v in _attrs(data)}
+    return KernelAdj(vals.get(CTA_SEQADJ_CORRECTION_POS, 0), _signed(vals.get(CTA_SEQADJ_OFFSET_BEFORE, 0)),
+                  _signed(vals.get(CTA_SEQADJ_OFFSET_AFTER, 0)))
+
+
+def parse_entry(body: bytes) -> Entry:
+    """An IPCTNL_MSG_CT_NEW message's attributes (after nlmsghdr and nfgenmsg)."""
+    reply: FlowKey | None = None
+    helper = None
+    adj: dict[int, KernelAdj] = {}
+    for kind, val in _attrs(body):
+        if kind == CTA_TUPLE_REPLY:
+            reply = _parse_tuple(val)
+        elif kind == CTA_HELP:
+            for k, v in _attrs(val):
+                if k == CTA_HELP_NAME:
+                    helper = v.split(b"\0", 1)[0].decode("ascii", "replace")
+        elif kind in (CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY):
+            adj[kind] = _parse_seqadj(val)
+    if reply is None:
+        raise CtError(errno.EPROTO, "conntrack entry without reply tuple")
+    both = (adj.get(CTA_SEQ_ADJ_ORIG, NO_ADJ), adj.get(CTA_SEQ_ADJ_REPLY, NO_ADJ)) if adj else None
+    return Entry(reply, helper, both)
 
 
 class CtNetlink:
-    """One NETLINK_NETFILTER socket for the life of ``ftpalg run``."""
+    """One NETLINK_NETFILTER socket for the life of ``ftpalg run``. Not thread-safe."""
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.settimeout(1.0)
         self._seq = 0
 
-    def be_liberal(self, key: FlowKey) -> None:
-        """Mark the connection whose original tuple is ``key`` liberal; raise OSError on
-        failure (e.g. ENOENT: conntrack has no such entry)."""
-        self._seq += 1
-        self._sock.send(liberal_request(key, self._seq))
+    def _request(self, subsys: int, kind: int, flags: int, family: int, body: bytes) -> list[bytes]:
+        """Send one request with NLM_F_ACK; return the bodies of the data messages that came
+        before the acknowledgement; raise CtError with the kernel's errno."""
+        self._seq = (self._seq + 1) & _MASK32
+        seq = self._seq
+        self._sock.send(_msg(subsys, kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, family, body))
+        out: list[bytes] = []
         while True:
-            reply = self._sock.recv(8192)
-            length, kind, _, seq, _ = struct.unpack_from("=IHHII", reply)
-            if kind == NLMSG_ERROR and seq == self._seq:
-                (err,) = struct.unpack_from("=i", reply, 16)
-                if err:
-                    raise OSError(-err, f"ctnetlink: {os.strerror(-err)}")
-                return
+            data = self._sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _, mseq, _ = struct.unpack_from("=IHHII", data, off)
+                if length < 16:
+                    raise CtError(errno.EPROTO, "bad netlink message length")
+                if mseq == seq:
+                    if mtype == NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", data, off + 16)
+                        if err:
+                            raise CtError(-err, f"ctnetlink: {os.strerror(-err)}")
+                        return out
+                    if mtype == NLMSG_DONE:
+                        return out
+                    out.append(data[off + 20 : off + length])  # after nlmsghdr + nfgenmsg
+                off += (length + 3) & ~3
+
+    # ---- connections --------------------------------------------------------------------
+    def get(self, key: FlowKey) -> Entry | None:
+        """The entry whose original tuple is ``key``; None if conntrack has none."""
+        try:
+            bodies = self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, 0, _family(key[0]), tuple_attr(key))
+        except CtError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        if not bodies:
+            return None
+        return parse_entry(bodies[0])
+
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
+        """Record that the segment of ``direction`` (0 original, 1 reply) starting at
+        ``seq`` grew by ``delta`` bytes; return the direction's new correction. Raises
+        NoSeqAdjust if the entry cannot carry one, CtError if it is gone."""
+        entry = self.get(key)
+        if entry is None:
+            raise CtError(errno.ENOENT, "control connection gone from conntrack")
+        both = entry.seqadj or (NO_ADJ, NO_ADJ)
+        new = both[direction].add(seq, delta)
+        attr = CTA_SEQ_ADJ_REPLY if direction else CTA_SEQ_ADJ_ORIG
+        self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, _family(key[0]),
+                      tuple_attr(key) + _seqadj_attr(attr, new))
+        if entry.seqadj is None:  # first correction: did the kernel keep it?
+            check = self.get(key)
+            if check is None or check.seqadj is None:
+                raise NoSeqAdjust(errno.EOPNOTSUPP, "connection has no sequence-adjustment extension")
+        return new
+
+    # ---- expectations -------------------------------------------------------------------
+    def expect(self, master: FlowKey, peer: bytes, public: bytes, public_port: int, inside_port: int,
+               active: bool, timeout: int) -> None:
+        """Create the expectation (EEXIST/EBUSY: the tuple is taken), then set its timeout
+        (at creation the kernel takes the helper's policy, 300 s)."""
+        body = expect_body(master, peer, public, public_port, inside_port, active)
+        fam = _family(peer)
+        self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, NLM_F_CREATE | NLM_F_EXCL, fam, body)
+        full = b"\xff" * len(peer)  # an update must name master, tuple and mask again
+        update = (tuple_attr(master, CTA_EXPECT_MASTER) + _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port)
+                  + _tuple(CTA_EXPECT_MASK, full, 0, full, 0xFFFF)
+                  + _attr(CTA_EXPECT_TIMEOUT, struct.pack("!I", max(1, int(timeout)))))
+        self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, 0, fam, update)
+
+    def unexpect(self, peer: bytes, public: bytes, public_port: int) -> bool:
+        """Delete the expectation for this tuple; False if it was gone (used or expired)."""
+        try:
+            self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_DELETE, 0, _family(peer),
+                          _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port))
+        except CtError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
     def close(self) -> None:
         self._sock.close()
