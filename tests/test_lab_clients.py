@@ -18,14 +18,12 @@ source address. Last, with data connections blackholed, every kind must fail in 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import os
 import re
 import select
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -37,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from ftpalg.lab.clients import CLIENT_KINDS, MODES, TIMEOUT, ClientKind
+from ftpalg.lab.lab import add_namespaces, netns_list, popen_in, teardown
 from ftpalg.lab.servers import server_command
 
 pytestmark = pytest.mark.netns
@@ -190,38 +189,13 @@ def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.C
     return p
 
 
-def netns_names() -> list[str]:
-    return sh("ip", "netns", "list").stdout.split()
-
-
-def destroy(prefix: str, procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-    for ns in (f"{prefix}-c", f"{prefix}-s"):
-        if ns not in netns_names():
-            continue
-        for i in range(30):
-            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGTERM if i < 10 else signal.SIGKILL)
-            time.sleep(0.1)
-        sh("ip", "netns", "del", ns, check=False)
+def destroy(prefix: str, procs: list[subprocess.Popen[bytes]], *dirs: Path) -> None:
+    teardown(procs, (f"{prefix}-c", f"{prefix}-s"), *dirs)
 
 
 def remove_stale() -> None:
     """Namespaces left by an earlier run of this module that was killed (its pid is gone)."""
-    for name in netns_names():
+    for name in netns_list():
         m = re.fullmatch(r"(hc(\d+))-[cs]", name)
         if m and not os.path.exists(f"/proc/{m.group(2)}"):
             destroy(m.group(1), [])
@@ -233,9 +207,7 @@ class Net:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def popen(self, ns: str, argv: list[str], log: str) -> subprocess.Popen[bytes]:
-        with open(self.dir / log, "ab") as out:
-            p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        p = popen_in(ns, argv, self.dir / log)
         self.procs.append(p)
         return p
 
@@ -262,15 +234,9 @@ def net():
     d.chmod(0o755)
     n = Net(d)
     try:
-        sh("ip", "netns", "add", c)
-        sh("ip", "netns", "add", s)
-        sh("ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "s0", "netns", s)
-        batch_c = [f"addr add {C4}/24 dev c0", f"addr add {C6}/64 dev c0 nodad"]
-        batch_c += [f"addr add {a}/{64 if ':' in a else 24} dev c0" + (" nodad" if ":" in a else "")
-                    for a in SOURCES.values()]
-        batch_s = [f"addr add {S4}/24 dev s0", f"addr add {S6}/64 dev s0 nodad", f"addr add {MASQ}/32 dev s0"]
-        for ns, batch, dev in ((c, batch_c, "c0"), (s, batch_s, "s0")):
-            sh("ip", "-n", ns, "-batch", "-", input="\n".join([*batch, "link set lo up", f"link set {dev} up"]) + "\n")
+        addrs = {c: {"c0": [f"{C4}/24", f"{C6}/64", *[f"{a}/{64 if ':' in a else 24}" for a in SOURCES.values()]]},
+                 s: {"s0": [f"{S4}/24", f"{S6}/64", f"{MASQ}/32"]}}
+        add_namespaces((c, s), [(c, "c0", s, "s0")], addrs)
         # The masquerading server's announced address leads back to it, inside its namespace.
         sh("ip", "netns", "exec", s, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", MASQ, "-p", "tcp",
            "-j", "DNAT", "--to-destination", S4)
@@ -290,9 +256,8 @@ def net():
         n.wait_listening(want)
         yield n
     finally:
-        destroy(PREFIX, n.procs)
-        shutil.rmtree(d, ignore_errors=True)
-        assert not {c, s} & set(netns_names())
+        destroy(PREFIX, n.procs, d)
+        assert not {c, s} & netns_list()
 
 
 @dataclass

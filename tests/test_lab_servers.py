@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from ftpalg.lab.lab import add_namespaces, popen_in, teardown
 from ftpalg.lab.servers import SERVER_KINDS, lpsv_reply, parse_lprt, server_command
 
 CLIENT4, FOREIGN4 = "192.0.2.1", "192.0.2.9"
@@ -169,14 +169,11 @@ class Net:
     prefix: str
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hs-lab-")))
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    client: str = field(init=False)  # the namespaces: <prefix>-c, <prefix>-s
+    server: str = field(init=False)
 
-    @property
-    def client(self) -> str:
-        return f"{self.prefix}-c"
-
-    @property
-    def server(self) -> str:
-        return f"{self.prefix}-s"
+    def __post_init__(self) -> None:
+        self.client, self.server = f"{self.prefix}-c", f"{self.prefix}-s"
 
     @property
     def files(self) -> Path:
@@ -187,18 +184,10 @@ class Net:
 
     def up(self) -> None:
         c, s = self.client, self.server
-        run("ip", "netns", "add", c)
-        run("ip", "netns", "add", s)
-        run("ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "s0", "netns", s)
-        addrs = {c: [f"{CLIENT4}/24", f"{FOREIGN4}/24", f"{CLIENT6}/64", f"{FOREIGN6}/64"],
-                 s: [f"{server_addr(k, f)}/{24 if f == 4 else 64}" for k in SERVER_KINDS for f in (4, 6)]}
-        for ns, dev in ((c, "c0"), (s, "s0")):
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            for a in addrs[ns]:
-                # The foreign IPv6 address is deprecated so that it is never a source address.
-                extra = (["nodad"] if ":" in a else []) + (["preferred_lft", "0"] if a.startswith(FOREIGN6) else [])
-                run("ip", "-n", ns, "addr", "add", a, "dev", dev, *extra)
-            run("ip", "-n", ns, "link", "set", dev, "up")
+        # The foreign IPv6 address is deprecated so that it is never a source address.
+        addrs = {c: {"c0": [f"{CLIENT4}/24", f"{FOREIGN4}/24", f"{CLIENT6}/64", f"{FOREIGN6}/64 preferred_lft 0"]},
+                 s: {"s0": [f"{server_addr(k, f)}/{24 if f == 4 else 64}" for k in SERVER_KINDS for f in (4, 6)]}}
+        add_namespaces((c, s), [(c, "c0", s, "s0")], addrs)
         self.root.chmod(0o755)
         self.files.mkdir(mode=0o755)
         (self.files / "big.bin").write_bytes(os.urandom(FILE_SIZE))
@@ -211,10 +200,7 @@ class Net:
     def start(self, kind: str, family: int, port: int = 21, pasv_address: str | None = None) -> None:
         state = self.state(kind, family, pasv_address is not None)
         argv = server_command(kind, server_addr(kind, family), self.files, state, port, pasv_address)
-        with open(f"{state}.out", "wb") as out:
-            self.procs.append(subprocess.Popen(["ip", "netns", "exec", self.server, *argv], stdout=out,
-                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                               start_new_session=True))
+        self.procs.append(popen_in(self.server, argv, Path(f"{state}.out")))
 
     def listening(self) -> set[str]:
         return set(run("ip", "netns", "exec", self.server, "ss", "-Hltn").stdout.split()[3::5])
@@ -231,26 +217,7 @@ class Net:
                               timeout=timeout)
 
     def down(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-        for ns in (self.client, self.server):
-            for _ in range(50):  # anything else left in the namespace (a forked session)
-                pids = run("ip", "netns", "pids", ns, check=False).stdout.split()
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                time.sleep(0.1)
-            run("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        teardown(self.procs, (self.client, self.server), self.root)
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,97 @@ def run_all(jobs: Iterable[tuple[list[str], str | None]], timeout: float = 60) -
         raise LabError("\n".join(errors))
 
 
+# ---- namespaces and the processes in them -------------------------------------------------------
+def netns_list() -> set[str]:
+    """The network namespaces that exist (their names, and the ids ``ip netns list`` shows)."""
+    return set(run(["ip", "netns", "list"]).stdout.split())
+
+
+def add_namespaces(names: Iterable[str], veths: Iterable[tuple[str, str, str, str]] = (),
+                   addrs: dict[str, dict[str, list[str]]] | None = None) -> None:
+    """Create namespaces and veth pairs (namespace, device, peer's namespace, peer device)
+    between them, each end in its namespace: nothing in the host's. ``addrs`` (namespace ->
+    device -> addresses): bring lo and those devices up with their addresses (``link_batch``)."""
+    run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in names))
+    links = "".join(f"link add {d} netns {a} type veth peer name {pd} netns {b}\n" for a, d, b, pd in veths)
+    if links:
+        run(["ip", "-batch", "-"], input=links)
+    for name, devs in (addrs or {}).items():
+        run(["ip", "-n", name, "-batch", "-"], input="".join(f"{line}\n" for line in link_batch(devs)))
+
+
+def link_batch(addrs: dict[str, list[str]]) -> list[str]:
+    """``ip -batch`` lines that bring lo and each device up with its addresses (an address
+    may carry options: "fd00::9/64 preferred_lft 0"). IPv6 addresses skip DAD and are added
+    in reverse: the one added last, the first listed, is the preferred source."""
+    return ["link set lo up",
+            *[f"addr add {a} dev {d}" for d, aa in addrs.items() for a in aa if ":" not in a],
+            *[f"addr add {a} dev {d} nodad" for d, aa in addrs.items() for a in reversed(aa) if ":" in a],
+            *[f"link set {d} up" for d in addrs]]
+
+
+def popen_in(name: str, argv: list[str], log: Path | None = None,
+             stdin_log: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in namespace ``name`` in a process group of its own, output to ``log``.
+    ``stdin_log``: standard input is the log too (vsftpd writes its "500 OOPS" there)."""
+    with open(log or os.devnull, "ab") as out:
+        return subprocess.Popen(["ip", "netns", "exec", name, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=out if stdin_log else subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+    """Stop process groups (as ``popen_in`` starts them): SIGTERM to those still running,
+    SIGKILL to any not done ``timeout`` seconds later."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout)
+
+
+def kill_namespace_processes(names: Iterable[str], term: float = 0.3, timeout: float = 5.0,
+                             interval: float = 0.05) -> None:
+    """Kill every process in the namespaces (servers started elsewhere, sessions in sessions
+    of their own): SIGTERM, then SIGKILL after ``term`` seconds (vsftpd/proftpd sessions stuck
+    connecting out through a DROP ignore SIGTERM); give up after ``timeout`` seconds."""
+    names = list(names)
+    term_rounds = round(term / interval)
+    for i in range(round(timeout / interval)):
+        pids = [pid for n in names for pid in run(["ip", "netns", "pids", n], check=False).stdout.split()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM if i < term_rounds else signal.SIGKILL)
+        time.sleep(interval)
+
+
+def remove_namespaces(names: Iterable[str]) -> None:
+    """Kill whatever runs in those of the namespaces that exist, then delete them."""
+    existing = netns_list()
+    names = [n for n in names if n in existing]
+    if names:
+        kill_namespace_processes(names)
+        run(["ip", "-force", "-batch", "-"], check=False, input="".join(f"netns del {n}\n" for n in names))
+
+
+def teardown(procs: list[subprocess.Popen[bytes]], names: Iterable[str], *dirs: Path) -> None:
+    """Stop ``procs`` (and empty the list), remove the namespaces ``names`` with everything
+    still running in them, then the directories ``dirs``."""
+    stop_processes(procs)
+    procs.clear()
+    remove_namespaces(names)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -323,11 +414,8 @@ class Lab:
 
     def popen(self, name: str, argv: list[str], log: Path | None = None,
               stdin_log: bool = False) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in namespace ``name`` in a process group of its own, output to ``log``.
-        ``stdin_log``: standard input is the log too (vsftpd writes its "500 OOPS" there)."""
-        with open(log or os.devnull, "ab") as out:
-            p = subprocess.Popen(["ip", "netns", "exec", name, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=out if stdin_log else subprocess.DEVNULL, start_new_session=True)
+        """``popen_in``, the process kept for ``down()``."""
+        p = popen_in(name, argv, log, stdin_log)
         self.procs.append(p)
         return p
 
@@ -346,9 +434,7 @@ class Lab:
 
     def _topology(self) -> None:
         p = self.prefix
-        run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in self.namespaces))
-        run(["ip", "-batch", "-"], input="".join(f"link add {d} netns {p}-{a} type veth peer name {pd} netns {p}-{b}\n"
-                                                 for a, d, b, pd in LINKS))
+        add_namespaces(self.namespaces, [(f"{p}-{a}", d, f"{p}-{b}", pd) for a, d, b, pd in LINKS])
         # Links are up everywhere before any route is added or any server binds.
         first, second = [], []
         for node in _nodes():
@@ -363,12 +449,7 @@ class Lab:
             script = ["set -e", f"sysctl -qw {' '.join(keys)}",
                       # No FTP helper: gone from the kernel since 6.0, off by default before.
                       "h=/proc/sys/net/netfilter/nf_conntrack_helper; if [ -e $h ]; then echo 0 > $h; fi",
-                      "ip -batch - <<'EOF'", "link set lo up",
-                      *[f"addr add {a} dev {d}" for d, addrs in node.addrs.items() for a in addrs if ":" not in a],
-                      # The IPv6 address added last is the preferred source: add the first last.
-                      *[f"addr add {a} dev {d} nodad" for d, addrs in node.addrs.items()
-                        for a in reversed(addrs) if ":" in a],
-                      *[f"link set {d} up" for d in devs], "EOF"]
+                      "ip -batch - <<'EOF'", *link_batch(node.addrs), "EOF"]
             first.append(self._script(node.suffix, "links", script))
             script = ["set -e", "ip -batch - <<'EOF'", *[f"route add {r}" for r in node.routes], "EOF"]
             if node.rules4:
@@ -441,38 +522,11 @@ class Lab:
                 p.communicate()
 
     def down(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-        self.procs.clear()
-        existing = [n for n in self.namespaces if n in self._netns_list()]
-        # Kill whatever still runs there: `ftpalg lab up` servers, servers' sessions in
-        # sessions of their own (some, stuck connecting out through a DROP, ignore SIGTERM).
-        for i in range(100):
-            pids = [pid for n in existing for pid in run(["ip", "netns", "pids", n], check=False).stdout.split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGTERM if i < 6 else signal.SIGKILL)
-            time.sleep(0.05)
-        if existing:
-            run(["ip", "-force", "-batch", "-"], check=False, input="".join(f"netns del {n}\n" for n in existing))
-        shutil.rmtree(self.state, ignore_errors=True)
+        # Also whatever else runs in the namespaces: `ftpalg lab up` servers, servers' sessions
+        # in sessions of their own (some, stuck connecting out through a DROP, ignore SIGTERM).
+        teardown(self.procs, self.namespaces, self.state)
         with contextlib.suppress(OSError):
             STATE_ROOT.rmdir()
-
-    @staticmethod
-    def _netns_list() -> set[str]:
-        return set(run(["ip", "netns", "list"]).stdout.split())
 
     def exists(self) -> bool:
         """Whether any namespace of the lab exists."""
@@ -480,7 +534,7 @@ class Lab:
 
     def leftovers(self) -> list[str]:
         """The lab's namespaces that exist."""
-        names = self._netns_list()
+        names = netns_list()
         return [n for n in self.namespaces if n in names]
 
     # ---- inspection -----------------------------------------------------------------------
