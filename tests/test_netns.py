@@ -22,36 +22,22 @@ pytestmark = pytest.mark.netns
 @pytest.fixture
 def alg(lab):
     """ftpalg run (no options) in the gateway for one test; checks it cleaned up."""
-    before = all_rules(lab)
+    before = lab.ruleset()
     p = lab.start_ftpalg()
     yield p
     rc = lab.stop_ftpalg(p)
     assert rc == 0, lab.ftpalg_log()
-    after = all_rules(lab)
-    assert "FTPALG" not in after and "NFQUEUE" not in after
-    assert _rules(after) == _rules(before)
+    assert lab.ruleset() == before  # exactly as found, tables made on demand included
     assert "Traceback" not in lab.ftpalg_log()
 
 
-def all_rules(lab: Lab, gw: str | None = None) -> str:
-    """iptables-save and ip6tables-save of a gateway, tables told apart by family."""
-    return lab.gw_rules(gw) + lab.gw_rules6(gw).replace("*", "*6-")
-
-
-def _rules(save: str) -> list[str]:
-    """Rules, user chains and non-default policies of an iptables-save, table by table
-    (a table that merely appeared empty does not count)."""
-    out, table = [], ""
-    for line in save.splitlines():
-        if line.startswith("*"):
-            table = line
-        elif line.startswith("-"):
-            out.append(f"{table} {line}")
-        elif line.startswith(":"):
-            name, policy = line[1:].split()[:2]
-            if policy != "ACCEPT":
-                out.append(f"{table} {name} {policy}")
-    return sorted(out)
+def load_deploy_files(lab: Lab) -> None:
+    """What the README tells an admin who uses --no-rules to load."""
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    lab.ns(lab.gw, ["nft", "-f", str(deploy / "ftpalg.nft")])
+    for restore in ("iptables-restore", "ip6tables-restore"):
+        subprocess.run(["ip", "netns", "exec", lab.gw, restore, "--noflush"],
+                       input=(deploy / "queue.iptables").read_text(), text=True, check=True)
 
 
 def remove_static_rules(lab: Lab) -> None:
@@ -62,7 +48,7 @@ def remove_static_rules(lab: Lab) -> None:
 def no_pinholes_soon(lab: Lab, within: float = 3.0) -> bool:
     """Closed pinholes leave the kernel in batches, about a second after closing."""
     deadline = time.monotonic() + within
-    while lab.pinhole_rules():
+    while lab.expectations():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -159,10 +145,9 @@ def test_pinhole_exists_only_between_port_and_transfer(lab, alg):
     try:
         assert p.stdout.readline().strip() == "PORT-SENT"
         time.sleep(0.3)
-        rules = lab.pinhole_rules()
-        assert len(rules) == 3, rules  # mark one SYN, DNAT it, accept it
-        assert any(f"--to-destination {CLIENTS[0]}:45678" in r for r in rules)
-        assert any(f"-s {SERVERS['vsftpd']}/32" in r for r in rules)  # pinned to the real server
+        (exp,) = lab.expectations()  # one expectation of the control connection
+        assert f"src={SERVERS['vsftpd']} dst={GW_PUBLIC} sport=0 dport=45678" in exp, exp  # the real server only
+        assert f"master-src={CLIENTS[0]}" in exp and "helper=sane" in exp
         p.stdin.write("\n")
         p.stdin.flush()
         assert p.stdout.readline().startswith("150")
@@ -187,7 +172,7 @@ def test_bounce_opens_nothing(lab, alg):
         ftp.quit()
     """)
     assert "foreign address" in res.stdout
-    assert lab.pinhole_rules() == []  # never opened, not merely closed
+    assert lab.expectations() == []  # never opened, not merely closed
     time.sleep(0.2)
     assert "refused" in lab.ftpalg_log() and "FTP bounce" in lab.ftpalg_log()
 
@@ -275,23 +260,21 @@ def test_fifty_concurrent_sessions(lab, alg):
 
 
 def test_run_cleans_up_on_sigint_and_sigterm(lab):
-    before = all_rules(lab)
+    before = lab.ruleset()
     for sig in ("INT", "TERM"):
         p = lab.start_ftpalg()
         assert "FTPALG-QUEUE" in lab.gw_rules() and "FTPALG-QUEUE" in lab.gw_rules6()
+        assert "table inet ftpalg" in lab.ruleset()
         p.send_signal(getattr(__import__("signal"), f"SIG{sig}"))
         assert p.wait(10) == 0
         lab.procs.remove(p)
-        assert _rules(all_rules(lab)) == _rules(before)
+        assert lab.ruleset() == before
 
 
 def test_control_traffic_passes_when_ftpalg_is_not_running(lab, tmp_path):
     """Queue bypass: with the rules loaded (deploy/ files, --no-rules) but no process bound,
     control packets pass unchanged (passive mode keeps working)."""
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
-    rules = (deploy / "queue.iptables").read_text() + (deploy / "pinholes.iptables").read_text()
-    subprocess.run(["ip", "netns", "exec", lab.gw, "iptables-restore", "--noflush"], input=rules, text=True,
-                   check=True)
+    load_deploy_files(lab)
     try:
         out = tmp_path / "pasv"
         p = lab.ns(lab.client, ["curl", "-sS", "--max-time", "10", "-o", str(out),
@@ -300,7 +283,7 @@ def test_control_traffic_passes_when_ftpalg_is_not_running(lab, tmp_path):
         assert sha256(out) == sha256(lab.files / "small.txt")
     finally:
         remove_static_rules(lab)
-    assert "FTPALG" not in all_rules(lab)
+    assert "FTPALG" not in lab.ruleset() and "ftpalg" not in lab.ruleset()
 
 
 SEQUENTIAL_CLIENT = r"""
@@ -372,20 +355,16 @@ def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
         res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--queue-backend", "nft"], check=False, timeout=30)
         assert res.returncode == 1
         assert "queue" in res.stderr and "Error" in res.stderr
-    assert "FTPALG" not in all_rules(lab)
+    assert "FTPALG" not in lab.ruleset()
     assert "ftpalg" not in lab.ns(lab.gw, ["nft", "list", "tables"]).stdout
 
 
 def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_path):
     """--no-rules: the admin loads deploy/ files; ftpalg adds/removes pinholes only, and on
     exit removes the ones still open while the admin's chains stay."""
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
-    for name in ("pinholes.iptables", "queue.iptables"):
-        for restore in ("iptables-restore", "ip6tables-restore"):  # as the README says
-            subprocess.run(["ip", "netns", "exec", lab.gw, restore, "--noflush"],
-                           input=(deploy / name).read_text(), text=True, check=True)
+    load_deploy_files(lab)
     try:
-        loaded = all_rules(lab)
+        loaded = lab.ruleset()
         p = lab.start_ftpalg("--no-rules")
         out = tmp_path / "f"
         res = lab.transfer(CLIENT_KINDS[0], "vsftpd", "small.txt", out)
@@ -393,7 +372,7 @@ def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_p
         assert no_pinholes_soon(lab)
         code = f"""
             import ftplib, socket
-            ftp = ftplib.FTP("{SERVERS['pyftpdlib']}", timeout=10)
+            ftp = ftplib.FTP("{SERVERS['vsftpd']}", timeout=10)  # connects at RETR, not at PORT
             ftp.login()
             ls = socket.create_server(("{CLIENTS[0]}", 0))
             print(ftp.sendport("{CLIENTS[0]}", ls.getsockname()[1]), flush=True)
@@ -403,10 +382,13 @@ def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_p
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert client.stdout.readline().startswith("200")
-            assert len(lab.pinhole_rules()) == 3  # open while ftpalg runs
-            assert lab.stop_ftpalg(p) == 0
-            assert lab.pinhole_rules() == []  # removed on exit, not left for the kernel to keep
-            assert _rules(all_rules(lab)) == _rules(loaded)  # the admin's rules stay
+            assert len(lab.expectations()) == 1, lab.ftpalg_log()  # open while ftpalg runs
+        finally:
+            rc = lab.stop_ftpalg(p)
+        try:
+            assert rc == 0
+            assert lab.expectations() == []  # removed on exit, not left for the kernel to keep
+            assert lab.ruleset() == loaded  # the admin's rules stay
         finally:
             client.kill()
     finally:
@@ -414,15 +396,15 @@ def test_no_rules_mode_uses_admin_rules_and_removes_only_its_pinholes(lab, tmp_p
 
 
 def test_second_instance_refuses_and_leaves_the_first_intact(lab, alg):
-    rules = all_rules(lab)
+    rules = lab.ruleset()
     res = lab.ns(lab.gw, [*ftpalg_argv(), "run"], check=False, timeout=30)
     assert res.returncode == 1 and "another ftpalg run" in res.stderr
-    assert _rules(all_rules(lab)) == _rules(rules)  # the running instance's rules are untouched
+    assert lab.ruleset() == rules  # the running instance's rules are untouched
 
 
 def test_no_rules_without_chains_fails_clearly(lab):
     res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--no-rules"], check=False, timeout=30)
-    assert res.returncode == 1 and "deploy/pinholes.iptables" in res.stderr
+    assert res.returncode == 1 and "deploy/ftpalg.nft" in res.stderr
     ino = lab.ns(lab.gw, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
     assert not Path(f"/run/ftpalg-netns-{ino}.lock").exists()  # its lock file is gone too
 
@@ -572,7 +554,7 @@ def test_pinhole_lets_in_one_connection_only(lab, alg):
     try:
         assert client.stdout.readline().startswith("200")
         assert client.stdout.readline().strip() == "first"
-        assert len(lab.pinhole_rules()) == 3  # still installed: the transfer has not happened
+        assert lab.expectations() == []  # used up by the first connection: one-shot
         probe = ns_python(lab, lab.server, f"""
             import socket
             try:

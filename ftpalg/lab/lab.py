@@ -549,10 +549,19 @@ class Lab:
         """ip6tables-save of a gateway (gw1 by default), without counters."""
         return self.ns(self._gw(gw), ["ip6tables-save"]).stdout
 
-    def pinhole_rules(self, gw: str | None = None) -> list[str]:
-        """ftpalg's pinhole rules in a gateway (gw1 by default), IPv4 then IPv6."""
-        return [line for save in (self.gw_rules(gw), self.gw_rules6(gw)) for line in save.splitlines()
-                if line.startswith("-A FTPALG-PINHOLES")]
+    def expectations(self, gw: str | None = None) -> list[str]:
+        """The pinholes open in a gateway (gw1 by default): its conntrack expectations, IPv4
+        then IPv6, as ``conntrack -L expect`` prints them."""
+        out = []
+        for family in ("ipv4", "ipv6"):
+            res = self.ns(self._gw(gw), ["conntrack", "-L", "expect", "-f", family], check=False)
+            out += [line for line in res.stdout.splitlines() if "proto=" in line]
+        return out
+
+    def ruleset(self, gw: str | None = None) -> str:
+        """A gateway's whole nftables ruleset (iptables-nft's tables included), without
+        counters: what must be the same before ftpalg starts and after it exits."""
+        return self.ns(self._gw(gw), ["nft", "-s", "list", "ruleset"]).stdout
 
     # ---- captures --------------------------------------------------------------------------
     def capture(self, ns: str, dev: str, path: Path, bpf: str = "tcp port 21",
