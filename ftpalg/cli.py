@@ -119,7 +119,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
     text = {
         "nft": lambda: nft_rules(ports),
         "nft-queue": lambda: nft_rules(ports, args.queue_num),
-        "queue-iptables": lambda: iptables_queue_rules(ports, args.queue_num),
+        "queue-iptables": lambda: iptables_queue_rules(ports, args.queue_num, 4),
+        "queue-ip6tables": lambda: iptables_queue_rules(ports, args.queue_num, 6),
     }[args.part]()
     sys.stdout.write(text)
     return 0
@@ -158,10 +159,10 @@ def parser() -> argparse.ArgumentParser:
     lab.set_defaults(func=cmd_lab)
 
     ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs (deploy/ files)")
-    ru.add_argument("part", choices=["nft", "nft-queue", "queue-iptables"],
+    ru.add_argument("part", choices=["nft", "nft-queue", "queue-iptables", "queue-ip6tables"],
                     help="nft: table inet ftpalg (helper, nat chains; nft -f); nft-queue: the same with the "
-                         "queue rule, for kernels with nft queue; queue-iptables: the queue rule for "
-                         "iptables-restore and ip6tables-restore")
+                         "queue rule, for kernels with nft queue; queue-iptables / queue-ip6tables: the queue rule "
+                         "for iptables-restore / ip6tables-restore")
     ports_and_queue(ru)
     ru.set_defaults(func=cmd_rules)
     return ap

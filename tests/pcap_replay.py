@@ -32,6 +32,19 @@ def _norm(raw: bytes, src: tuple[str, int] | None = None, dst: tuple[str, int] |
     return bytes(q)
 
 
+def _kind(p) -> bool:
+    """Whether the kernel queued this packet to ftpalg (payload, SYN, FIN or RST)."""
+    return bool(bytes(p[TCP].payload)) or bool(int(p[TCP].flags) & 0x07)
+
+
+def _paired(ins: list, outs: list, conn) -> list:
+    """``outs`` reordered so that outs[i] is what left for ins[i]."""
+    queues: dict = {}
+    for p in outs:
+        queues.setdefault((conn(p), _kind(p)), []).append(p)
+    return [queues[(conn(p), _kind(p))].pop(0) for p in ins]
+
+
 def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, list[str]]:
     """Return (packets compared, mismatch descriptions)."""
     ins = [p for p in rdpcap(str(inside)) if TCP in p]
@@ -41,6 +54,10 @@ def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, li
     c2s_out = [p for p in outs if p[TCP].dport == control_port]  # left towards the server
     s2c_in = [p for p in outs if p[TCP].sport == control_port]
     assert len(c2s_in) == len(c2s_out) and len(s2c_in) == len(s2c_out), "a packet was dropped or added"
+    # Pure ACKs are not queued, so they overtake queued segments: pair what arrived with
+    # what left per connection (the client's port: SNAT and DNAT here keep it) and per kind.
+    c2s_out = _paired(c2s_in, c2s_out, lambda p: p[TCP].sport)
+    s2c_out = _paired(s2c_in, s2c_out, lambda p: p[TCP].dport)
     nat = FakeNat()
     for a, b in zip(c2s_in, c2s_out, strict=True):  # NAT mapping, as conntrack would report it
         key = (ipaddress.ip_address(a[IP].src).packed, a[TCP].sport, ipaddress.ip_address(a[IP].dst).packed,

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 log = logging.getLogger("ftpalg")
 
 CHAIN_QUEUE = "FTPALG-QUEUE"
+CHAIN_CONTROL = "FTPALG-CONTROL"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
@@ -41,6 +42,7 @@ DEFAULT_QUEUE = 2121
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)
+SUBCHAINS = (("mangle", CHAIN_CONTROL),)  # jumped to only from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -77,16 +79,41 @@ def _restore(text: str, family: int = 4) -> None:
 
 
 # ---- rule text ------------------------------------------------------------------------------
-def iptables_queue_rules(ports: Iterable[int], queue: int) -> str:
-    """The queue rule, in iptables-restore and ip6tables-restore format alike: packets of
-    both directions of connections whose original destination port is a control port (the
-    port the client used, before any DNAT). Matched on conntrack's tuple, not on the helper:
-    nft's ``ct helper`` expression (which iptables-nft's ``-m helper`` becomes) did not match
-    helpers attached by a ``ct helper`` object on this kernel."""
-    lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f"-I PREROUTING 1 -j {CHAIN_QUEUE}"]
+def _payload_tests(family: int) -> list[str]:
+    """u32 tests that hold for a TCP segment carrying payload (IP total length beyond the
+    IP and TCP headers), one per TCP data offset (5..15 words); packets with IPv4 options or
+    IPv6 extension headers are left to a catch-all rule (rare: queued whatever they carry).
+    u32 reads 32-bit words at byte offsets: IPv4 header length at 0, total length at 2, the
+    TCP data offset in the top nibble of byte 32 (20 + 12); IPv6 payload length at 4, next
+    header at 6, data offset at byte 52 (40 + 12)."""
+    out = []
+    for doff in range(5, 16):
+        if family == 4:
+            out.append(f"0>>22&0x3C=20&&32>>28={doff}&&0&0xFFFF={20 + 4 * doff + 1}:65535")
+        else:
+            out.append(f"4>>8&0xFF=6&&52>>28={doff}&&4>>16={4 * doff + 1}:65535")
+    return out
+
+
+def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> str:
+    """The queue rule for iptables-restore (``family`` 4) or ip6tables-restore (6).
+
+    Which packets: both directions of connections whose original destination port is a
+    control port (conntrack's tuple: the port the client used, before any DNAT; matched on
+    the tuple, not on the helper: nft's ``ct helper`` expression, which iptables-nft's
+    ``-m helper`` becomes, did not match helpers attached by a ``ct helper`` object on this
+    kernel), and of those only segments with payload (commands and replies) and SYN, FIN and
+    RST (a connection's start and end). Pure ACKs stay in the kernel, which corrects their
+    ack and SACK itself."""
+    verdict = f"-j NFQUEUE --queue-num {int(queue)} --queue-bypass"
+    first_header = "0>>22&0x3C=20" if family == 4 else "4>>8&0xFF=6"
+    lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]",
+             f"-I PREROUTING 1 -j {CHAIN_QUEUE}"]
     for p in sorted(set(ports)):
-        lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)}"
-                     f" -j NFQUEUE --queue-num {int(queue)} --queue-bypass")
+        lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
+    lines.append(f"-A {CHAIN_CONTROL} -p tcp ! --tcp-flags SYN,FIN,RST NONE {verdict}")
+    lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {verdict}')
+    lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {verdict}' for t in _payload_tests(family)]
     return "\n".join(lines + ["COMMIT", ""])
 
 
@@ -205,7 +232,7 @@ class StaticRules:
         _run(["nft", "-f", "-"], text)
         if self.backend == "iptables":
             for f in FAMILIES:
-                _restore(iptables_queue_rules(self.ports, self.queue), f)
+                _restore(iptables_queue_rules(self.ports, self.queue, f), f)
         return self.backend
 
     def _remove_queue_jumps(self) -> None:
@@ -215,6 +242,9 @@ class StaticRules:
                 for _ in range(16):  # a jump may have been inserted more than once
                     if not _quiet([ipt, "-w", "-t", table, "-D", hook, "-j", chain]):
                         break
+                _quiet([ipt, "-w", "-t", table, "-F", chain])
+                _quiet([ipt, "-w", "-t", table, "-X", chain])
+            for table, chain in SUBCHAINS:
                 _quiet([ipt, "-w", "-t", table, "-F", chain])
                 _quiet([ipt, "-w", "-t", table, "-X", chain])
 
