@@ -21,11 +21,44 @@ def test_deploy_files_match_what_run_installs(capsys, part, path):
 def test_queue_rules_cover_both_directions_of_every_control_connection():
     text = iptables_queue_rules([21, 2121, 21], 7)
     for p in (21, 2121):  # conntrack's original destination port: both directions, before DNAT
-        assert f"-p tcp -m conntrack --ctorigdstport {p} -j NFQUEUE --queue-num 7 --queue-bypass" in text
+        assert f"-A FTPALG-QUEUE -p tcp -m conntrack --ctorigdstport {p} -j FTPALG-CONTROL" in text
     assert text.count("--ctorigdstport 21 ") == 1 and text.startswith("*mangle\n")
     nft = nft_rules([2121, 21], 7)
     assert "ct original proto-dst { 21, 2121 } queue flags bypass to 7" in nft
     assert "queue" not in nft_rules([21])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_only_segments_with_payload_and_syn_fin_rst_are_queued(family):
+    """Check the u32 tests against packets built by scapy: every data offset, with and
+    without payload, and a pure ACK with SACK options."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    text = iptables_queue_rules([21], 7, family)
+    rules = [line for line in text.splitlines() if line.startswith("-A FTPALG-CONTROL -m u32 --u32")]
+    tests = [r.split('"')[1] for r in rules]
+
+    def u32(raw: bytes, test: str) -> bool:  # the u32 match, for the forms we generate
+        for cond in test.split("&&"):
+            loc, rng = cond.split("=")
+            parts = loc.replace(">>", " >> ").replace("&", " & ").split()
+            val = int.from_bytes(raw[int(parts[0]):int(parts[0]) + 4], "big")
+            for op, num in zip(parts[1::2], parts[2::2], strict=True):
+                val = val >> int(num) if op == ">>" else val & int(num, 0)
+            lo, _, hi = rng.partition(":")
+            if not int(lo, 0) <= val <= int(hi or lo, 0):
+                return False
+        return True
+
+    ip = (lambda: IP(src="10.0.0.2", dst="203.0.113.2")) if family == 4 else (
+        lambda: IPv6(src="fd00::2", dst="2001:db8::2"))
+    for opts in ([], [("NOP", None)] * 4, [("SAck", (1, 2, 3, 4, 5, 6, 7, 8)), ("NOP", None), ("NOP", None)],
+                 [("Timestamp", (1, 2)), ("NOP", None), ("NOP", None)]):
+        for payload in (b"", b"x", b"PORT 10,0,0,2,4,1\r\n"):
+            raw = bytes(ip() / TCP(sport=40000, dport=21, flags="PA" if payload else "A", options=opts) / payload)
+            assert any(u32(raw, t) for t in tests) == bool(payload), (opts, payload)
+    assert "! --tcp-flags SYN,FIN,RST NONE -j NFQUEUE" in text
 
 
 def test_helper_is_attached_after_conntrack_and_before_nat():
