@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl wget tnftp tcpdump
-              libnetfilter-queue-dev build-essential python3-venv python3-dev)
+APT_PACKAGES=(iptables nftables conntrack conntrackd iproute2 procps vsftpd lftp curl wget tnftp
+              tcpdump libnetfilter-queue-dev build-essential python3-venv python3-dev)
 
 # The lab's FTP servers. vsftpd (above) is installed normally; proftpd and pure-ftpd conflict
 # with it as packages (all provide ftp-server), so their .debs are only unpacked into
@@ -18,6 +18,9 @@ APT_PACKAGES=(iptables nftables conntrack iproute2 procps vsftpd lftp curl wget 
 LAB_PKG_DIR=.lab-pkgs
 LAB_DEBS=(proftpd-core pure-ftpd)
 APT_PACKAGES+=(libhiredis0.14 libmemcached11 libmemcachedutil2 libpcre2-posix3 libsodium23)
+# firewalld: tests/test_netns_firewalls.py runs the real one inside a lab gateway's namespace
+# (on a private D-Bus bus); the host never runs it, see mask_host_firewalld.
+APT_PACKAGES+=(firewalld)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -52,6 +55,20 @@ install_debian_packages() {
         exit 1
     fi
     rm -f "$log"
+    for p in "${missing[@]}"; do
+        [ "$p" = firewalld ] && mask_host_firewalld
+    done
+    return 0
+}
+
+# The firewalld package enables its unit: with systemd, the host would run it at the next boot
+# (or on D-Bus activation) and it would take over the host's firewall. Masked when dev.sh
+# installed it (an admin's own firewalld is left alone); the lab starts /usr/sbin/firewalld
+# itself, inside its namespaces, which masking does not affect.
+mask_host_firewalld() {
+    command -v systemctl > /dev/null || return 0
+    systemctl --quiet disable firewalld.service > /dev/null 2>&1 || true  # also works without systemd running
+    systemctl --quiet mask firewalld.service > /dev/null 2>&1 || true
 }
 
 setup_venv() {
