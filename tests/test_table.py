@@ -555,3 +555,30 @@ def test_retransmission_across_two_rewrites_lands_where_it_belongs(env):
     again = conn.c(PORT, seq=start)  # the first, retransmitted
     assert (again.seq, again.payload) == (first.seq, first.payload)
     assert alg.counters["seq_compensated"] == 1
+
+
+def test_history_is_dropped_when_the_connection_went_by_elsewhere(env):
+    """Fail-back in a gateway pair: this process rewrote a PORT, then the other gateway
+    carried the session and rewrote one more (the synced kernel correction grew), now the
+    session is back. The gap in the stream tells the core its history is stale: it starts
+    over from the kernel's correction, and the next PORT lands where the server expects it."""
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    conn.c(PORT)
+    grow = len(PORT_OUT) - len(PORT)
+    conn.s(b"200 ok\r\n")
+    # the other gateway: a PORT it rewrote (same growth), the server's reply
+    elsewhere = b"PORT 10,0,0,2,195,81\r\n"
+    nat.seq_adjust(conn.key, 0, conn.cseq, grow)
+    conn.cseq = (conn.cseq + len(elsewhere)) & MASK
+    conn.s_rcv = (conn.s_rcv + len(elsewhere) + grow) & MASK
+    conn.sseq = (conn.sseq + 8) & MASK
+    conn.c_rcv = (conn.c_rcv + 8) & MASK
+    seg = conn.c(b"TYPE I\r\n")  # back here: a gap
+    assert alg.counters["resync"] >= 1 and alg.counters["gap"] == 1
+    assert seg.seq == (conn.cseq - 8 + 2 * grow) & MASK  # the kernel's two corrections
+    conn.s(b"200 ok\r\n")
+    seg = conn.c(PORT)
+    assert seg.payload == PORT_OUT and seg.seq == (conn.cseq - len(PORT) + 2 * grow) & MASK
+    assert alg.counters["seq_compensated"] == 0

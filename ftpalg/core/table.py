@@ -253,6 +253,8 @@ class Alg:
         lines = flow.streams[d].feed(seg.seq, payload)
         if lines.gap:
             self._count("gap", "data before this segment not seen; lines not inspected", flow)
+            if flow.corrected or flow.session.count:
+                self._resync(flow, "bytes of the connection passed elsewhere")
         out = flow.adj[d].replay(seg.seq, payload[: lines.old]) if lines.old else b""
         if len(out) < lines.old or lines.old == len(payload):
             return out if out != payload else payload
@@ -294,6 +296,11 @@ class Alg:
                 self._count("no_seq_adjust", f"kernel sequence adjustment refused: {e}", flow)
                 self._close_pinhole(flow, "rewrite not possible")
                 return line
+            prev = flow.kadj[d]
+            if prev is not None and k.pos == seg_seq & MASK:
+                want = prev.before if prev.pos == k.pos else prev.after
+                if k.before != want:  # someone else corrected this connection meanwhile
+                    self._forget_history(flow, d)
             if not flow.adj[d].edits:  # what the kernel already shifts this direction by
                 flow.adj[d].base = k.before if k.pos == seg_seq & MASK else k.after
             flow.kadj[d] = k
@@ -360,6 +367,25 @@ class Alg:
         return True
 
     # ---- life cycle ---------------------------------------------------------------------
+    def _forget_history(self, flow: Flow, d: int) -> None:
+        adj = list(flow.adj)
+        adj[d] = SeqAdjust()
+        flow.adj = (adj[0], adj[1])
+        flow.kadj[d] = None
+        self.counters["resync"] += 1
+
+    def _resync(self, flow: Flow, why: str) -> None:
+        """Bytes of this connection went by without us (through another gateway of a
+        failover pair, or while this process was not there): what we remember of it, edits
+        and commands alike, is stale. Start over as for a connection picked up mid-stream;
+        the kernel's corrections stand."""
+        self._close_pinhole(flow, why)
+        for d in (C2S, S2C):
+            self._forget_history(flow, d)
+        flow.session = Session()
+        self._log_once(flow, "resync", why + "; history dropped, picked up again")
+
+
     def _close_pinhole(self, flow: Flow, why: str) -> None:
         ph = flow.pinhole
         if ph is None:
