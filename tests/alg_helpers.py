@@ -11,7 +11,7 @@ from scapy.layers.inet6 import IPv6
 
 from ftpalg.core import packet
 from ftpalg.core.seqadj import KernelAdj
-from ftpalg.core.table import Alg, FlowKey, Pinhole
+from ftpalg.core.table import Alg, FlowKey, Held, Pinhole
 
 MASK = 0xFFFFFFFF
 
@@ -86,6 +86,8 @@ class Conn:
         and port as the server sees them (after any SNAT)."""
         self.alg, self.client, self.server, self.public, self.nat = alg, client, server, public, nat
         self.dest = dest or server
+        self.sent: dict = {}  # token -> raw packet, for held packets coming back
+        self.released: list = []
         self.key = (packed(client[0]), client[1], packed(self.dest[0]), self.dest[1])
         self.cseq, self.sseq = cisn & MASK, sisn & MASK  # next seq each peer sends (own numbering)
         self.c_rcv = self.s_rcv = 0  # next seq each peer expects to receive (sender's wire numbering)
@@ -105,13 +107,22 @@ class Conn:
                                                      options=list(options)) / payload)
         if src == self.client and flags == "S":  # conntrack makes a new entry for a new SYN
             self.nat.adj.pop(self.key, None)
-        out = self.alg.handle(raw, self.now)
+        out = self.alg.handle(raw, self.now, token=(seq, payload))
+        d = 0 if src == self.client else 1
+        # held packets the core let go meanwhile: what the peer got of them, in order
+        self.released = [(tok, None if o == b"" else packet.decode(self.nat.kernel(o or tok_raw, self.key, d)))
+                         for tok, o, tok_raw in ((t, o, self.sent[t]) for t, o in self.alg.take_released())]
+        self.sent[(seq, payload)] = raw
         self.last_in = raw
+        self.held_last = isinstance(out, Held)
+        if isinstance(out, Held):
+            self.last_raw = b""
+            return None
         self.last_core = raw if out is None else out
         if out == b"":
             self.last_raw = out
             return None
-        self.last_raw = self.nat.kernel(self.last_core, self.key, 0 if src == self.client else 1)
+        self.last_raw = self.nat.kernel(self.last_core, self.key, d)
         return packet.decode(self.last_raw)
 
     def c(self, payload: bytes, flags: str = "PA", seq: int | None = None, options=()):

@@ -25,7 +25,7 @@ class Pkt:
 
 
 class Exploding(Alg):
-    def handle(self, raw, now):
+    def handle(self, raw, now, token=None):
         raise ZeroDivisionError("boom")
 
 
@@ -44,15 +44,54 @@ def test_fault_passes_packet_unchanged_and_is_counted(caplog):
 def test_verdicts_follow_the_core():
     alg = Alg(FakeNat(), FakePinholes())
     h = QueueHandler(alg, 1)
-    alg.handle = lambda raw, now: None  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: None  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert (p.verdict, p.new) == ("accept", None)
-    alg.handle = lambda raw, now: b""  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: b""  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert p.verdict == "drop"
-    alg.handle = lambda raw, now: b"new"  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: b"new"  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert (p.verdict, p.new) == ("accept", b"new")
+
+
+def test_held_packets_are_retained_and_get_their_verdict_in_order():
+    """A packet the core holds is retained; when the rest of its line comes, the held one
+    gets its verdict before the packet that completed it."""
+    from alg_helpers import Conn, FakeNat, FakePinholes
+
+    nat = FakeNat()
+    alg = Alg(nat, FakePinholes())
+    conn = Conn(alg, nat)  # handshake and mapping through the core directly
+    h = QueueHandler(alg, 1)
+    order = []
+
+    class Q(Pkt):
+        def __init__(self, payload, name):
+            super().__init__(payload)
+            self.name, self.retained = name, False
+
+        def retain(self):
+            self.retained = True
+
+        def accept(self):
+            order.append(self.name)
+
+        def drop(self):
+            order.append(self.name + " dropped")
+
+    from scapy.layers.inet import IP, TCP
+
+    def raw(seq, data):
+        return bytes(IP(src="10.0.0.2", dst="203.0.113.2") / TCP(sport=40000, dport=21, seq=seq, ack=conn.c_rcv,
+                                                                  flags="PA") / data)
+
+    a = Q(raw(conn.cseq, b"PORT 10,0,0,"), "first")
+    h._on_packet(a)
+    assert a.retained and order == []
+    b = Q(raw(conn.cseq + 12, b"2,195,80\r\n"), "second")
+    h._on_packet(b)
+    assert order == ["first", "second"] and a.new is not None and b.new is not None

@@ -136,13 +136,108 @@ def test_malformed_passes_unchanged(env):
     assert not holes.log and alg.counters["malformed"] == 1
 
 
-def test_partial_line_is_not_rewritten(env):
+def test_port_split_across_two_segments_is_rewritten(env):
+    """The first segment waits (HELD) for the rest; then both go, the first with its part
+    of the rewritten line in its own length, the second with the rest and the growth."""
     alg, nat, holes = env
     conn = Conn(alg, nat)
     login(conn)
-    assert conn.c(PORT[:10]).payload == PORT[:10]
-    assert conn.c(PORT[10:]).payload == PORT[10:]
-    assert not holes.log and alg.counters["partial_line"] == 1
+    start = conn.cseq
+    assert conn.c(PORT[:10]) is None  # held
+    second = conn.c(PORT[10:])
+    ((_, first),) = conn.released
+    assert (first.seq, first.payload) == (start, PORT_OUT[:10])
+    assert (second.seq, second.payload) == (start + 10, PORT_OUT[10:])
+    assert len(holes.live) == 1 and alg.counters["lines_assembled"] == 1
+    grow = len(PORT_OUT) - len(PORT)
+    assert conn.c(b"RETR f\r\n").seq == (start + len(PORT) + grow) & MASK
+    # retransmissions of either part come out as they went the first time
+    conn.c(PORT[:10], seq=start)
+    assert conn.last_raw and packet_payload(conn.last_raw) == PORT_OUT[:10]
+    conn.c(PORT[10:], seq=start + 10)
+    assert packet_payload(conn.last_raw) == PORT_OUT[10:]
+    conn.c(PORT, seq=start)  # or both joined (TCP coalesces retransmissions)
+    assert packet_payload(conn.last_raw) == PORT_OUT and holes.log == [("open", 1)]
+
+
+def packet_payload(raw: bytes) -> bytes:
+    from ftpalg.core import packet
+
+    return packet.decode(raw).payload
+
+
+def test_line_split_over_three_segments_after_a_whole_one(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(b"TYPE I\r\nPO") is None  # a whole line, then the start of a PORT
+    assert conn.c(b"RT 10,0,0,") is None
+    last = conn.c(b"2,195,80\r\nNOOP\r\n")
+    (_, a), (_, b) = conn.released
+    assert a.payload == b"TYPE I\r\nPO" and b.payload == b"RT 203,0,1"  # each keeps its length
+    assert b"TYPE I\r\n" + a.payload[8:] + b.payload + last.payload == b"TYPE I\r\n" + PORT_OUT + b"NOOP\r\n"
+    assert len(holes.live) == 1
+
+
+def test_227_split_by_the_server_is_rewritten(env):
+    alg, nat, holes = env
+    conn = dnat_conn(alg, nat)
+    login(conn)
+    conn.s(b"230 in\r\n")
+    conn.c(b"PASV\r\n")
+    reply = b"227 Entering Passive Mode (10,1,0,2,195,149).\r\n"
+    assert conn.s(reply[:30]) is None
+    rest = conn.s(reply[30:])
+    ((_, first),) = conn.released
+    assert first.payload + rest.payload == b"227 Entering Passive Mode (198,51,100,2,195,149).\r\n"
+    assert len(first.payload) == 30 and len(holes.live) == 1
+
+
+def test_a_partial_line_that_cannot_carry_an_address_is_not_held(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    assert conn.c(b"RETR fi").payload == b"RETR fi"
+    assert conn.c(b"le\r\n").payload == b"le\r\n"
+    assert alg.counters["lines_assembled"] == 0
+
+
+def test_held_segment_whose_rest_never_comes_is_dropped_once_then_let_go(env):
+    """A sender that waits for the first part's ACK before sending the rest (Nagle) never
+    sends the rest while the first part is held: it is dropped once, TCP resends it joined
+    with the rest, and that is rewritten; a partial line that stays partial goes unchanged
+    the second time."""
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    assert conn.c(PORT[:10]) is None
+    alg.expire_held(conn.now + 1)
+    assert alg.take_released() == [((start, PORT[:10]), b"")] and alg.counters["held_dropped"] == 1
+    conn.cseq = start
+    assert conn.c(PORT).payload == PORT_OUT  # the retransmission, coalesced
+    conn.s(b"200 ok\r\n")
+    start = conn.cseq
+    assert conn.c(b"PORT 10,0") is None
+    alg.expire_held(conn.now + 1)
+    alg.take_released()
+    conn.cseq = start
+    assert conn.c(b"PORT 10,0") is None
+    alg.expire_held(conn.now + 1)  # the same line again: let go unchanged
+    assert alg.take_released() == [((start, b"PORT 10,0"), None)]
+    assert alg.counters["partial_line"] == 1
+
+
+def test_copy_of_a_held_segment_is_dropped_and_out_of_order_data_releases_it(env):
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    assert conn.c(PORT[:10]) is None
+    assert conn.c(PORT[:10], seq=start) is None and alg.counters["held_duplicate"] == 1
+    conn.c(b"junk", seq=start + 20)  # not what follows: the held one goes as it was
+    ((_, first),) = conn.released
+    assert first.payload == PORT[:10] and alg.counters["partial_line"] == 1
 
 
 def test_not_at_line_start_is_ignored(env):
@@ -358,9 +453,16 @@ def test_hostile_payloads_never_raise(chunks):
     nat, holes = FakeNat(), FakePinholes()
     alg = Alg(nat, holes)
     conn = Conn(alg, nat)
+    held = 0
     for i, chunk in enumerate(chunks):
-        seg = conn.c(b"PORT " + chunk) if i % 2 else conn.s(chunk)
-        assert seg is not None
+        if i % 2:
+            conn.c(b"PORT " + chunk)
+        else:
+            conn.s(chunk)
+        held += conn.held_last
+        held -= len(conn.released)
+    alg.expire_held(conn.now + 10)
+    assert len(alg.take_released()) == held  # nothing stays held
     assert len(holes.live) <= 1
 
 

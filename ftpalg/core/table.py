@@ -45,6 +45,31 @@ CLOSE_GRACE = 60.0  # keep corrections this long after both FINs (late retransmi
 IDLE_CHECK = 600.0  # idle flows older than this are dropped once conntrack forgot them
 _PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT")
 _PARTIAL_CODES = (b"227", b"228", b"229")
+# Seconds a segment ending inside a line may wait for the rest. Longer than a sender's
+# retransmission timeout (Linux: 200 ms minimum once it has an RTT sample): a sender that
+# delays small writes (Nagle) sends the rest only when the first part is acknowledged or its
+# timer fires, and then sends it (or a copy of the first part, which is dropped) while the
+# first part still waits here.
+HOLD_TIME = 0.5
+HOLD_BYTES = 512  # the longest partial line held
+HOLD_SEGMENTS = 4  # the most segments one line may span
+
+
+class Held:
+    """What ``Alg.handle`` returns for a packet whose verdict waits: the caller keeps the
+    packet (its ``token``) until the core hands it back through ``take_released``."""
+
+
+HELD = Held()
+
+
+@dataclass(slots=True)
+class HeldSeg:
+    token: object  # the caller's handle of the queued packet
+    seg: Segment
+    out: bytes  # its payload as far as decided: lines before the partial one, rewritten
+    tail_off: int  # where the partial line starts in the payload
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +143,8 @@ class Flow:
     """One control connection: its TCP view and its FTP session."""
 
     __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
-                 "fin", "closed_at", "last_seen", "logged", "lookups", "kadj")
+                 "fin", "closed_at", "last_seen", "logged", "lookups", "kadj", "held", "held_snap",
+                 "dropped_at")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -134,6 +160,9 @@ class Flow:
         self.logged: set[str] = set()
         self.lookups = 0  # NAT mapping look-ups tried
         self.kadj: list[KernelAdj | None] = [None, None]  # the kernel's adjustment, when known
+        self.held: list[list[HeldSeg]] = [[], []]  # segments waiting, per direction
+        self.held_snap: list[tuple[int | None, bool]] = [(None, True), (None, True)]  # stream before them
+        self.dropped_at: list[int | None] = [None, None]  # line start whose segments were dropped once
 
     @property
     def corrected(self) -> bool:
@@ -165,11 +194,19 @@ class Alg:
         self.promised: dict[tuple[str, str, int], Pinhole] = {}  # (peer, public, port)
         self.counters: Counter[str] = Counter()
         self._next_id = 1
+        self.released: list[tuple[object, bytes | None]] = []  # held packets' verdicts, in order
+
+    def take_released(self) -> list[tuple[object, bytes | None]]:
+        """Verdicts for held packets (token, packet to send / None unchanged / b'' drop),
+        to apply before the verdict of the packet just handled, in this order."""
+        out, self.released = self.released, []
+        return out
 
     # ---- per packet -------------------------------------------------------------------
-    def handle(self, raw: bytes, now: float) -> bytes | None:
+    def handle(self, raw: bytes, now: float, token: object = None) -> bytes | None | Held:
         """Process one IP packet; return the packet to send instead, None to pass it
-        unchanged, or b'' to drop it."""
+        unchanged, b'' to drop it, or HELD: its verdict waits (``token`` identifies it when
+        it comes back through ``take_released``)."""
         self.counters["packets"] += 1
         try:
             seg = decode(raw)
@@ -194,9 +231,9 @@ class Alg:
             self.counters["flows"] += 1
             hit = (flow, C2S)
         flow, direction = hit
-        return self._segment(flow, direction, seg, now)
+        return self._segment(flow, direction, seg, now, token)
 
-    def _segment(self, flow: Flow, d: int, seg: Segment, now: float) -> bytes | None:
+    def _segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None) -> bytes | None | Held:
         flow.last_seen = now
         flags = seg.flags
         if d == C2S and flow.reply_key is None and flags & TcpFlags.ACK and not flags & TcpFlags.SYN:
@@ -212,18 +249,32 @@ class Alg:
                 self.flows[flow.key] = (flow, C2S)
             flow.streams[d].syn(seg.seq)
         payload = seg.payload
-        out_payload = payload
+        out_payload: bytes | Held = payload
+        if flow.held[d] and payload:
+            end = (flow.held[d][-1].seg.seq + len(flow.held[d][-1].seg.payload)) & MASK
+            if diff(seg.seq, end) < 0:  # a copy of a held segment: the original is kept
+                self.counters["held_duplicate"] += 1
+                return b""
+            if seg.seq != end or flags & (TcpFlags.FIN | TcpFlags.RST):
+                self._release_held(flow, d, "the stream went on without the rest of the line")
         if payload and not flags & TcpFlags.RST:
             try:
-                out_payload = self._data(flow, d, seg, payload, now)
+                out_payload = self._data(flow, d, seg, payload, now, token)
             except Unreplayable as e:
                 self.counters["dropped_unreplayable"] += 1
                 self._log_once(flow, "unreplayable", str(e))
                 return b""
-        seq = self._compensate(flow, d, seg) if out_payload and flow.adj[d].edits else seg.seq
+        if isinstance(out_payload, Held):
+            return HELD
         if flags & (TcpFlags.FIN | TcpFlags.RST):
             self._closing(flow, d, bool(flags & TcpFlags.RST), now)
-        if out_payload is payload and seq == seg.seq:
+        return self._finish(flow, d, seg, out_payload)
+
+    def _finish(self, flow: Flow, d: int, seg: Segment, out_payload: bytes) -> bytes | None:
+        """The packet to send for ``seg`` with ``out_payload``, or None if it is unchanged."""
+        payload = seg.payload
+        seq = self._compensate(flow, d, seg) if out_payload and flow.adj[d].edits else seg.seq
+        if out_payload == payload and seq == seg.seq:
             return None
         self.counters["rewritten_packets"] += 1
         try:
@@ -249,8 +300,24 @@ class Alg:
         self.counters["seq_compensated"] += 1
         return (seg.seq + want - got) & MASK
 
-    def _data(self, flow: Flow, d: int, seg: Segment, payload: bytes, now: float) -> bytes:
-        lines = flow.streams[d].feed(seg.seq, payload)
+    def _data(self, flow: Flow, d: int, seg: Segment, payload: bytes, now: float,
+              token: object = None) -> bytes | Held:
+        stream = flow.streams[d]
+        snap = (stream.next_seq, stream.at_line_start)
+        first, consumed = b"", 0  # the end of a line begun in held segments, as it goes out
+        if flow.held[d]:
+            nl = payload.find(b"\n")
+            held = flow.held[d]
+            size = sum(len(h.seg.payload) - h.tail_off for h in held) + len(payload)
+            if nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES:
+                stream.feed(seg.seq, payload)
+                held.append(HeldSeg(token, seg, payload, 0, now))
+                return HELD
+            if nl < 0:
+                self._release_held(flow, d, "line too long to hold")
+            else:
+                first, consumed = self._spanning_line(flow, d, seg, payload[: nl + 1], now), nl + 1
+        lines = stream.feed(seg.seq, payload)
         if lines.gap:
             self._count("gap", "data before this segment not seen; lines not inspected", flow)
             if flow.corrected or flow.session.count:
@@ -258,27 +325,108 @@ class Alg:
         out = flow.adj[d].replay(seg.seq, payload[: lines.old]) if lines.old else b""
         if len(out) < lines.old or lines.old == len(payload):
             return out if out != payload else payload
-        pos = lines.old
-        parts = [out]
+        pos = max(lines.old, consumed)
+        parts = [out, first]
         session, follow = flow.session, flow.reply_key is not None
         for off, line in lines.lines:
             dec = session.command(line, follow) if d == C2S else session.reply(line)
-            new = self._act(flow, d, dec, seg.seq, off, line, now) if dec else line
+            new = self._act(flow, d, dec, [(seg.seq, off, len(line))], line, now) if dec else line
             if new is not line:
                 parts.append(payload[pos:off])
                 parts.append(new)
                 pos = off + len(line)
-        tail = lines.tail
-        if tail and (tail[:4].upper() in _PARTIAL_VERBS if d == C2S else tail[:3] in _PARTIAL_CODES):
-            self._count("partial_line", "address-carrying line split across segments: not rewritten", flow)
-        if len(parts) == 1 and not lines.old:
-            return payload
         parts.append(payload[pos:])
         res = b"".join(parts)
+        tail = lines.tail
+        if tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES:
+            # The rest of this line is in a later segment: hold this one until it comes.
+            flow.held[d].append(HeldSeg(token, seg, res, len(payload) - len(tail), now))
+            flow.held_snap[d] = snap
+            return HELD
         return payload if res == payload else res
 
+    def _may_announce(self, flow: Flow, d: int, tail: bytes) -> bool:
+        """Whether a partial line could become one that carries an address."""
+        if d == C2S:
+            head = tail[:4].upper()
+            return any(v.startswith(head) for v in _PARTIAL_VERBS)
+        if flow.session.reply_code in ftp.PASSIVE_REPLY_CODES and not flow.session.reply_found:
+            return True  # inside a multi-line passive reply: any line may carry the address
+        return any(c.startswith(tail[:3]) for c in _PARTIAL_CODES)
+
+    def _spanning_line(self, flow: Flow, d: int, seg: Segment, end: bytes, now: float) -> bytes:
+        """A line begun in the held segments ends with ``end`` at the start of ``seg``: act
+        on it, send the held segments (each keeps its length; its part of the rewritten line
+        goes in its place), and return what replaces ``end`` in ``seg`` (carrying any length
+        change, so the kernel's single correction point sits at ``seg``)."""
+        held, flow.held[d] = flow.held[d], []
+        flow.held_snap[d] = (None, True)
+        pieces = [h.seg.payload[h.tail_off:] for h in held]
+        line = b"".join(pieces) + end
+        session, follow = flow.session, flow.reply_key is not None
+        dec = session.command(line, follow) if d == C2S else session.reply(line)
+        spans = [(h.seg.seq, h.tail_off, len(p)) for h, p in zip(held, pieces, strict=True)]
+        new = self._act(flow, d, dec, spans + [(seg.seq, 0, len(end))], line, now) if dec else line
+        self.counters["lines_assembled"] += 1
+        at = 0
+        for h, p in zip(held, pieces, strict=True):
+            out = h.out[: h.tail_off] + new[at : at + len(p)]
+            at += len(p)
+            self.released.append((h.token, self._finish(flow, d, h.seg, out)))
+        return new[at:]
+
+    def _release_held(self, flow: Flow, d: int, why: str) -> None:
+        """Let the held segments of direction ``d`` go as decided so far (the partial line
+        unchanged), counted."""
+        held, flow.held[d] = flow.held[d], []
+        flow.held_snap[d] = (None, True)
+        if not held:
+            return
+        self._count("partial_line", f"address-carrying line split across segments not rewritten: {why}", flow)
+        for h in held:
+            self.released.append((h.token, self._finish(flow, d, h.seg, h.out)))
+
+    def expire_held(self, now: float) -> None:
+        """Held segments whose line did not complete in time. The first time for a line that
+        its segments alone carry, they are dropped and the stream rewound: the sender resends
+        them, joined with the rest where TCP coalesces. A second time, or when other lines
+        shared the segment, they go unchanged (counted ``partial_line``): never held without
+        bound, never wedged."""
+        for flow, _ in list(self.flows.values()):
+            for d in (C2S, S2C):
+                held = flow.held[d]
+                if not held or now - held[0].since < HOLD_TIME:
+                    continue
+                start = (held[0].seg.seq + held[0].tail_off) & MASK
+                if held[0].tail_off == 0 and flow.dropped_at[d] != start:
+                    flow.dropped_at[d] = start
+                    flow.held[d] = []
+                    stream = flow.streams[d]
+                    stream.next_seq, stream.at_line_start = flow.held_snap[d]
+                    flow.held_snap[d] = (None, True)
+                    self.counters["held_dropped"] += len(held)
+                    self.released.extend((h.token, b"") for h in held)
+                else:
+                    self._release_held(flow, d, "the rest of the line did not come")
+
+    def release_all(self) -> None:
+        """Let every held segment go as decided so far (on shutdown)."""
+        for flow, d in list(self.flows.values()):
+            if d == C2S:
+                for direction in (C2S, S2C):
+                    self._release_held(flow, direction, "ftpalg is stopping")
+
+    def next_hold_deadline(self) -> float | None:
+        """When ``expire_held`` has work to do, if ever."""
+        times = [h[0].since for flow, d in self.flows.values() if d == C2S for h in flow.held if h]
+        return min(times) + HOLD_TIME if times else None
+
     # ---- FTP decisions ------------------------------------------------------------------
-    def _act(self, flow: Flow, d: int, dec: Decision, seg_seq: int, off: int, line: bytes, now: float) -> bytes:
+    def _act(self, flow: Flow, d: int, dec: Decision, spans: list[tuple[int, int, int]], line: bytes,
+             now: float) -> bytes:
+        """Act on one line; return the line to send. ``spans``: where the line lies, as
+        (segment seq, offset in the segment, length) per segment it spans; all but the last
+        keep their length in a rewrite, the last carries the change."""
         if dec.problem is not None:
             self._count(dec.problem[0], dec.problem[1], flow)
         if dec.close is not None:
@@ -288,6 +436,12 @@ class Alg:
         new = self._announce(flow, dec.announce, dec.cmd, line, now)
         if new is line:
             return line
+        kept = sum(n for _, _, n in spans[:-1])
+        if len(new) < kept:  # shorter than the held part: it cannot keep the held lengths
+            self._count("partial_line", "rewritten line shorter than its held part: not rewritten", flow)
+            self._close_pinhole(flow, "rewrite not possible")
+            return line
+        seg_seq = spans[-1][0]
         delta = len(new) - len(line)
         if delta:
             try:
@@ -304,7 +458,12 @@ class Alg:
             if not flow.adj[d].edits:  # what the kernel already shifts this direction by
                 flow.adj[d].base = k.before if k.pos == seg_seq & MASK else k.after
             flow.kadj[d] = k
-        flow.adj[d].add(seg_seq + off, len(line), new)
+        at = 0
+        for i, (sseq, off, n) in enumerate(spans):  # one edit per segment: replays stay exact
+            piece = new[at:] if i == len(spans) - 1 else new[at : at + n]
+            if piece != line[at : at + n]:
+                flow.adj[d].add(sseq + off, n, piece)
+            at += n
         self.counters["rewrites"] += 1
         return new
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
-from ..core.table import Alg
+from ..core.table import Alg, Held
 
 log = logging.getLogger("ftpalg")
 
@@ -33,15 +33,22 @@ class QueueHandler:
 
     def _on_packet(self, pkt: Any) -> None:
         try:
-            out = self.alg.handle(pkt.get_payload(), time.monotonic())
+            out = self.alg.handle(pkt.get_payload(), time.monotonic(), pkt)
         except Exception as e:  # contain: never let one packet kill the loop
             name = type(e).__name__
             n = self.faults[name] = self.faults.get(name, 0) + 1
             self.alg.counters["faults"] += 1
             if n == 1 or n % 1000 == 0:
                 log.exception("fault #%d (%s) handling a packet; passed unchanged", n, name)
-            pkt.accept()
+            out = None
+        self._released()  # held packets the core let go: they precede this one
+        if isinstance(out, Held):
+            pkt.retain()  # keep its payload after this callback; the verdict comes later
             return
+        self._verdict(pkt, out)
+
+    @staticmethod
+    def _verdict(pkt: Any, out: bytes | None) -> None:
         if out is None:
             pkt.accept()
         elif not out:
@@ -49,6 +56,10 @@ class QueueHandler:
         else:
             pkt.set_payload(out)
             pkt.accept()
+
+    def _released(self) -> None:
+        for token, out in self.alg.take_released():
+            self._verdict(token, out)
 
     def run(self, ready: Any = None) -> None:
         """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound."""
@@ -73,15 +84,21 @@ class QueueHandler:
             log.info("bound to NFQUEUE %d", self.queue_num)
             next_tick = time.monotonic() + TICK
             while not stopped:
-                timeout = max(0.0, next_tick - time.monotonic())
-                if sel.select(timeout):
+                hold = self.alg.next_hold_deadline()
+                deadline = next_tick if hold is None else min(next_tick, hold)
+                if sel.select(max(0.0, deadline - time.monotonic())):
                     nfq.run(block=False)
                 now = time.monotonic()
+                if hold is not None and now >= hold:
+                    self.alg.expire_held(now)
+                    self._released()
                 if now >= next_tick:
                     self.alg.tick(now)
                     next_tick = now + TICK
             log.info("stopping on %s", stopped[0])
         finally:
+            self.alg.release_all()  # no packet stays held when we go
+            self._released()
             for s, h in old.items():
                 signal.signal(s, h)
             sel.close()
