@@ -107,12 +107,12 @@ class Conn:
                                                      options=list(options)) / payload)
         if src == self.client and flags == "S":  # conntrack makes a new entry for a new SYN
             self.nat.adj.pop(self.key, None)
+        self.sent[(seq, payload)] = raw
         out = self.alg.handle(raw, self.now, token=(seq, payload))
         d = 0 if src == self.client else 1
         # held packets the core let go meanwhile: what the peer got of them, in order
         self.released = [(tok, None if o == b"" else packet.decode(self.nat.kernel(o or tok_raw, self.key, d)))
                          for tok, o, tok_raw in ((t, o, self.sent[t]) for t, o in self.alg.take_released())]
-        self.sent[(seq, payload)] = raw
         self.last_in = raw
         self.held_last = isinstance(out, Held)
         if isinstance(out, Held):

@@ -1,12 +1,13 @@
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
 from alg_helpers import MASK, Conn, FakeNat, FakePinholes, packed
-from ftpalg.core.table import Alg
+from ftpalg.core import packet
+from ftpalg.core.table import HOLD_SEGMENTS, Alg
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
 PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
@@ -235,9 +236,10 @@ def test_copy_of_a_held_segment_is_dropped_and_out_of_order_data_releases_it(env
     start = conn.cseq
     assert conn.c(PORT[:10]) is None
     assert conn.c(PORT[:10], seq=start) is None and alg.counters["held_duplicate"] == 1
-    conn.c(b"junk", seq=start + 20)  # not what follows: the held one goes as it was
-    ((_, first),) = conn.released
-    assert first.payload == PORT[:10] and alg.counters["partial_line"] == 1
+    assert conn.c(b"junk", seq=start + 20) is None  # ahead of the stream: kept for the hole
+    alg.expire_held(conn.now + 1)  # the hole never fills: the held line goes as it was, then the rest
+    assert alg.take_released() == [((start, PORT[:10]), None), ((start + 20, b"junk"), None)]
+    assert alg.counters["partial_line"] == 1 and alg.counters["gap"] == 1
 
 
 def test_not_at_line_start_is_ignored(env):
@@ -677,10 +679,73 @@ def test_history_is_dropped_when_the_connection_went_by_elsewhere(env):
     conn.s_rcv = (conn.s_rcv + len(elsewhere) + grow) & MASK
     conn.sseq = (conn.sseq + 8) & MASK
     conn.c_rcv = (conn.c_rcv + 8) & MASK
-    seg = conn.c(b"TYPE I\r\n")  # back here: a gap
+    assert conn.c(b"TYPE I\r\n") is None  # back here: ahead of what we saw, kept for a while ...
+    alg.expire_held(conn.now + 1)  # ... the hole does not fill: a gap
+    ((token, out),) = alg.take_released()
+    seg = packet.decode(nat.kernel(out or conn.sent[token], conn.key, 0))
     assert alg.counters["resync"] >= 1 and alg.counters["gap"] == 1
     assert seg.seq == (conn.cseq - 8 + 2 * grow) & MASK  # the kernel's two corrections
     conn.s(b"200 ok\r\n")
     seg = conn.c(PORT)
     assert seg.payload == PORT_OUT and seg.seq == (conn.cseq - len(PORT) + 2 * grow) & MASK
     assert alg.counters["seq_compensated"] == 0
+
+
+def test_segments_arriving_out_of_order_are_put_back_in_order_and_inspected(env):
+    """The second part of a command arrives before the first: it waits until the hole fills,
+    then both are inspected in stream order and leave in that order."""
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    start = conn.cseq
+    line = b"NOOP\r\n" + PORT
+    assert conn.c(line[6:], seq=start + 6) is None  # the PORT, ahead of the NOOP
+    first = conn.c(line[:6], seq=start)
+    assert first is None  # its verdict goes with the one that waited
+    (a_tok, a), (b_tok, b) = conn.released
+    assert (a_tok, b_tok) == ((start, line[:6]), (start + 6, line[6:]))  # stream order
+    assert a.payload == b"NOOP\r\n" and b.payload == PORT_OUT and len(holes.live) == 1
+    assert alg.counters["reordered"] == 1 and alg.counters["gap"] == 0
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_segmentation_reordering_and_duplication_gives_the_rewritten_stream(data):
+    """For a session's client byte stream cut into segments at random, delivered with random
+    duplicates and local reordering (what TCP repairs), the server reassembles exactly the
+    rewritten stream; every segment it gets carries the bytes it carried the first time."""
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes)
+    conn = Conn(alg, nat)
+    login(conn)
+    cmds = [b"TYPE I\r\n", PORT, b"RETR f\r\n", b"EPRT |1|10.0.0.2|50001|\r\n", b"NOOP\r\n"]
+    stream = b"".join(cmds)
+    want = stream.replace(PORT, PORT_OUT).replace(b"|1|10.0.0.2|50001|", b"|1|203.0.113.1|50001|")
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)))
+    bounds = list(zip([0, *cuts], [*cuts, len(stream)], strict=True))
+    at = 0
+    for c in cmds:  # a line over more than HOLD_SEGMENTS segments goes unchanged, by design
+        assume(sum(1 for lo, hi in bounds if lo < at + len(c) and hi > at) <= HOLD_SEGMENTS)
+        at += len(c)
+    order = list(range(len(bounds)))
+    for i in range(len(order) - 1):  # local swaps: reordering by at most a few segments
+        if data.draw(st.booleans()):
+            order[i], order[i + 1] = order[i + 1], order[i]
+    sends = [i for i in order for _ in range(data.draw(st.integers(1, 2)))]  # some twice
+    start = conn.cseq
+    got: dict[int, bytes] = {}
+    out_seq0 = start
+    for i in sends:
+        lo, hi = bounds[i]
+        seg = conn.c(stream[lo:hi], seq=(start + lo) & MASK)
+        for pkt in [p for _, p in conn.released] + ([seg] if seg is not None else []):
+            if pkt is not None and pkt.payload:
+                off = (pkt.seq - out_seq0) & MASK
+                assert got.setdefault(off, pkt.payload) == pkt.payload  # copies are identical
+    alg.expire_held(conn.now + 10)
+    for _, raw in alg.take_released():
+        assert raw is None or raw  # nothing dropped at the end
+    rebuilt = bytearray()
+    for off in sorted(got):
+        rebuilt[off : off + len(got[off])] = got[off]
+    assert bytes(rebuilt) == want

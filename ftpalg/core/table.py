@@ -53,6 +53,8 @@ _PARTIAL_CODES = (b"227", b"228", b"229")
 HOLD_TIME = 0.5
 HOLD_BYTES = 512  # the longest partial line held
 HOLD_SEGMENTS = 4  # the most segments one line may span
+AHEAD_SEGMENTS = 8  # segments that arrived ahead of the stream, kept until the hole fills
+AHEAD_BYTES = 16384  # how far ahead of the stream such a segment may start
 
 
 class Held:
@@ -63,13 +65,29 @@ class Held:
 HELD = Held()
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A decided payload whose packet is encoded only when its verdict is handed out: the
+    seq it needs depends on the kernel's correction point at that moment, which a later
+    rewrite in the same call may still move."""
+
+    flow: Flow
+    d: int
+    seg: Segment
+    payload: bytes
+
+
+Decision_ = Pending | bytes | None  # what a packet's verdict will be: encode, drop (b''), unchanged
+
+
 @dataclass(slots=True)
 class HeldSeg:
     token: object  # the caller's handle of the queued packet
     seg: Segment
     out: bytes  # its payload as far as decided: lines before the partial one, rewritten
-    tail_off: int  # where the partial line starts in the payload
+    tail_off: int  # where the partial line starts in the payload as it came
     since: float
+    keep: int = 0  # where it starts in ``out`` (earlier lines may have been rewritten)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +162,7 @@ class Flow:
 
     __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
                  "fin", "closed_at", "last_seen", "logged", "lookups", "kadj", "held", "held_snap",
-                 "dropped_at")
+                 "dropped_at", "ahead")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -163,6 +181,7 @@ class Flow:
         self.held: list[list[HeldSeg]] = [[], []]  # segments waiting, per direction
         self.held_snap: list[tuple[int | None, bool]] = [(None, True), (None, True)]  # stream before them
         self.dropped_at: list[int | None] = [None, None]  # line start whose segments were dropped once
+        self.ahead: list[list[tuple[object, Segment, float]]] = [[], []]  # out of order, per direction
 
     @property
     def corrected(self) -> bool:
@@ -194,13 +213,16 @@ class Alg:
         self.promised: dict[tuple[str, str, int], Pinhole] = {}  # (peer, public, port)
         self.counters: Counter[str] = Counter()
         self._next_id = 1
-        self.released: list[tuple[object, bytes | None]] = []  # held packets' verdicts, in order
+        self.released: list[tuple[object, Decision_]] = []  # held packets' verdicts, in order
 
     def take_released(self) -> list[tuple[object, bytes | None]]:
         """Verdicts for held packets (token, packet to send / None unchanged / b'' drop),
         to apply before the verdict of the packet just handled, in this order."""
         out, self.released = self.released, []
-        return out
+        return [(token, self._final(x)) for token, x in out]
+
+    def _final(self, x: Decision_) -> bytes | None:
+        return self._finish(x.flow, x.d, x.seg, x.payload) if isinstance(x, Pending) else x
 
     # ---- per packet -------------------------------------------------------------------
     def handle(self, raw: bytes, now: float, token: object = None) -> bytes | None | Held:
@@ -231,9 +253,48 @@ class Alg:
             self.counters["flows"] += 1
             hit = (flow, C2S)
         flow, direction = hit
-        return self._segment(flow, direction, seg, now, token)
+        res = self._segment(flow, direction, seg, now, token)
+        return res if isinstance(res, Held) else self._final(res)
 
-    def _segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None) -> bytes | None | Held:
+    def _segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None,
+                 draining: bool = False) -> Decision_ | Held:
+        if not draining and seg.payload and not seg.flags & (TcpFlags.SYN | TcpFlags.RST):
+            nxt = flow.streams[d].next_seq
+            if nxt is not None and diff(seg.seq, nxt) > 0:  # ahead of the stream: a hole before it
+                ahead = flow.ahead[d]
+                if any(a.seq == seg.seq for _, a, _ in ahead):
+                    self.counters["ahead_duplicate"] += 1
+                    return b""  # a copy of one kept: the original goes in order
+                if len(ahead) < AHEAD_SEGMENTS and diff(seg.seq, nxt) <= AHEAD_BYTES:
+                    ahead.append((token, seg, now))
+                    ahead.sort(key=lambda a: diff(a[1].seq, nxt))
+                    self.counters["reordered"] += 1
+                    return HELD
+                self._drain(flow, d, now, force=True)  # no room: what waited goes first, as after a gap
+        out = self._in_order(flow, d, seg, now, token)
+        if draining or not flow.ahead[d]:
+            return out
+        # what waited for the hole this segment filled goes now, after it, in stream order
+        if not isinstance(out, Held):
+            self.released.append((token, out))
+        self._drain(flow, d, now)
+        return HELD
+
+    def _drain(self, flow: Flow, d: int, now: float, force: bool = False) -> None:
+        """Process the segments kept ahead of the stream whose turn has come (all of them if
+        ``force``: the hole did not fill in time, they go on as after a gap)."""
+        ahead = flow.ahead[d]
+        while ahead:
+            nxt = flow.streams[d].next_seq
+            token, seg, _ = ahead[0]
+            if not force and nxt is not None and diff(seg.seq, nxt) > 0:
+                return
+            ahead.pop(0)
+            out = self._segment(flow, d, seg, now, token, draining=True)
+            if not isinstance(out, Held):
+                self.released.append((token, out))
+
+    def _in_order(self, flow: Flow, d: int, seg: Segment, now: float, token: object) -> Decision_ | Held:
         flow.last_seen = now
         flags = seg.flags
         if d == C2S and flow.reply_key is None and flags & TcpFlags.ACK and not flags & TcpFlags.SYN:
@@ -268,7 +329,7 @@ class Alg:
             return HELD
         if flags & (TcpFlags.FIN | TcpFlags.RST):
             self._closing(flow, d, bool(flags & TcpFlags.RST), now)
-        return self._finish(flow, d, seg, out_payload)
+        return Pending(flow, d, seg, out_payload)
 
     def _finish(self, flow: Flow, d: int, seg: Segment, out_payload: bytes) -> bytes | None:
         """The packet to send for ``seg`` with ``out_payload``, or None if it is unchanged."""
@@ -287,11 +348,14 @@ class Alg:
         """The seq to send so that, after the kernel's adjustment, the segment lands where
         this process's edit history says it belongs. The kernel keeps one correction point
         per direction: a retransmission from before the last rewrite's segment gets its
-        ``before`` offset, which is wrong when two rewrites were in flight. Only segments
-        the history covers are touched (after a restart it starts empty)."""
+        ``before`` offset, which is wrong when two rewrites were in flight (a retransmission,
+        or a held segment let go after the next rewrite moved the point). Only segments the
+        history covers are touched (after a restart it starts empty)."""
         k = flow.kadj[d]
         adj = flow.adj[d]
-        if k is None or diff(seg.seq, adj.edits[0].start) < 0:
+        if k is None or (adj.base and diff(seg.seq + len(seg.payload), adj.edits[0].start) <= 0):
+            # all of it before this process's first edit, on top of corrections made before
+            # (by an earlier run or the other gateway): not ours to know
             return seg.seq
         want = diff(adj.forward(seg.seq), seg.seq)
         got = k.seq_offset(seg.seq)
@@ -340,7 +404,7 @@ class Alg:
         tail = lines.tail
         if tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES:
             # The rest of this line is in a later segment: hold this one until it comes.
-            flow.held[d].append(HeldSeg(token, seg, res, len(payload) - len(tail), now))
+            flow.held[d].append(HeldSeg(token, seg, res, len(payload) - len(tail), now, len(res) - len(tail)))
             flow.held_snap[d] = snap
             return HELD
         return payload if res == payload else res
@@ -370,9 +434,9 @@ class Alg:
         self.counters["lines_assembled"] += 1
         at = 0
         for h, p in zip(held, pieces, strict=True):
-            out = h.out[: h.tail_off] + new[at : at + len(p)]
+            out = h.out[: h.keep] + new[at : at + len(p)]
             at += len(p)
-            self.released.append((h.token, self._finish(flow, d, h.seg, out)))
+            self.released.append((h.token, Pending(flow, d, h.seg, out)))
         return new[at:]
 
     def _release_held(self, flow: Flow, d: int, why: str) -> None:
@@ -384,7 +448,7 @@ class Alg:
             return
         self._count("partial_line", f"address-carrying line split across segments not rewritten: {why}", flow)
         for h in held:
-            self.released.append((h.token, self._finish(flow, d, h.seg, h.out)))
+            self.released.append((h.token, Pending(flow, d, h.seg, h.out)))
 
     def expire_held(self, now: float) -> None:
         """Held segments whose line did not complete in time. The first time for a line that
@@ -394,6 +458,9 @@ class Alg:
         bound, never wedged."""
         for flow, _ in list(self.flows.values()):
             for d in (C2S, S2C):
+                if flow.ahead[d] and now - min(t for _, _, t in flow.ahead[d]) >= HOLD_TIME:
+                    self.counters["reorder_timeout"] += 1
+                    self._drain(flow, d, now, force=True)
                 held = flow.held[d]
                 if not held or now - held[0].since < HOLD_TIME:
                     continue
@@ -415,10 +482,13 @@ class Alg:
             if d == C2S:
                 for direction in (C2S, S2C):
                     self._release_held(flow, direction, "ftpalg is stopping")
+                    self.released.extend((token, None) for token, _, _ in flow.ahead[direction])
+                    flow.ahead[direction] = []
 
     def next_hold_deadline(self) -> float | None:
         """When ``expire_held`` has work to do, if ever."""
         times = [h[0].since for flow, d in self.flows.values() if d == C2S for h in flow.held if h]
+        times += [t for flow, d in self.flows.values() if d == C2S for a in flow.ahead for _, _, t in a]
         return min(times) + HOLD_TIME if times else None
 
     # ---- FTP decisions ------------------------------------------------------------------

@@ -41,11 +41,11 @@ class QueueHandler:
             if n == 1 or n % 1000 == 0:
                 log.exception("fault #%d (%s) handling a packet; passed unchanged", n, name)
             out = None
-        self._released()  # held packets the core let go: they precede this one
         if isinstance(out, Held):
             pkt.retain()  # keep its payload after this callback; the verdict comes later
-            return
-        self._verdict(pkt, out)
+        self._released()  # held packets the core let go: they precede this one
+        if not isinstance(out, Held):
+            self._verdict(pkt, out)
 
     @staticmethod
     def _verdict(pkt: Any, out: bytes | None) -> None:
