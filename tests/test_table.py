@@ -7,7 +7,7 @@ from scapy.layers.inet import IP, TCP
 
 from alg_helpers import MASK, Conn, FakeNat, FakePinholes, packed
 from ftpalg.core import packet
-from ftpalg.core.table import HOLD_SEGMENTS, Alg
+from ftpalg.core.table import HOLD_SEGMENTS, Alg, Held
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
 PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
@@ -732,6 +732,7 @@ def test_any_segmentation_reordering_and_duplication_gives_the_rewritten_stream(
         if data.draw(st.booleans()):
             order[i], order[i + 1] = order[i + 1], order[i]
     sends = [i for i in order for _ in range(data.draw(st.integers(1, 2)))]  # some twice
+    sends += list(range(len(bounds)))  # TCP repairs: the original segments resent in order
     start = conn.cseq
     got: dict[int, bytes] = {}
     out_seq0 = start
@@ -749,3 +750,74 @@ def test_any_segmentation_reordering_and_duplication_gives_the_rewritten_stream(
     for off in sorted(got):
         rebuilt[off : off + len(got[off])] = got[off]
     assert bytes(rebuilt) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_server_replies_split_lost_duplicated_and_reordered_reassemble_and_acks_map_back(data):
+    """The server's side behind DNAT: replies (a multi-line 227 among them) cut into segments
+    at random, some lost and resent later (joined with their neighbour, as TCP's
+    retransmission may coalesce), some doubled, some swapped. The client reassembles exactly
+    the rewritten replies, and its ack of everything maps back to the server's own end."""
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(nat, holes)
+    conn = dnat_conn(alg, nat)
+    login(conn)
+    conn.s(b"230 in\r\n")
+    replies = [b"227-Entering Passive Mode\r\n", b" (10,1,0,2,195,149) here\r\n", b"227 ok\r\n"]
+    conn.c(b"PASV\r\n")
+    stream = b"".join(replies)
+    want = stream.replace(b"10,1,0,2,195,149", b"198,51,100,2,195,149")
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=6)))
+    bounds = list(zip([0, *cuts], [*cuts, len(stream)], strict=True))
+    at = 0
+    for r in replies:
+        assume(sum(1 for lo, hi in bounds if lo < at + len(r) and hi > at) <= HOLD_SEGMENTS)
+        at += len(r)
+    plan = []  # (lo, hi) as sent: lost ones come again later, joined with the next
+    lost = set()
+    for i, (lo, hi) in enumerate(bounds):
+        if data.draw(st.booleans()) and i + 1 < len(bounds):
+            lost.add(i)
+            continue
+        if i - 1 in lost:
+            plan.append((bounds[i - 1][0], hi))  # the resend, coalesced with this one
+        plan.append((lo, hi))
+        if data.draw(st.integers(0, 3)) == 0:
+            plan.append((lo, hi))  # a copy
+    for i in range(len(plan) - 1):
+        if data.draw(st.integers(0, 3)) == 0:
+            plan[i], plan[i + 1] = plan[i + 1], plan[i]
+    start = conn.sseq
+    got: dict[int, bytes] = {}
+    out0 = None
+    plan += bounds  # TCP repairs what is still missing: the original segments, resent in order
+    for lo, hi in plan:
+        raw = bytes(IP(src=INSIDE[0], dst=OUTSIDE[0]) / TCP(sport=21, dport=OUTSIDE[1], seq=(start + lo) & MASK,
+                                                            ack=conn.s_rcv, flags="PA") / stream[lo:hi])
+        out = alg.handle(raw, conn.now, token=(lo, hi))
+        done = [(t, o) for t, o in alg.take_released()]
+        if not isinstance(out, Held):
+            done.append(((lo, hi), out))
+        for (tlo, thi), o in done:
+            if o == b"":
+                continue
+            pkt = packet.decode(nat.kernel(o or bytes(IP(src=INSIDE[0], dst=OUTSIDE[0]) / TCP(
+                sport=21, dport=OUTSIDE[1], seq=(start + tlo) & MASK, ack=conn.s_rcv, flags="PA") / stream[tlo:thi]),
+                conn.key, 1))
+            out0 = start if out0 is None else out0
+            off = (pkt.seq - start) & MASK
+            for j in range(len(pkt.payload)):  # byte by byte: copies and joins must agree
+                assert got.setdefault(off + j, pkt.payload[j : j + 1]) == pkt.payload[j : j + 1]
+    alg.expire_held(conn.now + 10)
+    alg.take_released()
+    rebuilt = bytes(b"".join(got[i] for i in range(len(want)) if i in got))
+    assert rebuilt == want and len(got) == len(want)
+    assert len(holes.live) == 1
+    # the client acks all it got: the server must see its own numbering
+    ack = conn.c(b"", flags="A", seq=conn.cseq)
+    del ack
+    raw = bytes(IP(src=OUTSIDE[0], dst=PUBLIC[0]) / TCP(sport=OUTSIDE[1], dport=21, seq=conn.cseq,
+                                                        ack=(start + len(want)) & MASK, flags="A"))
+    seen = packet.decode(nat.kernel(alg.handle(raw, conn.now) or raw, conn.key, 0))
+    assert seen.ack == (start + len(stream)) & MASK

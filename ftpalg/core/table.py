@@ -335,6 +335,8 @@ class Alg:
         """The packet to send for ``seg`` with ``out_payload``, or None if it is unchanged."""
         payload = seg.payload
         seq = self._compensate(flow, d, seg) if out_payload and flow.adj[d].edits else seg.seq
+        if seq is None:
+            return b""
         if out_payload == payload and seq == seg.seq:
             return None
         self.counters["rewritten_packets"] += 1
@@ -344,25 +346,31 @@ class Alg:
             self._count("encode_failed", str(e))
             return None
 
-    def _compensate(self, flow: Flow, d: int, seg: Segment) -> int:
+    def _compensate(self, flow: Flow, d: int, seg: Segment) -> int | None:
         """The seq to send so that, after the kernel's adjustment, the segment lands where
-        this process's edit history says it belongs. The kernel keeps one correction point
-        per direction: a retransmission from before the last rewrite's segment gets its
-        ``before`` offset, which is wrong when two rewrites were in flight (a retransmission,
-        or a held segment let go after the next rewrite moved the point). Only segments the
-        history covers are touched (after a restart it starts empty)."""
+        this process's edit history says it belongs; None if no seq can (drop it: TCP resends,
+        or the receiver already has those bytes). The kernel keeps one correction point per
+        direction and shifts a segment by ``before`` up to it and ``after`` beyond: wrong for
+        a retransmission from before the last rewrite (two rewrites in flight, or a held
+        segment let go after the next rewrite moved the point), and impossible to get right
+        for one that starts after the point but before the edit (part of a segment resent).
+        Only segments the history covers are touched (after a restart it starts empty)."""
         k = flow.kadj[d]
         adj = flow.adj[d]
         if k is None or (adj.base and diff(seg.seq + len(seg.payload), adj.edits[0].start) <= 0):
             # all of it before this process's first edit, on top of corrections made before
             # (by an earlier run or the other gateway): not ours to know
             return seg.seq
-        want = diff(adj.forward(seg.seq), seg.seq)
-        got = k.seq_offset(seg.seq)
-        if want == got:
+        want = (seg.seq + diff(adj.forward(seg.seq), seg.seq)) & MASK  # where it must land
+        if want == (seg.seq + k.seq_offset(seg.seq)) & MASK:
             return seg.seq
-        self.counters["seq_compensated"] += 1
-        return (seg.seq + want - got) & MASK
+        for off in (k.after, k.before):  # a seq on the side of the point that gets ``off``
+            x = (want - off) & MASK
+            if (diff(x, k.pos) > 0) == (off == k.after) and k.seq_offset(x) == off:
+                self.counters["seq_compensated"] += 1
+                return x
+        self.counters["dropped_unexpressible"] += 1
+        return None
 
     def _data(self, flow: Flow, d: int, seg: Segment, payload: bytes, now: float,
               token: object = None) -> bytes | Held:
