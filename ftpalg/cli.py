@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 from . import __version__
 from .linux.rules import DEFAULT_QUEUE, RuleError
@@ -101,6 +102,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from .lab.lab import Lab
 
     lab = Lab(args.prefix)
+    if args.action == "faults":
+        return _lab_faults(lab, args)
     if args.action == "up":
         lab.up(servers=not args.no_servers)
         lab.procs.clear()  # servers keep running; `ftpalg lab down` stops them
@@ -109,6 +112,34 @@ def cmd_lab(args: argparse.Namespace) -> int:
     else:
         lab.down()
         print("lab down")
+    return 0
+
+
+def _lab_faults(lab: Any, args: argparse.Namespace) -> int:
+    """Loss, duplication and reordering on both links of the lab's gateway (in the client's
+    and the servers' namespace, both ways) until Ctrl-C or SIGTERM."""
+    from .lab.faults import Faults
+
+    if not lab.exists():
+        raise RuleError(f"no lab with prefix {args.prefix}: run `ftpalg lab up` first")
+    signal.signal(signal.SIGTERM, _interrupt)
+    injected = []
+    with contextlib.ExitStack() as stack:
+        q = 3100
+        for ns in (lab.client, lab.server):
+            for chain in ("OUTPUT", "INPUT"):
+                injected.append(stack.enter_context(Faults(
+                    ns, drop=args.loss, dup=args.dup, reorder=args.reorder, delay_ms=args.delay_ms,
+                    ports=tuple(args.port or ()), chain=chain, queue=q, seed=args.seed + q)))
+                q += 1
+        print(f"faults on: {args.loss:.0%} lost, {args.dup:.0%} duplicated, {args.reorder:.0%} held back "
+              f"{args.delay_ms:g} ms, both ways on both links of {lab.gw}"
+              f"{' (ports ' + ','.join(map(str, args.port)) + ')' if args.port else ''}; Ctrl-C ends them",
+              flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    for f in injected:
+        print(f"{f.ns} {' '.join(f'{k}={v}' for k, v in sorted(f.counters.items()))}")
     return 0
 
 
@@ -153,9 +184,16 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     lab = sub.add_parser("lab", help="build or remove the namespace lab")
-    lab.add_argument("action", choices=["up", "down"])
+    lab.add_argument("action", choices=["up", "down", "faults"],
+                     help="faults: loss, duplication and reordering on the gateway's links until Ctrl-C")
     lab.add_argument("--prefix", default="ftpalg", help="name prefix of the lab's namespaces")
     lab.add_argument("--no-servers", action="store_true", help="do not start the FTP servers")
+    lab.add_argument("--loss", type=float, default=0.05, help="faults: share of segments lost (default 0.05)")
+    lab.add_argument("--dup", type=float, default=0.02, help="faults: share duplicated (default 0.02)")
+    lab.add_argument("--reorder", type=float, default=0.05, help="faults: share held back (default 0.05)")
+    lab.add_argument("--delay-ms", type=float, default=15.0, help="faults: how long one is held back")
+    lab.add_argument("--port", type=int, action="append", help="faults: only these TCP ports (repeatable)")
+    lab.add_argument("--seed", type=int, default=0, help="faults: seed of the random decisions")
     lab.set_defaults(func=cmd_lab)
 
     ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs (deploy/ files)")

@@ -55,3 +55,22 @@ def test_sessions_survive_loss_duplication_and_reordering_on_both_links(lab, alg
 def test_two_hundred_transfers_in_one_control_session(lab, alg, mode):
     r = sessions(lab, SERVERS["vsftpd"], 1, 200, 1, mode)
     assert r["transfers_ok"] == 200, r
+
+
+@pytest.mark.parametrize("mode", ["PORT", "PASV"])
+def test_uploads_under_faults(lab, alg, mode):
+    src = lab.state / f"faulty-up-{mode}"
+    src.write_bytes(bytes(range(256)) * 2000)
+    with contextlib.ExitStack() as stack:
+        q = 3200
+        for ns in (lab.client, lab.server):
+            for chain in ("OUTPUT", "INPUT"):
+                stack.enter_context(Faults(ns, drop=0.05, dup=0.05, reorder=0.1, delay_ms=15, ports=(21,),
+                                           chain=chain, queue=q, seed=q))
+                q += 1
+        for i in range(3):
+            name = f"upload/faulty-{mode}-{i}.bin"
+            res = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.lab.ftpclient", SERVERS["vsftpd"], "put", str(src),
+                                      name, "--mode", mode, "--source", CLIENTS[0]], check=False, timeout=120)
+            assert res.returncode == 0, res.stderr[-1500:]
+            assert sha256(lab.files / name) == sha256(src)
