@@ -15,6 +15,7 @@ from scapy.layers.inet import TCP
 from scapy.utils import rdpcap
 
 from ftpalg.lab.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
+from netns_checks import no_pinholes_soon
 
 pytestmark = pytest.mark.netns
 
@@ -43,16 +44,6 @@ def load_deploy_files(lab: Lab) -> None:
 def remove_static_rules(lab: Lab) -> None:
     code = "from ftpalg.linux.rules import StaticRules; StaticRules([21], 0).remove()"
     lab.ns(lab.gw, [sys.executable, "-c", code])
-
-
-def no_pinholes_soon(lab: Lab, within: float = 3.0) -> bool:
-    """Closed pinholes leave the kernel in batches, about a second after closing."""
-    deadline = time.monotonic() + within
-    while lab.expectations():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def ns_python(lab: Lab, ns: str, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

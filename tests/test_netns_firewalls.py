@@ -46,6 +46,7 @@ from ftpalg.lab.lab import (
     Lab,
     sha256,
 )
+from netns_checks import check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon
 
 pytestmark = pytest.mark.netns
 
@@ -214,15 +215,6 @@ def algs(lab, firewall):
         assert "Traceback" not in lab.ftpalg_log(gw)
 
 
-def no_pinholes_soon(lab: Lab, gw: str, within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while lab.expectations(gw):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def state_dump(lab: Lab, gw: str) -> str:
     """What to look at when a transfer fails: conntrack, expectations, ruleset, ftpalg's log."""
     parts = []
@@ -301,69 +293,8 @@ def test_ipv6_without_nat(lab, firewall, algs):
     check_batch(lab, firewall, "ipv6-no-nat")
 
 
-PASV_SESSION = textwrap.dedent("""
-    import ftplib, hashlib, socket, sys
-    host, me, name = sys.argv[1:4]
-    ftp = ftplib.FTP(timeout=10)
-    ftp.connect(host, 21, source_address=(me, 0))
-    ftp.login()
-    ftp.voidcmd("TYPE I")
-    resp = ftp.sendcmd("PASV")
-    print(resp, flush=True)
-    host, port = ftplib.parse227(resp)
-    input()  # the test probes the port from another client meanwhile
-    data = socket.create_connection((host, port), timeout=5, source_address=(me, 0))
-    ftp.sendcmd("RETR " + name)
-    h = hashlib.sha256()
-    while chunk := data.recv(65536):
-        h.update(chunk)
-    data.close()
-    ftp.voidresp()
-    print(h.hexdigest(), flush=True)
-    try:
-        socket.create_connection((host, port), timeout=3, source_address=(me, 0))
-        print("second connection accepted", flush=True)
-    except OSError:
-        print("no second connection", flush=True)
-    ftp.quit()
-""")
-PROBE = textwrap.dedent("""
-    import socket, sys
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3, source_address=(sys.argv[3], 0))
-        print("connected")
-    except OSError as e:
-        print("refused", e)
-""")
-
-
 def test_pasv_pinhole_admits_only_the_announced_client(lab, firewall, algs):
-    """Through gw2's DNAT: the port of the 227 is open to the client of that control
-    connection, once; another outside client gets nothing, and neither does the first one
-    after its transfer."""
-    host = PUBLIC_OF["pyftpdlib"]
-    assert no_pinholes_soon(lab, lab.gw2), lab.expectations(lab.gw2)
-    client = subprocess.Popen(["ip", "netns", "exec", lab.server, sys.executable, "-c", PASV_SESSION, host,
-                               OUTSIDE_CLIENTS[0], FILE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert client.stdin is not None and client.stdout is not None
-    try:
-        line = client.stdout.readline()
-        assert line.startswith("227") and host.replace(".", ",") in line, line
-        nums = line.split("(")[1].split(")")[0].split(",")
-        port = int(nums[4]) * 256 + int(nums[5])
-        (exp,) = lab.expectations(lab.gw2)
-        assert f"src={OUTSIDE_CLIENTS[0]} dst={host} sport=0 dport={port}" in exp, exp
-        probe = lab.ns(lab.server, [sys.executable, "-c", PROBE, host, str(port), OUTSIDE_CLIENTS[1]], check=False)
-        assert probe.stdout.startswith("refused"), f"{firewall.kind}: {probe.stdout}"
-        client.stdin.write("\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == sha256(lab.files / FILE)
-        assert client.stdout.readline().strip() == "no second connection"
-        assert client.wait(10) == 0
-    finally:
-        client.kill()
-        client.wait()
-    assert no_pinholes_soon(lab, lab.gw2)
+    check_pasv_pinhole_admits_only_the_announced_client(lab, firewall.kind)
 
 
 def test_ftpalg_adds_no_rule_to_the_admins_tables(lab, firewall, algs):

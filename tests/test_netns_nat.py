@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from scapy.layers.inet import TCP
@@ -21,7 +20,6 @@ from ftpalg.lab.lab import (
     CLIENTS,
     CLIENTS6,
     FORWARDED_PORT,
-    GW2_NET,
     INSIDE_SERVERS,
     INSIDE_SERVERS6,
     OUTSIDE_CLIENTS,
@@ -31,6 +29,7 @@ from ftpalg.lab.lab import (
     Lab,
     sha256,
 )
+from netns_checks import check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon
 
 pytestmark = pytest.mark.netns
 
@@ -141,15 +140,6 @@ def algs(lab):
         assert "Traceback" not in lab.ftpalg_log_path(gw).read_text()
 
 
-def no_pinholes_soon(lab: Lab, gw: str, within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while lab.expectations(gw):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @pytest.mark.parametrize("kind, mode", ALL4, ids=[f"{k}-{m}" for k, m in ALL4])
 def test_outside_client_to_server_behind_dnat(lab, algs, kind, mode):
     """Only port 21 is forwarded; PASV with the 227 address trusted, EPSV, active modes."""
@@ -211,59 +201,7 @@ def test_pasv_pinhole_is_only_for_the_announced_client(lab, algs):
     """The 227 names a public port; only the client of that control connection may use it,
     once. A second, unrelated outside client gets nothing, and afterwards neither does the
     first one."""
-    kind = "pyftpdlib"
-    assert no_pinholes_soon(lab, lab.gw2), lab.expectations(lab.gw2)  # earlier tests' are gone
-    client = subprocess.Popen(["ip", "netns", "exec", lab.server, sys.executable, "-c", textwrap.dedent(f"""
-        import ftplib, hashlib, socket
-        ftp = ftplib.FTP(timeout=10)
-        ftp.connect("{PUBLIC_OF[kind]}", 21, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
-        ftp.login()
-        ftp.voidcmd("TYPE I")
-        resp = ftp.sendcmd("PASV")
-        print(resp, flush=True)
-        host, port = ftplib.parse227(resp)
-        input()
-        data = socket.create_connection((host, port), timeout=5, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
-        ftp.sendcmd("RETR {FILE}")
-        h = hashlib.sha256()
-        while chunk := data.recv(65536):
-            h.update(chunk)
-        data.close()
-        ftp.voidresp()
-        print(h.hexdigest(), flush=True)
-        try:
-            socket.create_connection((host, port), timeout=3, source_address=("{OUTSIDE_CLIENTS[0]}", 0))
-            print("second connection accepted", flush=True)
-        except OSError:
-            print("no second connection", flush=True)
-        ftp.quit()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        line = client.stdout.readline()
-        assert line.startswith("227") and GW2_NET.replace(".", ",") in line, line
-        nums = line.split("(")[1].split(")")[0].split(",")
-        port = int(nums[4]) * 256 + int(nums[5])
-        (exp,) = lab.expectations(lab.gw2)
-        assert f"src={OUTSIDE_CLIENTS[0]} dst={PUBLIC_OF[kind]} sport=0 dport={port}" in exp, exp
-        probe = lab.ns(lab.server, [sys.executable, "-c", textwrap.dedent(f"""
-            import socket
-            try:
-                socket.create_connection(("{PUBLIC_OF[kind]}", {port}), timeout=3,
-                                         source_address=("{OUTSIDE_CLIENTS[1]}", 0))
-                print("connected")
-            except OSError as e:
-                print("refused", e)
-        """)], check=False)
-        assert probe.stdout.startswith("refused"), probe.stdout
-        client.stdin.write("\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == sha256(lab.files / FILE)
-        assert client.stdout.readline().strip() == "no second connection"
-        assert client.wait(10) == 0
-    finally:
-        client.kill()
-        client.wait()
-    assert no_pinholes_soon(lab, lab.gw2)
+    check_pasv_pinhole_admits_only_the_announced_client(lab)
 
 
 def test_active_mode_data_connection_leaves_with_the_public_address(lab, algs):
