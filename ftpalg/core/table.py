@@ -53,7 +53,12 @@ _PARTIAL_CODES = (b"227", b"228", b"229")
 HOLD_TIME = 0.5
 HOLD_BYTES = 512  # the longest partial line held
 HOLD_SEGMENTS = 4  # the most segments one line may span
-AHEAD_SEGMENTS = 8  # segments that arrived ahead of the stream, kept until the hole fills
+# Segments that arrived ahead of the stream are kept until the hole fills: at most this many,
+# this far ahead, this long. The hole is a segment lost on the way to us more often than one
+# reordered: it comes back with the sender's retransmission, after 200 + 400 + 800 ms of
+# back-off when lost three times in a row.
+AHEAD_TIME = 2.0
+AHEAD_SEGMENTS = 8
 AHEAD_BYTES = 16384  # how far ahead of the stream such a segment may start
 
 
@@ -466,7 +471,7 @@ class Alg:
         bound, never wedged."""
         for flow, _ in list(self.flows.values()):
             for d in (C2S, S2C):
-                if flow.ahead[d] and now - min(t for _, _, t in flow.ahead[d]) >= HOLD_TIME:
+                if flow.ahead[d] and now - min(t for _, _, t in flow.ahead[d]) >= AHEAD_TIME:
                     self.counters["reorder_timeout"] += 1
                     self._drain(flow, d, now, force=True)
                 held = flow.held[d]
@@ -496,8 +501,9 @@ class Alg:
     def next_hold_deadline(self) -> float | None:
         """When ``expire_held`` has work to do, if ever."""
         times = [h[0].since for flow, d in self.flows.values() if d == C2S for h in flow.held if h]
-        times += [t for flow, d in self.flows.values() if d == C2S for a in flow.ahead for _, _, t in a]
-        return min(times) + HOLD_TIME if times else None
+        ahead = [t for flow, d in self.flows.values() if d == C2S for a in flow.ahead for _, _, t in a]
+        deadlines = ([min(times) + HOLD_TIME] if times else []) + ([min(ahead) + AHEAD_TIME] if ahead else [])
+        return min(deadlines) if deadlines else None
 
     # ---- FTP decisions ------------------------------------------------------------------
     def _act(self, flow: Flow, d: int, dec: Decision, spans: list[tuple[int, int, int]], line: bytes,
