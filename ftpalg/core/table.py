@@ -219,6 +219,7 @@ class Alg:
         self.counters: Counter[str] = Counter()
         self._next_id = 1
         self.released: list[tuple[object, Decision_]] = []  # held packets' verdicts, in order
+        self.holding: set[Flow] = set()  # flows with held or kept-ahead segments (timers look only here)
 
     def take_released(self) -> list[tuple[object, bytes | None]]:
         """Verdicts for held packets (token, packet to send / None unchanged / b'' drop),
@@ -272,6 +273,7 @@ class Alg:
                     return b""  # a copy of one kept: the original goes in order
                 if len(ahead) < AHEAD_SEGMENTS and diff(seg.seq, nxt) <= AHEAD_BYTES:
                     ahead.append((token, seg, now))
+                    self.holding.add(flow)
                     ahead.sort(key=lambda a: diff(a[1].seq, nxt))
                     self.counters["reordered"] += 1
                     return HELD
@@ -389,6 +391,7 @@ class Alg:
             if nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES:
                 stream.feed(seg.seq, payload)
                 held.append(HeldSeg(token, seg, payload, 0, now))
+                self.holding.add(flow)
                 return HELD
             if nl < 0:
                 self._release_held(flow, d, "line too long to hold")
@@ -418,6 +421,7 @@ class Alg:
         if tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES:
             # The rest of this line is in a later segment: hold this one until it comes.
             flow.held[d].append(HeldSeg(token, seg, res, len(payload) - len(tail), now, len(res) - len(tail)))
+            self.holding.add(flow)
             flow.held_snap[d] = snap
             return HELD
         return payload if res == payload else res
@@ -469,7 +473,7 @@ class Alg:
         them, joined with the rest where TCP coalesces. A second time, or when other lines
         shared the segment, they go unchanged (counted ``partial_line``): never held without
         bound, never wedged."""
-        for flow, _ in list(self.flows.values()):
+        for flow in list(self.holding):
             for d in (C2S, S2C):
                 if flow.ahead[d] and now - min(t for _, _, t in flow.ahead[d]) >= AHEAD_TIME:
                     self.counters["reorder_timeout"] += 1
@@ -488,6 +492,10 @@ class Alg:
                     self.released.extend((h.token, b"") for h in held)
                 else:
                     self._release_held(flow, d, "the rest of the line did not come")
+        self._prune_holding()
+
+    def _prune_holding(self) -> None:
+        self.holding = {f for f in self.holding if any(f.held) or any(f.ahead)}
 
     def release_all(self) -> None:
         """Let every held segment go as decided so far (on shutdown)."""
@@ -497,11 +505,14 @@ class Alg:
                     self._release_held(flow, direction, "ftpalg is stopping")
                     self.released.extend((token, None) for token, _, _ in flow.ahead[direction])
                     flow.ahead[direction] = []
+        self.holding.clear()
 
     def next_hold_deadline(self) -> float | None:
-        """When ``expire_held`` has work to do, if ever."""
-        times = [h[0].since for flow, d in self.flows.values() if d == C2S for h in flow.held if h]
-        ahead = [t for flow, d in self.flows.values() if d == C2S for a in flow.ahead for _, _, t in a]
+        """When ``expire_held`` has work to do, if ever (asked at every wake-up of the queue
+        loop: looks only at flows that hold something)."""
+        self._prune_holding()
+        times = [h[0].since for flow in self.holding for h in flow.held if h]
+        ahead = [t for flow in self.holding for a in flow.ahead for _, _, t in a]
         deadlines = ([min(times) + HOLD_TIME] if times else []) + ([min(ahead) + AHEAD_TIME] if ahead else [])
         return min(deadlines) if deadlines else None
 
