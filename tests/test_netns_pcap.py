@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpalg.lab.lab import OUTSIDE_CLIENTS, PUBLIC_OF, SERVERS
+from ftpalg.lab.lab import OUTSIDE_CLIENTS, PUBLIC_OF, SERVERS, Lab
 from pcap_replay import replay
 
 pytestmark = pytest.mark.netns
@@ -33,29 +33,37 @@ SESSION = """
 """
 
 
-@pytest.mark.parametrize("server, eprt", [("vsftpd", False), ("pyftpdlib", True)])
-def test_record_and_replay(lab, server, eprt):
-    name = f"{server}-{'eprt' if eprt else 'port'}"
+def record(lab: Lab, name: str, gw: str, devs: tuple[str, str], ns: str, code: str) -> tuple[str, int, list[str]]:
+    """Run ``code`` in ``ns`` with ftpalg in ``gw``, capturing the control port on the
+    client-side and server-side devices ``devs``; replay the capture through the core and
+    keep it in tests/data when FTPALG_RECORD=1. Returns (ftpalg's log, packets compared,
+    mismatches)."""
     caps = {}
-    for side, dev in (("inside", "gi"), ("outside", "go")):
+    for side, dev in zip(("inside", "outside"), devs, strict=True):
         path = lab.state / f"{name}-{side}.pcap"
-        caps[side] = (path, lab.capture(lab.gw, dev, path))
-    p = lab.start_ftpalg()
+        caps[side] = (path, lab.capture(gw, dev, path))
+    p = lab.start_ftpalg(gw=gw)
     try:
-        code = SESSION.format(root=str(Path(__file__).resolve().parent.parent), eprt=eprt, host=SERVERS[server])
-        res = lab.ns(lab.client, [sys.executable, "-c", textwrap.dedent(code)], check=False)
+        res = lab.ns(ns, [sys.executable, "-c", textwrap.dedent(code)], check=False)
         time.sleep(0.5)
     finally:
         lab.stop_ftpalg(p)
         for _, proc in caps.values():
             lab.stop_capture(proc)
     assert res.returncode == 0, res.stderr
-    assert lab.ftpalg_log().count("pinhole open") == 4
     n, bad = replay(caps["inside"][0], caps["outside"][0])
-    assert n > 20 and bad == []
     if os.environ.get("FTPALG_RECORD") == "1":
         for side, (path, _) in caps.items():
             shutil.copy(path, DATA / f"{name}-{side}.pcap")
+    return lab.ftpalg_log(gw), n, bad
+
+
+@pytest.mark.parametrize("server, eprt", [("vsftpd", False), ("pyftpdlib", True)])
+def test_record_and_replay(lab, server, eprt):
+    code = SESSION.format(root=str(Path(__file__).resolve().parent.parent), eprt=eprt, host=SERVERS[server])
+    log, n, bad = record(lab, f"{server}-{'eprt' if eprt else 'port'}", lab.gw, ("gi", "go"), lab.client, code)
+    assert log.count("pinhole open") == 4
+    assert n > 20 and bad == []
 
 
 PASSIVE_SESSION = """
@@ -77,26 +85,9 @@ PASSIVE_SESSION = """
 def test_record_and_replay_server_behind_dnat(lab, server):
     """gw2: the client arrives on go, the server behind DNAT on gi; 227 rewritten, 229 and
     the client's own PORT opened without rewrite."""
-    name = f"{server}-dnat"
-    caps = {}
-    for side, dev in (("inside", "go"), ("outside", "gi")):  # client side, server side
-        path = lab.state / f"{name}-{side}.pcap"
-        caps[side] = (path, lab.capture(lab.gw2, dev, path))
-    p = lab.start_ftpalg(gw=lab.gw2)
-    try:
-        code = PASSIVE_SESSION.format(root=str(Path(__file__).resolve().parent.parent), host=PUBLIC_OF[server],
-                                      source=OUTSIDE_CLIENTS[0])
-        res = lab.ns(lab.server, [sys.executable, "-c", textwrap.dedent(code)], check=False)
-        time.sleep(0.5)
-    finally:
-        lab.stop_ftpalg(p)
-        for _, proc in caps.values():
-            lab.stop_capture(proc)
-    assert res.returncode == 0, res.stderr
-    log = lab.ftpalg_log(lab.gw2)
+    code = PASSIVE_SESSION.format(root=str(Path(__file__).resolve().parent.parent), host=PUBLIC_OF[server],
+                                  source=OUTSIDE_CLIENTS[0])
+    # client side go, server side gi
+    log, n, bad = record(lab, f"{server}-dnat", lab.gw2, ("go", "gi"), lab.server, code)
     assert log.count("pinhole open") == 9 and log.count("-> b'227") == 3
-    n, bad = replay(caps["inside"][0], caps["outside"][0])
     assert n > 40 and bad == []
-    if os.environ.get("FTPALG_RECORD") == "1":
-        for side, (path, _) in caps.items():
-            shutil.copy(path, DATA / f"{name}-{side}.pcap")
