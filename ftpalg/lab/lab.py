@@ -77,6 +77,9 @@ PUBLIC_NET6 = "2001:db8:1:"
 GW_PUBLIC = f"{PUBLIC_NET}.1"
 GW_PUBLIC6 = f"{PUBLIC_NET6}:1"
 ROUTER = f"{PUBLIC_NET}.254"
+# Ports that tests and examples bind on purpose (active-mode data ports): kept out of the
+# ephemeral range in every lab namespace.
+FIXED_PORTS = "40000-42999"
 ROUTER6 = f"{PUBLIC_NET6}:fe"
 SERVERS = {k: f"{PUBLIC_NET}.{_HOST[k]}" for k in _KINDS}
 """Outside servers (kind -> IPv4 address) in <p>-s."""
@@ -443,7 +446,10 @@ class Lab:
                     "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
                     *[f"net.ipv6.conf.{d}.{k}" for d in devs
                       for k in ("accept_dad=0", "disable_ipv6=0", "accept_ra=0")],
-                    *[f"net.ipv4.conf.{d}.rp_filter=0" for d in devs]]
+                    *[f"net.ipv4.conf.{d}.rp_filter=0" for d in devs],
+                    # Fixed data ports of tests and examples: never an ephemeral port left in
+                    # TIME_WAIT by an earlier connection (bind would fail with EADDRINUSE).
+                    f"net.ipv4.ip_local_reserved_ports={FIXED_PORTS}"]
             if node.router:
                 keys += ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
             script = ["set -e", f"sysctl -qw {' '.join(keys)}",
