@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import logging
-import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from types import FrameType
@@ -23,24 +22,25 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+LOCK_NAME = b"\0ftpalg-run"  # an abstract unix socket name: one per network namespace
+
+
 @contextlib.contextmanager
 def single_instance() -> Iterator[None]:
     """One ``ftpalg run`` per network namespace: a second one would remove the first one's
-    rules when it exits. The lock file is named after the namespace and removed on exit."""
-    ns = os.stat("/proc/self/ns/net").st_ino
-    path = f"/run/ftpalg-netns-{ns}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    rules when it exits. The lock is a socket bound to an abstract name, which lives in the
+    network namespace: no file to create (no root-owned directory needed), and the kernel
+    frees it when the process ends, however it ends."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuleError(f"another ftpalg run holds {path} in this network namespace") from None
-        try:
-            yield
-        finally:
-            os.unlink(path)
+            sock.bind(LOCK_NAME)
+        except OSError:
+            raise RuleError("another ftpalg run is active in this network namespace "
+                            "(it holds the abstract socket @ftpalg-run)") from None
+        yield
     finally:
-        os.close(fd)
+        sock.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
     nl = CtNetlink()
     holes = ExpectationPinholes(nl, args.pinhole_timeout)
-    alg = Alg(Conntrack(nl), holes, ports, args.pinhole_timeout)
+    alg = Alg(Conntrack(nl), holes, ports, args.pinhole_timeout, limits=limits(args))
     try:
         if rules is not None:
             backend = rules.install()
@@ -89,6 +89,16 @@ def _serve(args: argparse.Namespace) -> int:
         stats = " ".join(f"{k}={v}" for k, v in sorted(alg.counters.items()))
         log.info("counters: %s", stats or "none")
     return 0
+
+
+def limits(args: argparse.Namespace) -> Any:
+    from .core.policy import Limits
+
+    try:
+        return Limits(args.min_port, args.max_flows, args.max_pinholes, args.max_pinholes_per_client,
+                      args.max_held_bytes)
+    except ValueError as e:
+        raise RuleError(str(e)) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -172,6 +182,18 @@ def parser() -> argparse.ArgumentParser:
     ports_and_queue(r)
     r.add_argument("--pinhole-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="forget an unused pinhole (expectation) after this long (default 120)")
+    lim = r.add_argument_group("policy and limits (see README, Security model)")
+    lim.add_argument("--min-port", type=int, default=1024, metavar="PORT",
+                     help="never open a pinhole to a port below this (default 1024; 1 allows any)")
+    lim.add_argument("--max-flows", type=int, default=16384, metavar="N",
+                     help="control connections tracked at once; at the cap the least recently seen idle "
+                          "ones are forgotten (default 16384)")
+    lim.add_argument("--max-pinholes", type=int, default=4096, metavar="N",
+                     help="live pinholes in total; beyond, announcements open nothing (default 4096)")
+    lim.add_argument("--max-pinholes-per-client", type=int, default=64, metavar="N",
+                     help="live pinholes of one FTP client address (default 64)")
+    lim.add_argument("--max-held-bytes", type=int, default=1 << 20, metavar="BYTES",
+                     help="segments held back for split lines or reordering, in total (default 1 MiB)")
     r.add_argument("--no-rules", action="store_true",
                    help="do not install/remove table inet ftpalg and the queue rule (load deploy/ files yourself)")
     r.add_argument("--queue-backend", choices=["auto", "nft", "iptables"], default="auto",

@@ -22,6 +22,10 @@ Rules:
   address or the public address the client used (a server configured with the gateway's
   address, e.g. vsftpd ``pasv_address``); a third address opens nothing;
 - the pinhole's source is pinned to the real peer of the control connection;
+- the announced port is at least ``Limits.min_port`` (1024): a PORT naming the client's own
+  port 25 or a 227 naming the server's port 22 would open a path to a service, not to a
+  data connection (libalias and OpenBSD's ftp-proxy refuse these too; nf_conntrack_ftp
+  does not);
 - a public port already promised to another pinhole for the same peer is not reused: a
   random free port above it is taken and the rewritten line names it (as nf_nat_ftp does).
 """
@@ -74,8 +78,33 @@ class Plan:
     announce_addr: str | None  # the address the rewritten line names (None: 229, port only)
 
 
-def refuse_reason(hp: HostPort, m: Mapping) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The policy's switches and caps (``ftpalg run`` options of the same names). What
+    happens at each cap: the control connection passes unchanged (fail-open), the
+    announcement opens nothing and is not rewritten, the reason is counted and logged."""
+
+    min_port: int = FIRST_DYNAMIC  # no pinhole to a port below this (--min-port 1: any)
+    max_flows: int = 16384  # control connections tracked at once (then: idle ones evicted)
+    max_pinholes: int = 4096  # live pinholes in total
+    max_pinholes_per_client: int = 64  # live pinholes of one FTP client address
+    max_held_bytes: int = 1 << 20  # bytes of segments held back (partial lines, out of order)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_port <= 65535:
+            raise ValueError(f"min_port {self.min_port} not in 1..65535")
+        for name in ("max_flows", "max_pinholes", "max_pinholes_per_client", "max_held_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def refuse_reason(hp: HostPort, m: Mapping, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """Why ``hp`` must not open a pinhole on the connection mapped by ``m``, or None."""
+    if hp.port < limits.min_port:
+        return f"port {hp.port} is below {limits.min_port} (--min-port): a service port, not a data port"
     if hp.addr is None:  # 229: a port of the server the client talks to
         return None
     if hp.family != m.family:

@@ -24,6 +24,11 @@ connection or the firewall. The rules:
    announcement replaces it, when the server refuses the PORT/EPRT/LPRT that announced it
    (4xx/5xx), and when a transfer command sent at or after that index gets its final reply.
    The caller closes it too on timeout and at the end of the connection (``closed()``).
+5. ``AUTH`` (RFC 4217 ``AUTH TLS``, RFC 2228 ``AUTH SSL``) answered by ``234`` turns the
+   control connection into TLS: from the byte after the 234 line on, both directions are
+   opaque (``encrypted``) and the caller must stop reading lines; the live pinhole closes.
+   RFC 4217 §4: the client sends nothing after AUTH until its reply, so no plain command
+   follows the 234 and no TLS byte precedes it.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ NOTHING = Decision()
 
 
 class Session:
-    __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found")
+    __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted")
 
     def __init__(self) -> None:
         self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
@@ -66,6 +71,7 @@ class Session:
         self.reply_code = 0  # code of an open multi-line reply, 0 if none
         self.reply_cmd: tuple[bytes, int] | None = None  # the command the open reply answers
         self.reply_found = False  # the open passive reply already announced an address
+        self.encrypted = False  # AUTH accepted (234): the rest of the connection is TLS
 
     # ---- client side --------------------------------------------------------------------
     def command(self, line: bytes, follow_replies: bool = True) -> Decision:
@@ -133,6 +139,12 @@ class Session:
         if code < 200 or not self.pending:
             return NOTHING  # preliminary, or the greeting / an unsolicited 421
         verb, n = self.pending.popleft()
+        if verb == b"AUTH" and code == 234:
+            self.encrypted = True
+            return Decision(close="control connection encrypted (AUTH)" if self.live is not None else None,
+                            problem=("encrypted", "AUTH accepted (234): the control connection is TLS from here on; "
+                                                  "its PORT/EPRT/227/229 cannot be read or rewritten, no pinhole opens "
+                                                  "(corrections made before stay in force)"))
         live = self.live
         if live is None:
             return NOTHING

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 from . import ftp, policy
 from .packet import DecodeError, Segment, TcpFlags, decode, encode
-from .policy import Mapping, addr_text
+from .policy import Limits, Mapping, addr_text
 from .seqadj import MASK, KernelAdj, SeqAdjust, Unreplayable, diff
 from .session import Decision, Session
 from .stream import Stream
@@ -60,6 +60,7 @@ HOLD_SEGMENTS = 4  # the most segments one line may span
 AHEAD_TIME = 2.0
 AHEAD_SEGMENTS = 8
 AHEAD_BYTES = 16384  # how far ahead of the stream such a segment may start
+EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
 
 
 class Held:
@@ -208,8 +209,10 @@ class Alg:
         control_ports: frozenset[int] = frozenset({21}),
         pinhole_timeout: float = 120.0,
         rng: random.Random | None = None,
+        limits: Limits = policy.DEFAULT_LIMITS,
     ) -> None:
         self.nat = nat
+        self.limits = limits
         self.rng = rng or random.SystemRandom()
         self.backend = pinholes
         self.control_ports = control_ports
@@ -220,6 +223,12 @@ class Alg:
         self._next_id = 1
         self.released: list[tuple[object, Decision_]] = []  # held packets' verdicts, in order
         self.holding: set[Flow] = set()  # flows with held or kept-ahead segments (timers look only here)
+        # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
+        # (a SYN flood fills this bounded FIFO and nothing else).
+        self.syns: OrderedDict[FlowKey, int] = OrderedDict()
+        self.tracked = 0  # flows (control connections) in ``flows``
+        self.per_client: Counter[str] = Counter()  # live pinholes per FTP client address
+        self.held_bytes = 0  # payload bytes of held and kept-ahead segments (recounted each wake-up)
 
     def take_released(self) -> list[tuple[object, bytes | None]]:
         """Verdicts for held packets (token, packet to send / None unchanged / b'' drop),
@@ -254,13 +263,70 @@ class Alg:
         if hit is None:
             if seg.dport not in self.control_ports:
                 return None  # server -> client before the mapping is known: nothing to adjust
-            flow = Flow(key, now)
-            self.flows[key] = (flow, C2S)
-            self.counters["flows"] += 1
-            hit = (flow, C2S)
+            flags = seg.flags
+            if flags & TcpFlags.SYN:
+                if not flags & TcpFlags.ACK:
+                    self._remember_syn(key, seg.seq)
+                return None
+            isn = self.syns.pop(key, None)
+            if flags & (TcpFlags.FIN | TcpFlags.RST) or (isn is None and not seg.payload):
+                return None  # nothing to follow: the end of a connection, or a bare ACK
+            new = self._new_flow(key, now)
+            if new is None:
+                return None
+            if isn is not None:
+                new.streams[C2S].syn(isn)
+            hit = (new, C2S)
         flow, direction = hit
         res = self._segment(flow, direction, seg, now, token)
         return res if isinstance(res, Held) else self._final(res)
+
+    def _remember_syn(self, key: FlowKey, isn: int) -> None:
+        syns = self.syns
+        syns[key] = isn
+        syns.move_to_end(key)
+        if len(syns) > self.limits.max_flows:
+            syns.popitem(last=False)
+            self.counters["syns_forgotten"] += 1
+
+    def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
+        """Track a new control connection, or None at the flow cap when nothing can be
+        evicted (the connection then passes untouched: no rewrite, no pinhole)."""
+        if self.tracked >= self.limits.max_flows and not self._evict():
+            self._count("flow_cap", f"{self.tracked} control connections tracked (--max-flows): "
+                                    "a new one passes untouched, without pinholes")
+            return None
+        flow = Flow(key, now)
+        self.flows[key] = (flow, C2S)
+        self.tracked += 1
+        self.counters["flows"] += 1
+        return flow
+
+    def _evict(self) -> int:
+        """Forget the least recently seen flows that have no live pinhole and hold nothing,
+        those without corrections first (the kernel keeps corrections anyway; only the
+        history for exact retransmissions goes). A flow forgotten and seen again is picked
+        up mid-stream, as after a restart."""
+        victims = sorted((f for f, d in self.flows.values()
+                          if d == C2S and f.pinhole is None and f not in self.holding),
+                         key=lambda f: (f.corrected, f.last_seen))
+        victims = victims[: max(1, self.limits.max_flows // EVICT_SHARE)]
+        for f in victims:
+            self._end(f, "evicted at the flow cap")
+        self.counters["flows_evicted"] += len(victims)
+        if victims:
+            log.warning("flow cap (--max-flows %d) reached: forgot the %d least recently seen control "
+                        "connections", self.limits.max_flows, len(victims))
+        return len(victims)
+
+    def _may_hold(self, flow: Flow, size: int) -> bool:
+        """Whether ``size`` more bytes may be held back (the --max-held-bytes cap)."""
+        if self.held_bytes + size <= self.limits.max_held_bytes:
+            self.held_bytes += size
+            return True
+        self._count("held_cap", f"{self.held_bytes} bytes held (--max-held-bytes): segment not held back",
+                    flow)
+        return False
 
     def _segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None,
                  draining: bool = False) -> Decision_ | Held:
@@ -271,7 +337,8 @@ class Alg:
                 if any(a.seq == seg.seq for _, a, _ in ahead):
                     self.counters["ahead_duplicate"] += 1
                     return b""  # a copy of one kept: the original goes in order
-                if len(ahead) < AHEAD_SEGMENTS and diff(seg.seq, nxt) <= AHEAD_BYTES:
+                if (len(ahead) < AHEAD_SEGMENTS and diff(seg.seq, nxt) <= AHEAD_BYTES
+                        and not flow.session.encrypted and self._may_hold(flow, len(seg.payload))):
                     ahead.append((token, seg, now))
                     self.holding.add(flow)
                     ahead.sort(key=lambda a: diff(a[1].seq, nxt))
@@ -315,6 +382,7 @@ class Alg:
                 self.counters["flows_reused"] += 1
                 flow = Flow(flow.key, now)
                 self.flows[flow.key] = (flow, C2S)
+                self.tracked += 1
             flow.streams[d].syn(seg.seq)
         payload = seg.payload
         out_payload: bytes | Held = payload
@@ -388,7 +456,7 @@ class Alg:
             nl = payload.find(b"\n")
             held = flow.held[d]
             size = sum(len(h.seg.payload) - h.tail_off for h in held) + len(payload)
-            if nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES:
+            if nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES and self._may_hold(flow, len(payload)):
                 stream.feed(seg.seq, payload)
                 held.append(HeldSeg(token, seg, payload, 0, now))
                 self.holding.add(flow)
@@ -409,6 +477,8 @@ class Alg:
         parts = [out, first]
         session, follow = flow.session, flow.reply_key is not None
         for off, line in lines.lines:
+            if session.encrypted:  # the rest of the stream is TLS
+                break
             dec = session.command(line, follow) if d == C2S else session.reply(line)
             new = self._act(flow, d, dec, [(seg.seq, off, len(line))], line, now) if dec else line
             if new is not line:
@@ -418,7 +488,8 @@ class Alg:
         parts.append(payload[pos:])
         res = b"".join(parts)
         tail = lines.tail
-        if tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES:
+        if (tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES
+                and self._may_hold(flow, len(payload))):
             # The rest of this line is in a later segment: hold this one until it comes.
             flow.held[d].append(HeldSeg(token, seg, res, len(payload) - len(tail), now, len(res) - len(tail)))
             self.holding.add(flow)
@@ -428,6 +499,8 @@ class Alg:
 
     def _may_announce(self, flow: Flow, d: int, tail: bytes) -> bool:
         """Whether a partial line could become one that carries an address."""
+        if flow.session.encrypted:
+            return False
         if d == C2S:
             head = tail[:4].upper()
             return any(v.startswith(head) for v in _PARTIAL_VERBS)
@@ -496,6 +569,8 @@ class Alg:
 
     def _prune_holding(self) -> None:
         self.holding = {f for f in self.holding if any(f.held) or any(f.ahead)}
+        self.held_bytes = sum(len(x.seg.payload) for f in self.holding for h in f.held for x in h) + sum(
+            len(a[1].payload) for f in self.holding for q in f.ahead for a in q)
 
     def release_all(self) -> None:
         """Let every held segment go as decided so far (on shutdown)."""
@@ -523,7 +598,10 @@ class Alg:
         (segment seq, offset in the segment, length) per segment it spans; all but the last
         keep their length in a rewrite, the last carries the change."""
         if dec.problem is not None:
-            self._count(dec.problem[0], dec.problem[1], flow)
+            if dec.problem[0] == "encrypted":
+                self._encrypted(flow, dec.problem[1])
+            else:
+                self._count(dec.problem[0], dec.problem[1], flow)
         if dec.close is not None:
             self._close_pinhole(flow, dec.close)
         if dec.announce is None or flow.closing:
@@ -568,11 +646,21 @@ class Alg:
             self._count("no_nat_mapping", "conntrack has no entry for the control connection", flow)
             return line
         assert flow.mapping is not None
-        why = policy.refuse_reason(hp, flow.mapping)
+        m = flow.mapping
+        why = policy.refuse_reason(hp, m, self.limits)
         if why:
             self._count("refused", f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow)
             return line
-        p = policy.plan(hp, flow.mapping)
+        lim = self.limits
+        if len(self.promised) >= lim.max_pinholes:
+            self._count("pinhole_cap", f"{len(self.promised)} pinholes open (--max-pinholes): {hp.form.name} "
+                                       "opens nothing", flow)
+            return line
+        if self.per_client[m.client] >= lim.max_pinholes_per_client:
+            self._count("client_pinhole_cap", f"client {m.client} has {self.per_client[m.client]} pinholes open "
+                                              f"(--max-pinholes-per-client): {hp.form.name} opens nothing", flow)
+            return line
+        p = policy.plan(hp, m)
         ph = None
         for port in policy.candidate_ports(p.want_port, self.rng):
             if (p.peer, p.public, port) in self.promised:
@@ -597,6 +685,7 @@ class Alg:
         flow.pinhole = ph
         flow.session.opened(cmd)
         self.promised[(ph.peer, ph.public, ph.public_port)] = ph
+        self.per_client[m.client] += 1
         self.counters["pinholes_opened"] += 1
         self.counters[f"announced_{hp.form.name}"] += 1
         same = port == hp.port and (p.announce_addr is None or p.announce_addr == hp.addr)
@@ -647,6 +736,10 @@ class Alg:
         flow.pinhole = None
         flow.session.closed()
         self.promised.pop((ph.peer, ph.public, ph.public_port), None)
+        client = addr_text(ph.master[0])
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
         try:
             self.backend.close(ph)
         except Exception as e:
@@ -659,12 +752,26 @@ class Alg:
         self._close_pinhole(flow, "control connection reset" if rst else "control connection closing")
         if rst or all(flow.fin):
             flow.closed_at = now
+            if not flow.corrected:  # no late retransmission needs us: forget it now
+                self._end(flow, "closed")
 
     def _end(self, flow: Flow, why: str) -> None:
         self._close_pinhole(flow, why)
+        if self.flows.get(flow.key, (None,))[0] is flow:
+            self.tracked -= 1
         for k in (flow.key, flow.reply_key):
             if k is not None and self.flows.get(k, (None,))[0] is flow:
                 del self.flows[k]
+
+    def _encrypted(self, flow: Flow, detail: str) -> None:
+        self.counters["encrypted"] += 1
+        if self.counters["encrypted"] == 1:
+            log.warning("%s. ftpalg cannot help encrypted control connections (FTPS); through NAT they need "
+                        "passive mode with the server's passive port range forwarded and its public address "
+                        "configured (vsftpd pasv_address + pasv_min_port/pasv_max_port, proftpd MasqueradeAddress "
+                        "+ PassivePorts, pure-ftpd -P/-p), or a TLS-terminating proxy on the gateway. Logged once; "
+                        "later ones at info level", detail)
+        log.info("encrypted flow=%s: control connection switched to TLS; ftpalg stops reading it", key_text(flow.key))
 
     def tick(self, now: float) -> None:
         """Expire pinholes and forget finished or vanished connections."""
