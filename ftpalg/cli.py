@@ -66,12 +66,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise RuleError("--no-rules: table inet ftpalg or its queue rule is missing; "
                         "load deploy/ftpalg.nft and deploy/queue.iptables (or deploy/ftpalg-queue.nft) first")
     rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
+    installed = False
     nl = CtNetlink()
     holes = ExpectationPinholes(nl, args.pinhole_timeout)
     alg = Alg(Conntrack(nl), holes, ports, args.pinhole_timeout, limits=limits(args))
     try:
         if rules is not None:
-            backend = rules.install()
+            backend = rules.install()  # a partial install is undone by remove() below all the same
+            installed = True
             log.info("rules installed: queue via %s, control ports %s, queue %d",
                      backend, ",".join(map(str, sorted(ports))), args.queue_num)
         QueueHandler(alg, args.queue_num).run()
@@ -85,7 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
         nl.close()
         if rules is not None:
             rules.remove()
-            log.info("rules removed")
+            if installed:
+                log.info("rules removed")
         stats = " ".join(f"{k}={v}" for k, v in sorted(alg.counters.items()))
         log.info("counters: %s", stats or "none")
     return 0
@@ -167,6 +170,22 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded(lo: int, hi: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{what} {n} not in {lo}..{hi}")
+        return n
+    return parse
+
+
+port_number = _bounded(1, 65535, "port")
+queue_number = _bounded(0, 65535, "queue number")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
     ap.add_argument("--version", action="version", version=__version__)
@@ -174,16 +193,17 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def ports_and_queue(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--control-port", type=int, action="append", metavar="PORT",
+        p.add_argument("--control-port", type=port_number, action="append", metavar="PORT",
                        help="FTP control port to watch (repeatable; default 21)")
-        p.add_argument("--queue-num", type=int, default=DEFAULT_QUEUE, help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
+        p.add_argument("--queue-num", type=queue_number, default=DEFAULT_QUEUE,
+                       help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
 
     r = sub.add_parser("run", help="run the ALG on this gateway")
     ports_and_queue(r)
     r.add_argument("--pinhole-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="forget an unused pinhole (expectation) after this long (default 120)")
     lim = r.add_argument_group("policy and limits (see README, Security model)")
-    lim.add_argument("--min-port", type=int, default=1024, metavar="PORT",
+    lim.add_argument("--min-port", type=port_number, default=1024, metavar="PORT",
                      help="never open a pinhole to a port below this (default 1024; 1 allows any)")
     lim.add_argument("--max-flows", type=int, default=16384, metavar="N",
                      help="control connections tracked at once; at the cap the least recently seen idle "

@@ -172,18 +172,20 @@ def test_inside_servers_cannot_connect_out(lab):
     """Nothing new leaves gw2's inside, IPv4 or IPv6: only what FTP announces may be opened."""
     code = textwrap.dedent("""
         import socket, sys, threading
+        out = []
         def connect(dst, src):
             try:
                 socket.create_connection((dst, 22), 1.5, source_address=(src, 0))
-                print(dst, "connected")
+                out.append(f"{dst} connected")
             except OSError as e:
-                print(dst, type(e).__name__)
+                out.append(f"{dst} {type(e).__name__}")
         args = sys.argv[1:]
         threads = [threading.Thread(target=connect, args=args[i:i + 2]) for i in (0, 2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        print(*out, sep=chr(10))  # after both: two threads printing at once interleave their words
     """)
     src4, src6 = next(iter(INSIDE_SERVERS.values())), next(iter(INSIDE_SERVERS6.values()))
     res = lab.ns(lab.inside, [sys.executable, "-c", code, OUTSIDE_CLIENTS[0], src4, OUTSIDE_CLIENTS6[0], src6])

@@ -103,10 +103,16 @@ DEFAULT_LIMITS = Limits()
 
 def refuse_reason(hp: HostPort, m: Mapping, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """Why ``hp`` must not open a pinhole on the connection mapped by ``m``, or None."""
+    if hp.addr is not None:
+        why = _address_refused(hp, m)
+        if why:
+            return why
     if hp.port < limits.min_port:
         return f"port {hp.port} is below {limits.min_port} (--min-port): a service port, not a data port"
-    if hp.addr is None:  # 229: a port of the server the client talks to
-        return None
+    return None
+
+
+def _address_refused(hp: HostPort, m: Mapping) -> str | None:
     if hp.family != m.family:
         return "address family differs from the control connection"
     if hp.form.is_reply:

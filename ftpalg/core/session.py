@@ -143,8 +143,8 @@ class Session:
             self.encrypted = True
             return Decision(close="control connection encrypted (AUTH)" if self.live is not None else None,
                             problem=("encrypted", "AUTH accepted (234): the control connection is TLS from here on; "
-                                                  "its PORT/EPRT/227/229 cannot be read or rewritten, no pinhole opens "
-                                                  "(corrections made before stay in force)"))
+                                                  "its PORT/EPRT/227/229 cannot be read or rewritten, nothing is "
+                                                  "opened for them (corrections made before stay in force)"))
         live = self.live
         if live is None:
             return NOTHING

@@ -63,6 +63,12 @@ AHEAD_BYTES = 16384  # how far ahead of the stream such a segment may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
 
 
+def _tls_record_start(payload: bytes) -> bool:
+    """Whether ``payload`` starts like a TLS record (content type 20-23, version 3.x): no FTP
+    line starts with these control bytes."""
+    return len(payload) >= 5 and 20 <= payload[0] <= 23 and payload[1] == 3 and payload[2] <= 4
+
+
 class Held:
     """What ``Alg.handle`` returns for a packet whose verdict waits: the caller keeps the
     packet (its ``token``) until the core hands it back through ``take_released``."""
@@ -465,11 +471,21 @@ class Alg:
                 self._release_held(flow, d, "line too long to hold")
             else:
                 first, consumed = self._spanning_line(flow, d, seg, payload[: nl + 1], now), nl + 1
+        if not flow.session.encrypted and _tls_record_start(payload) and (
+                stream.next_seq is None or diff(seg.seq, stream.next_seq) >= 0):
+            # The connection went TLS while this process was not watching (a restart, a gap,
+            # the other gateway of a pair): nothing more is read from it.
+            flow.session.encrypted = True
+            self._encrypted(flow, "TLS record seen on a control connection not known to be encrypted: "
+                                  "its PORT/EPRT/227/229 cannot be read or rewritten, nothing is opened for it")
         lines = stream.feed(seg.seq, payload)
         if lines.gap:
-            self._count("gap", "data before this segment not seen; lines not inspected", flow)
-            if flow.corrected or flow.session.count:
-                self._resync(flow, "bytes of the connection passed elsewhere")
+            if flow.session.encrypted:  # TLS: no line to miss; the stream just goes on
+                self.counters["gap_encrypted"] += 1
+            else:
+                self._count("gap", "data before this segment not seen; lines not inspected", flow)
+                if flow.corrected or flow.session.count:
+                    self._resync(flow, "bytes of the connection passed elsewhere")
         out = flow.adj[d].replay(seg.seq, payload[: lines.old]) if lines.old else b""
         if len(out) < lines.old or lines.old == len(payload):
             return out if out != payload else payload
@@ -725,7 +741,9 @@ class Alg:
         self._close_pinhole(flow, why)
         for d in (C2S, S2C):
             self._forget_history(flow, d)
+        encrypted = flow.session.encrypted
         flow.session = Session()
+        flow.session.encrypted = encrypted  # TLS stays TLS
         self._log_once(flow, "resync", why + "; history dropped, picked up again")
 
 
