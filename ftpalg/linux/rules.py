@@ -46,6 +46,8 @@ SUBCHAINS = (("mangle", CHAIN_CONTROL),)  # jumped to only from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
+# tables iptables-nft may create on demand for our queue chains: all our table's comment may name
+ON_DEMAND = tuple(f"{NFT_FAMILY[f]} mangle" for f in FAMILIES)
 
 
 class RuleError(RuntimeError):
@@ -58,8 +60,31 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"{argv[0]}: {e}") from e
     if p.returncode != 0:
-        raise RuleError(f"{' '.join(argv)}: {p.stderr.strip() or p.stdout.strip()}")
+        err = p.stderr.strip() or p.stdout.strip()
+        raise RuleError(f"{' '.join(argv)}: {err}{_hint(err)}")
     return p.stdout
+
+
+NEEDS = ("ftpalg run needs CAP_NET_ADMIN in the user namespace that owns this network namespace "
+         "(effective, and ambient for the nft and iptables it runs)")
+
+
+def _hint(err: str) -> str:
+    """Why a rule tool failed, where its own words do not say (no capability, legacy lock)."""
+    if "xtables.lock" in err:
+        return (" (iptables-legacy locks this file: the user needs read access to it, e.g. a tmpfiles.d "
+                "entry, or use iptables-nft)")
+    if "Operation not permitted" in err or "you must be root" in err:
+        return f" ({NEEDS})"
+    if "unable to initialize table" in err:
+        return " (iptables-legacy also needs CAP_NET_RAW)"
+    return ""
+
+
+def check_access() -> None:
+    """Fail early, saying why, where this process may not read nf_tables (the cheapest
+    netlink request a rule tool makes); ``_run`` raises with ``NEEDS`` then."""
+    _run(["nft", "list", "tables"])
 
 
 def _quiet(argv: list[str]) -> bool:
@@ -145,7 +170,7 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "")
     if queue is not None:
         lines += [
             "",
-            "\tchain queue {",
+            "\tchain control {",  # not "queue": nft 1.0.6 takes that for its keyword
             "\t\ttype filter hook prerouting priority mangle; policy accept;",
             f"\t\tmeta l4proto tcp ct original proto-dst {{ {ps} }} queue flags bypass to {int(queue)}",
             "\t}",
@@ -197,8 +222,15 @@ def our_comment() -> str:
     return ""
 
 
+def _created(comment: str) -> list[str]:
+    """The on-demand tables our table's comment names. The comment is read back from the
+    kernel and goes into nft text and argv again: anything but those names is ignored."""
+    return [t for t in comment.split(",") if t in ON_DEMAND]
+
+
 def queue_chains_present() -> bool:
     """What ``--no-rules`` expects the admin to have loaded: our nft table and a queue rule."""
+    check_access()  # else a table we may not read would look missing
     if not nft_table_exists("inet", NFT_TABLE):
         return False
     if "queue" in _run(["nft", "list", "table", "inet", NFT_TABLE]):
@@ -217,7 +249,8 @@ class StaticRules:
 
     def install(self) -> str:
         """Install everything (replacing what an earlier run left); return the queue backend."""
-        self.created = [t for t in our_comment().split(",") if t]
+        check_access()
+        self.created = _created(our_comment())
         self._remove_queue_jumps()
         if self.backend == "auto":
             self.backend = "nft" if nft_queue_available() else "iptables"
@@ -251,7 +284,7 @@ class StaticRules:
     def remove(self) -> None:
         """Remove everything ftpalg installed, and the tables created for it; missing
         pieces are fine."""
-        created = set(self.created) | {t for t in our_comment().split(",") if t}
+        created = set(self.created) | set(_created(our_comment()))
         self._remove_queue_jumps()
         _quiet(["nft", "delete", "table", "inet", NFT_TABLE])
         for t in sorted(created):
