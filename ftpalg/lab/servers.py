@@ -145,12 +145,15 @@ def packaged_binary(package: str, name: str) -> str:
 
 
 def server_command(kind: str, addr: str, root: Path, state: Path, port: int = 21,
-                   pasv_address: str | None = None) -> list[str]:
+                   pasv_address: str | None = None, extra_config: str = "") -> list[str]:
     """Write ``kind``'s configuration into ``state`` and return the argv that runs it in the
     foreground on ``addr``:``port`` (IPv4 or IPv6). ``pasv_address``: the address the server
     announces in 227 instead of its own (vsftpd ``pasv_address``, proftpd
     ``MasqueradeAddress``, pure-ftpd ``-P``, pyftpdlib ``masquerade_address``), for a server
-    configured for the NAT in front of it."""
+    configured for the NAT in front of it. ``extra_config``: lines appended to vsftpd's
+    configuration file (e.g. its TLS settings, see ``ftpalg.lab.tls``); vsftpd only."""
+    if extra_config and kind != "vsftpd":
+        raise ValueError(f"extra_config is for vsftpd only, not {kind!r}")
     state.mkdir(parents=True, exist_ok=True)
     v6 = ":" in addr
     if kind == "vsftpd":
@@ -160,6 +163,8 @@ def server_command(kind: str, addr: str, root: Path, state: Path, port: int = 21
                                   empty=state / "empty", log=state / "vsftpd.log")
         if pasv_address:
             text += f"pasv_address={pasv_address}\n"
+        if extra_config:
+            text += extra_config.rstrip("\n") + "\n"
         conf = state / "vsftpd.conf"
         conf.write_text(text)
         conf.chmod(0o600)
