@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(iptables nftables conntrack conntrackd iproute2 procps vsftpd lftp curl wget tnftp
-              tcpdump libnetfilter-queue-dev build-essential python3-venv python3-dev)
+              tcpdump libnetfilter-queue-dev build-essential python3-venv python3-dev
+              openssl)  # openssl: the certificate of the lab's FTPS server
 
 # The lab's FTP servers. vsftpd (above) is installed normally; proftpd and pure-ftpd conflict
 # with it as packages (all provide ftp-server), so their .debs are only unpacked into

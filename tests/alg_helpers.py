@@ -146,3 +146,132 @@ class Conn:
         if seg is not None:
             self.c_rcv = (seg.seq + len(seg.payload) + (1 if "S" in flags or "F" in flags else 0)) & MASK
         return seg
+
+
+# ---- hostile-input corpus and fuzzing (tests/test_hostile.py, tests/test_fuzz.py) ----------
+_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
+
+
+def raw_tcp(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: str | int, payload: bytes = b"",
+            options: bytes = b"", ip_options: bytes = b"", ttl: int = 64) -> bytes:
+    """An IPv4 or IPv6 TCP packet with valid checksums, built with struct (no scapy: fast
+    enough for fuzzing). ``options``/``ip_options`` are raw bytes, padded to 4 with EOL."""
+    import struct
+
+    if isinstance(flags, str):
+        flags = sum(_FLAG_BITS[f] for f in flags)
+    options += b"\0" * (-len(options) % 4)
+    thl = 20 + len(options)
+    tcp = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq & MASK, ack & MASK, (thl // 4) << 4, flags & 0xFF,
+                                65535, 0, 0) + options + payload)
+    s, d = packed(src), packed(dst)
+    if len(s) == 4:
+        ip_options += b"\0" * (-len(ip_options) % 4)
+        ihl = 20 + len(ip_options)
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + len(tcp), 0x1234, 0x4000, ttl, 6, 0, s, d)
+                       + ip_options)
+        struct.pack_into("!H", ip, 10, packet.checksum(ip))
+        pseudo = s + d + struct.pack("!BBH", 0, 6, len(tcp))
+    else:
+        ip = bytearray(struct.pack("!IHBB16s16s", 0x60000000, len(tcp), 6, ttl, s, d))
+        pseudo = s + d + struct.pack("!IxxxB", len(tcp), 6)
+    struct.pack_into("!H", tcp, 16, packet.checksum(pseudo + bytes(tcp)))
+    return bytes(ip + tcp)
+
+
+def checksums_valid(raw: bytes) -> bool:
+    """Whether ``raw`` decodes with the core's codec, is not truncated, and its IPv4 header
+    checksum and TCP checksum (over the pseudo-header) verify."""
+    import struct
+
+    try:
+        seg = packet.decode(raw)
+    except packet.DecodeError:
+        return False
+    if seg.truncated:
+        return False
+    tcp = raw[seg.tcp_off : seg.total_len]
+    if seg.version == 4:
+        if packet.checksum(raw[: seg.ip_hlen]) != 0:
+            return False
+        pseudo = seg.src + seg.dst + struct.pack("!BBH", 0, 6, len(tcp))
+    else:
+        pseudo = seg.src + seg.dst + struct.pack("!IxxxB", len(tcp), 6)
+    return packet.checksum(pseudo + tcp) == 0
+
+
+class FastConn(Conn):
+    """``Conn`` whose packets are built by ``raw_tcp`` instead of scapy (same behaviour,
+    ~20x faster: for property tests that send thousands of segments). ``tcp_options`` are
+    added to every segment; every packet the core hands back is checked well formed."""
+
+    tcp_options = b""
+    handled = 0  # calls of Alg.handle made through this connection
+
+    def _send(self, src, dst, seq, ack, payload, flags, options=()):
+        raw = raw_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, payload, bytes(options) or self.tcp_options)
+        if src == self.client and flags == "S":
+            self.nat.adj.pop(self.key, None)
+        self.sent[(seq, payload)] = raw
+        out = self.alg.handle(raw, self.now, token=(seq, payload))
+        self.handled += 1
+        d = 0 if src == self.client else 1
+        released = self.alg.take_released()
+        for _, o in released:
+            assert o is None or o == b"" or checksums_valid(o), o
+        self.released = [(tok, None if o == b"" else packet.decode(self.nat.kernel(o or self.sent[tok], self.key, d)))
+                         for tok, o in released]
+        self.last_in = raw
+        self.held_last = isinstance(out, Held)
+        if isinstance(out, Held):
+            self.last_raw = self.last_core = b""
+            return None
+        assert out is None or out == b"" or checksums_valid(out), out
+        self.last_core = raw if out is None else out
+        if out == b"":
+            self.last_raw = out
+            return None
+        self.last_raw = self.nat.kernel(self.last_core, self.key, d)
+        return packet.decode(self.last_raw)
+
+
+def pinhole_violations(alg: Alg, holes: FakePinholes) -> list[str]:
+    """What is wrong with the live pinholes of ``alg`` against the policy: each names the
+    real peer of its control connection and the address the policy allows, a port at least
+    ``min_port``, one per control connection; and the books (promised, per client, counters)
+    agree with the backend."""
+    from collections import Counter
+
+    from ftpalg.core.policy import addr_text
+
+    bad: list[str] = []
+    per_master: Counter = Counter()
+    mappings = {f.key: f.mapping for f, d in alg.flows.values() if d == 0}
+    for ph in holes.live.values():
+        per_master[ph.master] += 1
+        m = mappings.get(ph.master)
+        if m is None:  # the flow was forgotten: its pinhole must have been closed
+            bad.append(f"pinhole {ph.describe()} outlives its control connection")
+            continue
+        if ph.inside_port < alg.limits.min_port:
+            bad.append(f"pinhole {ph.describe()} to a port below {alg.limits.min_port}")
+        if ph.active:  # PORT/EPRT/LPRT: from the server, to the client itself
+            ok = (ph.peer, ph.inside, ph.public) == (m.server, m.client, m.client_seen)
+        else:  # 227/228/229: from the client, to the server itself
+            ok = (ph.peer, ph.inside, ph.public) == (m.client, m.server, m.public)
+        if not ok:
+            bad.append(f"pinhole {ph.describe()} does not match the control connection {m}")
+        if addr_text(ph.master[0]) != m.client:
+            bad.append(f"pinhole {ph.describe()} booked to the wrong client")
+    bad += [f"{n} pinholes for one control connection {k}" for k, n in per_master.items() if n > 1]
+    c = alg.counters
+    if c["pinholes_opened"] - c["pinholes_closed"] != len(holes.live):
+        bad.append(f"opened {c['pinholes_opened']} - closed {c['pinholes_closed']} != live {len(holes.live)}")
+    if len(alg.promised) != len(holes.live) or sum(alg.per_client.values()) != len(holes.live):
+        bad.append(f"books disagree: promised {len(alg.promised)}, per client {dict(alg.per_client)}, "
+                   f"live {len(holes.live)}")
+    if any(n <= 0 for n in alg.per_client.values()):
+        bad.append(f"per-client count not positive: {dict(alg.per_client)}")
+    if alg.tracked != sum(1 for _, d in alg.flows.values() if d == 0):
+        bad.append(f"tracked {alg.tracked} != flows {sum(1 for _, d in alg.flows.values() if d == 0)}")
+    return bad

@@ -3,14 +3,25 @@
 Per-packet fault containment: whatever the core raises, the packet is accepted unchanged
 and the fault is counted and logged (first occurrence of each exception type, then every
 1000th). Timers (pinhole expiry, flow clean-up) run from the same loop, single-threaded.
+
+Fail-open: the queue is configured with NFQA_CFG_F_FAIL_OPEN, so when it is full
+(``QUEUE_MAXLEN`` packets waiting for a verdict) or our socket's receive buffer is, the
+kernel accepts further packets unchanged instead of dropping them: a flood that outruns this
+process costs those packets their rewrite, never the connection. The python binding does not
+expose the flag; ``set_queue_flags`` sends the NFQNL_MSG_CONFIG message itself on the bound
+queue's own netlink socket (the kernel takes configuration of a queue only from the port id
+that bound it, else EPERM).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import select
 import selectors
 import signal
 import socket
+import struct
 import time
 from types import FrameType
 from typing import Any
@@ -22,7 +33,94 @@ from ..core.table import Alg, Held
 log = logging.getLogger("ftpalg")
 
 TICK = 1.0
-QUEUE_MAXLEN = 4096  # packets the kernel holds for us before it applies the bypass/drop
+QUEUE_MAXLEN = 4096  # packets the kernel holds for us before it fails open (or drops)
+
+# <linux/netlink.h>, <linux/netfilter/nfnetlink.h>, <linux/netfilter/nfnetlink_queue.h>
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_CONFIG = 2
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+NFQA_CFG_F_FAIL_OPEN = 1 << 0
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
+_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (network order)
+_NLATTR = struct.Struct("=HH")  # len, type (host order)
+
+
+def config_flags_message(queue_num: int, flags: int, mask: int, seq: int) -> bytes:
+    """NFQNL_MSG_CONFIG for queue ``queue_num``: set the flags in ``mask`` to their value in
+    ``flags`` (NFQA_CFG_MASK + NFQA_CFG_FLAGS, big-endian u32 each), asking for an ACK."""
+    attrs = b"".join(_NLATTR.pack(8, kind) + struct.pack("!I", value)
+                     for kind, value in ((NFQA_CFG_MASK, mask), (NFQA_CFG_FLAGS, flags)))
+    body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, queue_num) + attrs
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG,
+                          NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+class _Replay:
+    """Datagrams read off the queue's socket while waiting for the kernel's answer, handed
+    to ``NetfilterQueue.run_socket`` as if it read them itself."""
+
+    def __init__(self, datagrams: list[bytes]) -> None:
+        self.datagrams = datagrams
+
+    def recv(self, size: int) -> bytes:
+        if not self.datagrams:
+            raise BlockingIOError(errno.EAGAIN, "replayed everything")
+        return self.datagrams.pop(0)
+
+
+def set_queue_flags(nfq: Any, queue_num: int, flags: int, mask: int, timeout: float = 2.0) -> int:
+    """Set queue flags on the bound ``nfq`` (a ``NetfilterQueue``) through its own netlink
+    socket; return 0, or the kernel's errno (EPERM: not our queue; EOPNOTSUPP: flag unknown to
+    this kernel; ETIMEDOUT: no answer). The ACK is read here, so libnetfilter_queue never
+    sees it; packets the kernel queued to the socket before it are handed to ``nfq``'s
+    callback, in order, before this returns."""
+    seq = int(time.monotonic_ns() & 0x7FFFFFFF) | 1
+    sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: same socket
+    packets: list[bytes] = []
+    result = errno.ETIMEDOUT
+    try:
+        sock.sendto(config_flags_message(queue_num, flags, mask, seq), (0, 0))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    break
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:  # the kernel lost packets for us: not our answer
+                    continue
+                raise
+            if len(data) >= _NLMSGHDR.size + 4:
+                _, kind, _, got_seq, _ = _NLMSGHDR.unpack_from(data)
+                if kind == NLMSG_ERROR and got_seq == seq:
+                    result = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
+                    break
+            packets.append(data)
+    finally:
+        sock.close()
+        if packets:
+            nfq.run_socket(_Replay(packets))
+    return result
+
+
+def enable_fail_open(nfq: Any, queue_num: int) -> bool:
+    """NFQA_CFG_F_FAIL_OPEN on the bound queue: when it is full the kernel accepts packets
+    unchanged instead of dropping them. Logs the outcome; True if it is on."""
+    err = set_queue_flags(nfq, queue_num, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_FAIL_OPEN)
+    if err == 0:
+        log.info("queue %d fails open: beyond %d packets waiting, the kernel passes control packets "
+                 "unchanged (not dropped)", queue_num, QUEUE_MAXLEN)
+        return True
+    log.warning("queue %d: fail-open not available (%s): beyond %d packets waiting, the kernel drops "
+                "control packets", queue_num, errno.errorcode.get(err, str(err)), QUEUE_MAXLEN)
+    return False
 
 
 class QueueHandler:
@@ -30,6 +128,7 @@ class QueueHandler:
         self.alg = alg
         self.queue_num = queue_num
         self.faults: dict[str, int] = {}
+        self.fail_open = False
 
     def _on_packet(self, pkt: Any) -> None:
         try:
@@ -65,6 +164,7 @@ class QueueHandler:
         """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound."""
         nfq = NetfilterQueue()
         nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
+        self.fail_open = enable_fail_open(nfq, self.queue_num)
 
         wake_r, wake_w = socket.socketpair()
         stopped: list[str] = []
