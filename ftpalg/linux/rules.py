@@ -129,13 +129,20 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> s
     ``-m helper`` becomes, did not match helpers attached by a ``ct helper`` object on this
     kernel), and of those only segments with payload (commands and replies) and SYN, FIN and
     RST (a connection's start and end). Pure ACKs stay in the kernel, which corrects their
-    ack and SACK itself."""
+    ack and SACK itself. Segments whose source is not routed back through the interface they
+    came in on are never queued (a strict reverse-path check): a segment forged into the
+    outside interface with an inside client's address (or the inside server's), in window,
+    would otherwise be read as that peer's line (nmap's firewall-bypass.nse; found by
+    tests/test_netns_attacks.py). The kernel's rp_filter cannot stop it: it runs at the
+    routing decision, after this hook. Packets conntrack calls INVALID (out of window) have
+    no conntrack entry and never match ``--ctorigdstport``."""
     verdict = f"-j NFQUEUE --queue-num {int(queue)} --queue-bypass"
     first_header = "0>>22&0x3C=20" if family == 4 else "4>>8&0xFF=6"
     lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]",
              f"-I PREROUTING 1 -j {CHAIN_QUEUE}"]
     for p in sorted(set(ports)):
         lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
+    lines.append(f"-A {CHAIN_CONTROL} -m rpfilter --invert -j RETURN")
     lines.append(f"-A {CHAIN_CONTROL} -p tcp ! --tcp-flags SYN,FIN,RST NONE {verdict}")
     lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {verdict}')
     lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {verdict}' for t in _payload_tests(family)]
@@ -172,6 +179,7 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "")
             "",
             "\tchain control {",  # not "queue": nft 1.0.6 takes that for its keyword
             "\t\ttype filter hook prerouting priority mangle; policy accept;",
+            "\t\tfib saddr . iif oif missing return",  # forged source: never read (see iptables_queue_rules)
             f"\t\tmeta l4proto tcp ct original proto-dst {{ {ps} }} queue flags bypass to {int(queue)}",
             "\t}",
         ]

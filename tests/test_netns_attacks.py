@@ -1,0 +1,429 @@
+"""Attacks on the pinholes, with real traffic in the namespace lab: none may open a path.
+
+Each test runs an attack through a gateway running ftpalg and shows, with evidence, that no
+connection reaches a host or port it should not: a listener on the target records every
+connection it accepts (it must see none), the gateway's conntrack expectations show nothing
+was opened, and ftpalg's log gives the reason. A legitimate session in the same run must
+still transfer the file (checksum). Where the kernel's own FTP helper (nf_conntrack_ftp +
+nf_nat_ftp, ``iptables -t raw ... -j CT --helper ftp``) lets the attack through, the same
+attack runs with it first, ftpalg stopped: the same listener then records the connection,
+which proves the test would catch an open path. The helper rule is removed and conntrack
+flushed before ftpalg starts; the two never run together.
+
+The hostile parties (listener, scripted server, step-by-step client, forged segments) are in
+``ftpalg.lab.hostile``. The hostile outside server gets an address of its own on the
+"internet"; the hostile inside server takes the place of pyftpdlib at 10.1.0.3 (gw2 forwards
+port 21 of 198.51.100.3 there and nowhere else) and pyftpdlib is restarted after it.
+
+A segment forged as the other end of the attacker's own control connection (right sequence
+numbers, sent into the gateway's outside interface) was read like a real one until the queue
+rule gained a strict reverse-path check (the queue sits before the routing decision, where
+rp_filter acts): the last two tests, run with rp_filter 0 and 1, keep it so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ftpalg.lab import servers
+from ftpalg.lab.hostile import Driver, Listener, ScriptedServer, mac_of, pasv_text
+from ftpalg.lab.lab import (
+    CLIENTS,
+    GW_PUBLIC,
+    INSIDE_SERVERS,
+    OUTSIDE_CLIENTS,
+    PUBLIC_OF,
+    Lab,
+    sha256,
+    stop_processes,
+)
+from netns_checks import PROBE, check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon
+
+pytestmark = pytest.mark.netns
+
+FILE = "small.txt"
+EVIL = "203.0.113.50"
+"""A hostile outside server, on an address added to "the internet" for this module."""
+HELPER = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
+
+
+def port_arg(addr: str, port: int) -> str:
+    return f"{addr.replace('.', ',')},{port >> 8},{port & 255}"
+
+
+def want_file(lab: Lab) -> str:
+    return sha256(lab.files / FILE)
+
+
+def require(ok: bool, what: object) -> None:
+    """A step the attack needs: failing it fails the test outright, apart from the attack's
+    outcome (asserted)."""
+    if not ok:
+        pytest.fail(str(what))
+
+
+def login(d: Driver) -> None:
+    r = d.step("cmd USER anonymous")
+    if r.startswith("331"):
+        r = d.step("cmd PASS x")
+    require(r.startswith("230"), r)
+
+
+def counters(log: str) -> dict[str, int]:
+    """The counters ftpalg logged when it stopped."""
+    (line,) = [line for line in log.splitlines() if " counters: " in line]
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split(" counters: ")[1].split())}
+
+
+def server_said(srv: ScriptedServer, start: str, timeout: float = 5.0) -> str:
+    """The scripted server's next reply that begins with ``start`` (from its log)."""
+    done = len(srv.lines())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in srv.lines()[done:]:
+            if " <- " in line and line.split(" <- ", 1)[1].startswith(start):
+                return line
+        time.sleep(0.05)
+    pytest.fail(f"the server did not say {start!r}: {srv.lines()[done:]}")
+
+
+def probe(lab: Lab, host: str, port: int, source: str = OUTSIDE_CLIENTS[1]) -> str:
+    """Connect from ``source`` on the internet to ``host``:``port``: "connected" or "refused ..."."""
+    return lab.ns(lab.server, [sys.executable, "-c", PROBE, host, str(port), source], check=False).stdout.strip()
+
+
+@contextlib.contextmanager
+def kernel_helper(lab: Lab, gw: str) -> Iterator[None]:
+    """The kernel's FTP helper on the gateway's control port (ftpalg not running)."""
+    assert "table inet ftpalg" not in lab.ruleset(gw) and "FTPALG" not in lab.gw_rules(gw)
+    lab.ns(gw, ["iptables", "-t", "raw", "-A", *HELPER])
+    try:
+        yield
+    finally:
+        lab.ns(gw, ["iptables", "-t", "raw", "-D", *HELPER])
+        lab.ns(gw, ["conntrack", "-F"], check=False)
+        lab.ns(gw, ["conntrack", "-F", "expect"], check=False)
+
+
+@contextlib.contextmanager
+def alg(lab: Lab, gw: str) -> Iterator[None]:
+    """``ftpalg run`` in the gateway (never with the kernel helper)."""
+    assert "--helper" not in lab.gw_rules(gw)
+    p = lab.start_ftpalg(gw=gw)
+    try:
+        yield
+    finally:
+        assert lab.stop_ftpalg(p) == 0, lab.ftpalg_log(gw)
+    assert "Traceback" not in lab.ftpalg_log(gw)
+
+
+@pytest.fixture(scope="module")
+def evil_outside(lab: Lab) -> Iterator[ScriptedServer]:
+    """The scripted server on EVIL:21: it connects back to whatever a PORT names (and to the
+    control connection's peer at that port), as no real server here would; ``SITE FORGE N``
+    makes it forge its client's ``PORT 10,0,0,2,...`` into gw1's outside interface."""
+    lab.ns(lab.server, ["ip", "addr", "add", f"{EVIL}/24", "dev", "s0"])
+    try:
+        forge = ("s0", mac_of(lab, lab.gw, "go"), CLIENTS[0])  # for SITE FORGE
+        with ScriptedServer(lab, lab.server, EVIL, forge=forge, name="evil-outside") as srv:
+            yield srv
+    finally:
+        lab.ns(lab.server, ["ip", "addr", "del", f"{EVIL}/24", "dev", "s0"], check=False)
+
+
+@contextlib.contextmanager
+def hostile_inside_server(lab: Lab, pasv: tuple[str, ...] = (),
+                          after_login: tuple[str, ...] = ()) -> Iterator[ScriptedServer]:
+    """The scripted server in place of pyftpdlib on 10.1.0.3:21 (behind 198.51.100.3:21),
+    pyftpdlib restarted afterwards."""
+    addr = INSIDE_SERVERS["pyftpdlib"]
+    (real,) = [p for p in lab.procs if isinstance(p.args, list) and lab.inside in p.args and addr in p.args
+               and "ftpalg.lab.servers" in p.args]
+    stop_processes([real])
+    lab.procs.remove(real)
+    try:
+        with ScriptedServer(lab, lab.inside, addr, pasv=pasv, after_login=after_login, name="evil-inside") as srv:
+            yield srv
+    finally:
+        state = lab.server_state("pyftpdlib", addr)
+        lab.popen(lab.inside, servers.server_command("pyftpdlib", addr, lab.files, state), state / "server.out",
+                  stdin_log=True)
+        lab.wait_port(lab.inside, addr, 21)
+
+
+# ---- 1. PORT naming a service port of the client itself ------------------------------------
+def test_port_naming_the_clients_own_port_25_opens_nothing(lab, evil_outside):
+    """An inside client announces its own port 25 to a hostile outside server, which then
+    connects back (to the announced address and to the gateway's public one). The kernel
+    helper opens the port and the connection reaches client:25; ftpalg opens nothing."""
+    target = (CLIENTS[0], 25)
+    with Listener(lab, lab.client, [target], name="client-25") as ls:
+        with kernel_helper(lab, lab.gw), Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
+            login(d)
+            assert d.step(f"cmd PORT {port_arg(*target)}").startswith("200")
+            (exp,) = lab.expectations(lab.gw)
+            assert f"src={EVIL} dst={GW_PUBLIC} sport=0 dport=25" in exp, exp
+            assert d.step(f"cmd RETR {FILE}").startswith("150")
+        kernel = ls.accepted(expect=1)
+        assert len(kernel) == 1 and kernel[0].startswith(f"accepted {CLIENTS[0]}:25 from {EVIL}:"), kernel
+
+        with alg(lab, lab.gw), Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
+            login(d)
+            assert d.step(f"cmd PORT {port_arg(*target)}").startswith("200")  # this server takes any PORT
+            assert lab.expectations(lab.gw) == []
+            r = d.step(f"cmd RETR {FILE}")
+            assert r.startswith("425"), r  # it tried, nothing answered
+            assert f"{GW_PUBLIC}:25" in r
+            assert d.step(f"port-retr {FILE}") == want_file(lab)  # the same session, a real data port
+            assert no_pinholes_soon(lab, lab.gw)
+            log = lab.ftpalg_log(lab.gw)
+        assert ls.accepted() == kernel  # nothing since the kernel's helper was removed
+    assert f"PORT {CLIENTS[0]}:25: port 25 is below 1024" in log, log
+
+
+# ---- 2. FTP bounce to a third inside host ---------------------------------------------------
+def test_bounce_to_the_other_inside_client_reaches_nothing(lab, evil_outside):
+    """An inside client announces the OTHER inside client's address and a high port where a
+    listener waits: nothing reaches it. The host itself announcing that port is let in (the
+    listener sees what a pinhole admits)."""
+    victim = (CLIENTS[1], 41500)
+    with Listener(lab, lab.client, [victim], name="third-host") as ls, alg(lab, lab.gw):
+        with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
+            login(d)
+            assert d.step(f"cmd PORT {port_arg(*victim)}").startswith("200")
+            assert lab.expectations(lab.gw) == []
+            r = d.step(f"cmd RETR {FILE}")
+            assert r.startswith("425") and f"{GW_PUBLIC}:41500" in r, r
+            assert ls.accepted() == []
+            assert d.step(f"port-retr {FILE}") == want_file(lab)
+        # contrast: the owner of that address announcing it gets the connection, once
+        with Driver(lab, lab.client, EVIL, CLIENTS[1]) as d:
+            login(d)
+            assert d.step(f"cmd PORT {port_arg(*victim)}").startswith("200")
+            (exp,) = lab.expectations(lab.gw)
+            assert f"src={EVIL} dst={GW_PUBLIC} sport=0 dport=41500" in exp, exp
+            assert d.step(f"cmd RETR {FILE}").startswith("150")
+        seen = ls.accepted(expect=1)
+        log = lab.ftpalg_log(lab.gw)
+    assert len(seen) == 1 and seen[0].startswith(f"accepted {CLIENTS[1]}:41500 from {EVIL}:"), seen
+    assert f"PORT {CLIENTS[1]}:41500: address is not the client's own (FTP bounce)" in log, log
+
+
+# ---- 3. Another outside client on a passive pinhole -----------------------------------------
+def test_second_outside_client_cannot_use_a_passive_pinhole(lab):
+    """A legitimate passive session to the inside pyftpdlib behind gw2; a second outside
+    client tries its announced port first: refused; the first client transfers fine, once."""
+    with alg(lab, lab.gw2):
+        check_pasv_pinhole_admits_only_the_announced_client(lab, "a second outside client on the pinhole")
+        log = lab.ftpalg_log(lab.gw2)
+    assert f"pinhole open id=1 from={OUTSIDE_CLIENTS[0]} to={PUBLIC_OF['pyftpdlib']}:" in log, log
+
+
+# ---- 4. A 227 sent by the client ------------------------------------------------------------
+def test_passive_reply_forged_by_the_client_opens_nothing(lab):
+    """An outside client sends ``227 Entering Passive Mode (...)`` as a command, naming the
+    inside server's real and public address at a port where a listener waits: nothing is
+    expected, nothing connects. The same port in the server's answer to the client's PASV is
+    let in (the listener sees what a pinhole admits)."""
+    addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
+    target = (addr, 40007)
+    with (hostile_inside_server(lab, pasv=(pasv_text(*target), "real")),
+          Listener(lab, lab.inside, [target], name="inside-40007") as ls, alg(lab, lab.gw2),
+          Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d):
+        login(d)
+        for named in (addr, pub):
+            assert d.step(f"cmd {pasv_text(named, 40007)}").startswith("502")  # the server: not a command
+            assert lab.expectations(lab.gw2) == []
+            assert d.step(f"connect {pub} 40007").startswith("failed")
+        assert ls.accepted() == []
+        # contrast: the server's own answer to PASV naming that port
+        assert f"({port_arg(pub, 40007)})" in d.step("cmd PASV")
+        (exp,) = lab.expectations(lab.gw2)
+        assert f"src={OUTSIDE_CLIENTS[0]} dst={pub} sport=0 dport=40007" in exp, exp
+        assert d.step(f"connect {pub} 40007").startswith("connected")
+        assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+        seen = ls.accepted(expect=1)
+        log = lab.ftpalg_log(lab.gw2)
+    assert len(seen) == 1 and seen[0].startswith(f"accepted {addr}:40007 from {OUTSIDE_CLIENTS[0]}:"), seen
+    assert "unsolicited" in log and "sent by the client: opens nothing" in log, log
+
+
+# ---- 5. A hostile inside server -------------------------------------------------------------
+def hostile_server_session(lab: Lab, pub: str, other_pub: str) -> dict[str, tuple[str, list[str], list[str]]]:
+    """An outside client of the hostile inside server: after each of its 227s, the
+    expectations at that moment and the client's connection attempts to what it names."""
+    out = {}
+    with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+        assert d.step("cmd USER anonymous").startswith("331")
+        assert d.step("cmd PASS x").startswith("230")
+        r = d.step("reply")  # the 227 the server sent right after its 230, answering nothing
+        out["unsolicited"] = (r, lab.expectations(lab.gw2), [d.step(f"connect {pub} 40008")])
+        r = d.step("cmd PASV")  # answered with another inside host
+        out["other host"] = (r, lab.expectations(lab.gw2),
+                             [d.step(f"connect {pub} 40009"), d.step(f"connect {other_pub} 40009")])
+        r = d.step("cmd PASV")  # answered with its own port 22
+        out["port 22"] = (r, lab.expectations(lab.gw2), [d.step(f"connect {pub} 22")])
+        out["legitimate"] = (d.step(f"pasv-retr {FILE}"), [], [])
+    return out
+
+
+def test_hostile_inside_server_opens_no_path_to_other_hosts_or_services(lab):
+    """The inside server behind gw2 sends an unsolicited 227 (its own address, a high port),
+    answers PASV with a 227 naming another inside host, then one naming its own port 22: the
+    outside client's connections to those get nowhere. The kernel helper opens the
+    unsolicited one and port 22 (the listener records both); ftpalg opens nothing."""
+    addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
+    other, other_pub = INSIDE_SERVERS["proftpd"], PUBLIC_OF["proftpd"]
+    unsolicited, third, service = (addr, 40008), (other, 40009), (addr, 22)
+    script = {"after_login": (pasv_text(*unsolicited),), "pasv": (pasv_text(*third), pasv_text(*service), "real")}
+    with (hostile_inside_server(lab, **script),
+          Listener(lab, lab.inside, [unsolicited, third, service], name="inside-targets") as ls):
+        with kernel_helper(lab, lab.gw2):
+            kernel = hostile_server_session(lab, pub, other_pub)
+        kernel_seen = ls.accepted(expect=2)
+        assert kernel["unsolicited"][2][0].startswith("connected"), kernel
+        assert kernel["port 22"][2][0].startswith("connected"), kernel
+        assert sorted(line.split()[1] for line in kernel_seen) == [f"{addr}:22", f"{addr}:40008"], kernel_seen
+        assert kernel["legitimate"][0] == want_file(lab)
+
+        with alg(lab, lab.gw2):
+            res = hostile_server_session(lab, pub, other_pub)
+        log = lab.ftpalg_log(lab.gw2)  # with the counters ftpalg logs on exit
+        assert ls.accepted() == kernel_seen, res  # nothing new
+    for what in ("unsolicited", "other host", "port 22"):
+        reply, exps, tries = res[what]
+        assert reply.startswith("227") and pub.replace(".", ",") not in reply, (what, reply)  # not rewritten
+        assert exps == [], (what, exps)
+        assert all(t.startswith("failed") for t in tries), (what, tries)
+    assert res["legitimate"][0] == want_file(lab)
+    assert "unsolicited" in log and "227 answers no command, not PASV: opens nothing" in log, log
+    assert f"PASV {other}:40009: address is neither the server's nor the public address" in log, log
+    # each reason is logged once per connection; the counters ftpalg logs on exit have them all
+    assert counters(log)["refused"] == 2 and counters(log)["unsolicited"] == 1, log
+
+
+# ---- 6. Forged server segments (nmap firewall-bypass.nse) -----------------------------------
+def forge(lab: Lab, text: str, *specs: str) -> None:
+    """Send forged segments from the internet into gw2's outside interface."""
+    mac = mac_of(lab, lab.gw2, "go")
+    lab.ns(lab.server, [sys.executable, "-m", "ftpalg.lab.hostile", "frame", "s1", mac, text, *specs])
+
+
+def test_forged_server_segment_of_no_connection_opens_nothing(lab):
+    """An outside attacker sends gw2 segments that look like an inside server's 227 reply
+    (naming the server and a port where a listener waits) on connections that do not exist,
+    then connects to that port: nothing is expected, nothing connects."""
+    addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
+    target = (addr, 40010)
+    me = OUTSIDE_CLIENTS[1]
+    with Listener(lab, lab.inside, [target], name="inside-40010") as ls, alg(lab, lab.gw2):
+        forge(lab, pasv_text(*target), f"{addr}:21>{me}:40123", f"{pub}:21>{me}:40124", f"{addr}:21>{me}:21")
+        assert lab.expectations(lab.gw2) == []
+        assert probe(lab, pub, 40010, me).startswith("refused")
+        with Driver(lab, lab.server, pub, me) as d:  # a legitimate session of the same client
+            login(d)
+            assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+        log = lab.ftpalg_log(lab.gw2)
+    assert ls.accepted() == []
+    assert "40010" not in log and "pinhole open id=1 " in log and "id=2" not in log, log
+    # Only the segment to port 21 is queued (conntrack's original destination port): read as a
+    # 227 sent by a client, it opens nothing; the others never reach ftpalg.
+    refused = f"unsolicited flow={addr}:21>{me}:21: b'227 Entering Passive Mode"
+    assert refused in log and "sent by the client: opens nothing" in log or "unsolicited" not in log, log
+
+
+def nmap_session(lab: Lab, pub: str, target: tuple[str, int], after: str = "") -> tuple[str, list[str], str]:
+    """nmap's firewall-bypass: the attacker's own control connection, then a segment forged
+    as the server's next one (exact sequence numbers) carrying a 227 for ``target``, sent
+    into gw2's outside interface; then a connection to that port. ``after``: a command
+    the attacker sends just before (the server cannot answer it first)."""
+    mac = mac_of(lab, lab.gw2, "go")
+    with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+        login(d)
+        verb = f"spoof-after {after}" if after else "spoof"
+        r = d.step(f"{verb} s1 {mac} {target[0]} 21 {pasv_text(*target)}")
+        require(r.startswith("spoofed"), r)
+        exps = lab.expectations(lab.gw2)
+        return exps[0] if exps else "", exps, d.step(f"connect {pub} {target[1]}")
+
+
+def test_nmap_firewall_bypass_unsolicited_227_opens_nothing(lab):
+    """nmap firewall-bypass.nse against gw2: the kernel helper takes the forged 227 and the
+    attacker reaches the inside server's port 40011; with ftpalg it answers nothing and opens
+    nothing."""
+    addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
+    target = (addr, 40011)
+    with Listener(lab, lab.inside, [target], name="inside-40011") as ls:
+        with kernel_helper(lab, lab.gw2):
+            exp, _, connect = nmap_session(lab, pub, target)
+        assert f"src={OUTSIDE_CLIENTS[0]} dst={pub} sport=0 dport=40011" in exp and "helper=ftp" in exp, exp
+        assert connect.startswith("connected"), connect
+        kernel = ls.accepted(expect=1)
+        assert len(kernel) == 1 and kernel[0].startswith(f"accepted {addr}:40011 from {OUTSIDE_CLIENTS[0]}"), kernel
+
+        with alg(lab, lab.gw2):
+            _, exps, connect = nmap_session(lab, pub, target)
+            assert exps == [] and connect.startswith("failed"), (exps, connect)
+            with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+                login(d)
+                assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+            log = lab.ftpalg_log(lab.gw2)
+        assert ls.accepted() == kernel
+    assert "pinhole open id=1 " in log and "id=2" not in log, log  # the legitimate session's only
+    # read as a reply that answers nothing (a gateway that does not queue forged segments never reads it)
+    assert "227 answers no command, not PASV: opens nothing" in log or "unsolicited" not in log, log
+
+
+
+@pytest.mark.parametrize("rp_filter", [0, 1])
+def test_nmap_firewall_bypass_after_the_attackers_own_pasv_opens_nothing(lab, rp_filter):
+    """nmap's forged 227, made an answer: the attacker sends PASV itself (with a zero window:
+    the real server cannot answer first), then the forged 227 naming the inside server's port
+    40012. Nothing may open: the segment came in from the internet, not from the server."""
+    addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
+    target = (addr, 40012)
+    keys = [f"net.ipv4.conf.{d}.rp_filter={rp_filter}" for d in ("all", "go")]
+    with Listener(lab, lab.inside, [target], name="inside-40012") as ls, alg(lab, lab.gw2):
+        with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[1]) as d:  # the legitimate session works
+            login(d)
+            require(d.step(f"pasv-retr {FILE}") == want_file(lab), "legitimate transfer")
+        lab.ns(lab.gw2, ["sysctl", "-qw", *keys])
+        try:
+            exp, exps, connect = nmap_session(lab, pub, target, after="PASV")
+        finally:
+            lab.ns(lab.gw2, ["sysctl", "-qw", *[k[:-1] + "0" for k in keys]])
+        log = lab.ftpalg_log(lab.gw2)
+        seen = ls.accepted()
+    assert seen == [] and exps == [] and connect.startswith("failed"), (seen, exp, connect, log)
+
+
+@pytest.mark.parametrize("rp_filter", [0, 1])
+def test_server_forging_its_clients_port_reaches_nothing(lab, evil_outside, rp_filter):
+    """The same forgery the other way round, at gw1: the outside server forges its client's
+    next segment (source 10.0.0.2 and the client's port, exact sequence numbers) carrying
+    ``PORT 10,0,0,2,156,77`` into gw1's outside interface, then connects to the gateway's
+    public address at port 40013, where a service of the client listens. Nothing may open:
+    the segment came in from the internet, not from the client."""
+    target = (CLIENTS[0], 40013)
+    keys = [f"net.ipv4.conf.{d}.rp_filter={rp_filter}" for d in ("all", "go")]
+    with Listener(lab, lab.client, [target], name="client-40013") as ls, alg(lab, lab.gw):
+        with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:  # the legitimate session works
+            login(d)
+            require(d.step(f"port-retr {FILE}") == want_file(lab), "legitimate transfer")
+        lab.ns(lab.gw, ["sysctl", "-qw", *keys])
+        try:
+            with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
+                login(d)
+                # not waited for at the client: the server then acknowledges bytes the client never sent
+                require(d.step("send SITE FORGE 40013") == "sent", "SITE FORGE")
+                r = server_said(evil_outside, "200 forged PORT 10,0,0,2,156,77; connect")
+        finally:
+            lab.ns(lab.gw, ["sysctl", "-qw", *[k[:-1] + "0" for k in keys]])
+        log = lab.ftpalg_log(lab.gw)
+        seen = ls.accepted()
+    assert f"connect {GW_PUBLIC}:40013 failed" in r and seen == [], (seen, r, log)
