@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ftpalg.core.ftp import Form
-from ftpalg.core.session import Decision, Session
+from ftpalg.core.session import Decision, Session, Transfer
 
 
 def play(script: list[tuple[str, bytes]]) -> tuple[Session, list[Decision]]:
@@ -103,8 +103,21 @@ def test_transfer_sent_before_a_later_port_does_not_close_its_pinhole():
                    ("c", b"RETR b\r\n"), ("s", b"200 ok\r\n"), ("s", b"150 a\r\n"), ("s", b"226 a\r\n"),
                    ("s", b"200 ok\r\n"), ("s", b"226 b\r\n")])
     assert out[7].announce.form is Form.LPRT and out[7].close == "replaced by a new LPRT"
-    assert out[11] == Decision()  # RETR a (index 4) finished: the LPRT (index 5) pinhole stays
+    assert out[11].close is None  # RETR a (index 4) finished: the LPRT (index 5) pinhole stays
+    assert out[11].done == Transfer(4, b"RETR", b"a", 226, b"a")  # (its audit record)
     assert out[13].close == "RETR finished (226)"
+    assert out[13].done == Transfer(6, b"RETR", b"b", 226, b"b")
+
+
+def test_transfers_are_reported_with_user_path_and_outcome():
+    s, out = play([("s", b"220 hi\r\n"), ("c", b"USER alice\r\n"), ("s", b"331 pw\r\n"),
+                   ("c", b"PASS x\r\n"), ("s", b"230 ok\r\n"), ("c", b"STOR dir/new file.txt\r\n"),
+                   ("s", b"150 go\r\n"), ("s", b"553-Could not create file.\r\n"), ("s", b"553 end\r\n"),
+                   ("c", b"LIST\r\n"), ("s", b"226 done\r\n")])
+    assert s.user == b"alice"
+    assert out[8].done == Transfer(3, b"STOR", b"dir/new file.txt", 553, b"end")
+    assert out[10].done == Transfer(4, b"LIST", b"", 226, b"done")
+    assert [o.done for o in out].count(None) == len(out) - 2
 
 
 def test_malformed_announcements_are_reported_not_announced():

@@ -43,6 +43,19 @@ TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST"
 # the command each passive reply answers
 PASSIVE_VERB = {ftp.Form.PASV: b"PASV", ftp.Form.EPSV: b"EPSV", ftp.Form.LPSV: b"LPSV"}
 MAX_PENDING = 64
+ARG_MAX = 256  # bytes of a transfer's path (or a user name) kept for the audit record
+MAX_TRANSFERS = 4  # transfer commands whose path is remembered until their reply
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A transfer command and its final reply (for the audit log)."""
+
+    cmd: int  # its index
+    verb: bytes
+    arg: bytes  # the path, at most ARG_MAX bytes
+    code: int
+    text: bytes  # the reply's text (its last line), at most ARG_MAX bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +66,19 @@ class Decision:
     cmd: int = 0  # index of the command the announcement belongs to
     close: str | None = None  # close the live pinhole, for this reason (before announcing)
     problem: tuple[str, str] | None = None  # (reason, detail) to count and log
+    done: Transfer | None = None  # a transfer command got its final reply
 
     def __bool__(self) -> bool:
-        return self.announce is not None or self.close is not None or self.problem is not None
+        return (self.announce is not None or self.close is not None or self.problem is not None
+                or self.done is not None)
 
 
 NOTHING = Decision()
 
 
 class Session:
-    __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted")
+    __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted", "user",
+                 "last_verb", "paths")
 
     def __init__(self) -> None:
         self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
@@ -72,6 +88,9 @@ class Session:
         self.reply_cmd: tuple[bytes, int] | None = None  # the command the open reply answers
         self.reply_found = False  # the open passive reply already announced an address
         self.encrypted = False  # AUTH accepted (234): the rest of the connection is TLS
+        self.user = b""  # the argument of the last USER (ARG_MAX bytes at most)
+        self.last_verb = b""  # the last command's verb
+        self.paths: deque[tuple[int, bytes]] = deque(maxlen=MAX_TRANSFERS)  # (index, path) of transfers
 
     # ---- client side --------------------------------------------------------------------
     def command(self, line: bytes, follow_replies: bool = True) -> Decision:
@@ -80,8 +99,16 @@ class Session:
         self.count += 1
         n = self.count
         verb = ftp.command_verb(line)
+        self.last_verb = verb
         if follow_replies:
             self.pending.append((verb, n))
+        if verb == b"USER" or verb in TRANSFER_VERBS:
+            parts = line.split(None, 1)
+            arg = parts[1].strip()[:ARG_MAX] if len(parts) > 1 else b""
+            if verb == b"USER":
+                self.user = arg
+            elif follow_replies:
+                self.paths.append((n, arg))
         if verb in HOSTPORT_VERBS:
             try:
                 hp = ftp.parse_hostport(line)
@@ -103,7 +130,7 @@ class Session:
             if not last:
                 return found
             code, self.reply_code = self.reply_code, 0
-            return self._merge(found, self._answered(code))
+            return self._merge(found, self._answered(code, line))
         r = ftp.parse_reply(line)
         if r is None:
             return NOTHING
@@ -113,7 +140,7 @@ class Session:
         if not r.final:
             self.reply_code = r.code
             return found
-        return self._merge(found, self._answered(r.code))
+        return self._merge(found, self._answered(r.code, line))
 
     def _passive(self, line: bytes, code: int) -> Decision:
         form = ftp.PASSIVE_REPLY_CODES.get(code)
@@ -134,11 +161,21 @@ class Session:
                                                     "opens nothing"))
         return Decision(announce=hp, cmd=asked[1], close=self._replacing(hp))
 
-    def _answered(self, code: int) -> Decision:
+    def _answered(self, code: int, line: bytes) -> Decision:
         """The final line of a reply: it answers the oldest pending command."""
         if code < 200 or not self.pending:
             return NOTHING  # preliminary, or the greeting / an unsolicited 421
         verb, n = self.pending.popleft()
+        if verb in TRANSFER_VERBS:
+            path = b""
+            while self.paths and self.paths[0][0] <= n:
+                i, p = self.paths.popleft()
+                path = p if i == n else path
+            done = Transfer(n, verb, path, code, line[4:].strip()[:ARG_MAX])
+            return self._merge(Decision(done=done), self._after_reply(verb, n, code))
+        return self._after_reply(verb, n, code)
+
+    def _after_reply(self, verb: bytes, n: int, code: int) -> Decision:
         if verb == b"AUTH" and code == 234:
             self.encrypted = True
             return Decision(close="control connection encrypted (AUTH)" if self.live is not None else None,
@@ -173,4 +210,4 @@ class Session:
         if not a:
             return b
         # an announcement and the end of its own reply: the close (if any) came first
-        return Decision(a.announce, a.cmd, a.close or b.close, a.problem or b.problem)
+        return Decision(a.announce, a.cmd, a.close or b.close, a.problem or b.problem, a.done or b.done)

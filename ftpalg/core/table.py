@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +34,7 @@ from . import ftp, policy
 from .packet import DecodeError, Segment, TcpFlags, decode, encode
 from .policy import Limits, Mapping, addr_text
 from .seqadj import MASK, KernelAdj, SeqAdjust, Unreplayable, diff
-from .session import Decision, Session
+from .session import Decision, Session, Transfer
 from .stream import Stream
 
 log = logging.getLogger("ftpalg")
@@ -118,6 +119,7 @@ class Pinhole:
     snat: str | None = None
     master: FlowKey = (b"", 0, b"", 0)  # the control connection's original tuple
     active: bool = True  # the data connection goes towards the client (PORT/EPRT/LPRT)
+    form: str = ""  # the announcement's form (PORT, EPSV, ...)
 
     @property
     def family(self) -> int:
@@ -174,7 +176,7 @@ class Flow:
 
     __slots__ = ("key", "reply_key", "mapping", "streams", "adj", "session", "pinhole",
                  "fin", "closed_at", "last_seen", "logged", "lookups", "kadj", "held", "held_snap",
-                 "dropped_at", "ahead")
+                 "dropped_at", "ahead", "last_pinhole")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -194,6 +196,7 @@ class Flow:
         self.held_snap: list[tuple[int | None, bool]] = [(None, True), (None, True)]  # stream before them
         self.dropped_at: list[int | None] = [None, None]  # line start whose segments were dropped once
         self.ahead: list[list[tuple[object, Segment, float]]] = [[], []]  # out of order, per direction
+        self.last_pinhole: Pinhole | None = None  # the latest pinhole opened, open or not
 
     @property
     def corrected(self) -> bool:
@@ -216,9 +219,11 @@ class Alg:
         pinhole_timeout: float = 120.0,
         rng: random.Random | None = None,
         limits: Limits = policy.DEFAULT_LIMITS,
+        on_transfer: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
         self.nat = nat
         self.limits = limits
+        self.on_transfer = on_transfer  # gets one record per transfer command answered (audit)
         self.rng = rng or random.SystemRandom()
         self.backend = pinholes
         self.control_ports = control_ports
@@ -618,6 +623,8 @@ class Alg:
                 self._encrypted(flow, dec.problem[1])
             else:
                 self._count(dec.problem[0], dec.problem[1], flow)
+        if dec.done is not None and self.on_transfer is not None:
+            self._transfer_done(flow, dec.done)
         if dec.close is not None:
             self._close_pinhole(flow, dec.close)
         if dec.announce is None or flow.closing:
@@ -682,7 +689,7 @@ class Alg:
             if (p.peer, p.public, port) in self.promised:
                 continue
             ph = Pinhole(self._next_id, p.peer, p.public, port, p.inside, p.inside_port,
-                         now + self.pinhole_timeout, p.snat, flow.key, not hp.form.is_reply)
+                         now + self.pinhole_timeout, p.snat, flow.key, not hp.form.is_reply, hp.form.name)
             try:
                 self.backend.open(ph)
                 break
@@ -698,7 +705,7 @@ class Alg:
             return line
         port = ph.public_port
         self._next_id += 1
-        flow.pinhole = ph
+        flow.pinhole = flow.last_pinhole = ph
         flow.session.opened(cmd)
         self.promised[(ph.peer, ph.public, ph.public_port)] = ph
         self.per_client[m.client] += 1
@@ -709,6 +716,31 @@ class Alg:
         log.info("pinhole open %s flow=%s %s", ph.describe(), key_text(flow.key),
                  f"{line.strip()!r} -> {new.strip()!r}" if new != line else f"{line.strip()!r} unchanged")
         return new
+
+    def _transfer_done(self, flow: Flow, t: Transfer) -> None:
+        """One audit record: who transferred what, how, with which outcome."""
+        ph = flow.pinhole or flow.last_pinhole
+        c, cport, pub, pport = flow.key
+        srv = flow.reply_key or flow.key[2:] + flow.key[:2]  # the server's real address, if known
+        rec: dict[str, object] = {
+            "client": _hostport(addr_text(c), cport),
+            "server": _hostport(addr_text(srv[0]), srv[1]),
+            "user": flow.session.user.decode("utf-8", "replace"),
+            "command": t.verb.decode("ascii", "replace"),
+            "path": t.arg.decode("utf-8", "replace"),
+            "mode": ph.form if ph else "",
+            "data": (f"{ph.peer} -> {_hostport(ph.public, ph.public_port)}"
+                     + (f" -> {_hostport(ph.inside, ph.inside_port)}" if ph.dnat else "")) if ph else "",
+            "code": t.code,
+            "reply": t.text.decode("utf-8", "replace"),
+            "outcome": "ok" if 200 <= t.code < 300 else "failed",
+        }
+        if srv[:2] != (pub, pport):
+            rec["server_public"] = _hostport(addr_text(pub), pport)
+        try:
+            self.on_transfer(rec)  # type: ignore[misc]
+        except Exception as e:  # the sink's failure must not take the packet with it
+            self._count("audit_failed", f"audit record not written: {e}")
 
     def _learn_mapping(self, flow: Flow, force: bool = False) -> bool:
         """Ask conntrack for the control connection's reply tuple (a few tries per flow,
