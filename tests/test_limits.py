@@ -142,13 +142,39 @@ def test_pinholes_per_client_and_in_total():
     other = Conn(alg, nat, client=("10.0.0.3", 20000))
     login(other)
     assert other.c(b"PORT 10,0,0,3,195,90\r\n").payload == b"PORT 203,0,113,1,195,90\r\n"  # its own budget
+    # the total is reached: a client holding none takes the oldest of the one holding most
     last = Conn(alg, nat, client=("10.0.0.4", 20000))
     login(last)
-    assert last.c(b"PORT 10,0,0,4,195,80\r\n").payload == b"PORT 10,0,0,4,195,80\r\n"  # total cap
-    assert alg.counters["pinhole_cap"] == 1 and len(holes.live) == 3
-    # a pinhole closed frees the client's budget
-    alg.tick(1e9)  # every pinhole expires
+    assert last.c(b"PORT 10,0,0,4,195,100\r\n").payload == b"PORT 203,0,113,1,195,100\r\n"
+    assert alg.counters["pinholes_preempted"] == 1 and len(holes.live) == 3
+    assert alg.per_client == {"10.0.0.2": 1, "10.0.0.3": 1, "10.0.0.4": 1}
+    alg.tick(1e9)  # every pinhole expires: the budgets are free again
     assert not holes.live and not alg.per_client
+
+
+def test_total_pinhole_cap_between_equals_opens_nothing():
+    alg, nat, holes = make(max_pinholes_per_client=1, max_pinholes=2)
+    for i, client in enumerate(("10.0.0.2", "10.0.0.3", "10.0.0.4")):
+        conn = Conn(alg, nat, client=(client, 20000))
+        login(conn)
+        line = b"PORT %s,195,%d\r\n" % (client.replace(".", ",").encode(), 80 + i)
+        out = conn.c(line).payload
+        assert (out == line) == (i == 2)  # the third opens nothing: no one holds more than it would
+    assert alg.counters["pinhole_cap"] == 1 and len(holes.live) == 2
+
+
+def test_a_reused_tuple_whose_syn_was_not_seen_is_a_new_connection():
+    alg, nat, holes = make()
+    old = Conn(alg, nat, client=("10.0.0.2", 20000))
+    login(old)
+    old.c(PORT)  # corrected: kept after its close for late retransmissions
+    old.c(b"QUIT\r\n", "FA")
+    old.s(b"221 bye\r\n", "FA")
+    assert alg.tracked == 1
+    new = Conn(alg, nat, client=("10.0.0.2", 20000), cisn=900_000, sisn=700_000, handshake=False)
+    new.s_rcv, new.c_rcv = new.cseq, new.sseq  # its handshake went by (the queue was full)
+    assert new.c(b"PORT 10,0,0,2,195,81\r\n").payload == b"PORT 203,0,113,1,195,81\r\n"
+    assert alg.counters["flows_reused"] == 1
 
 
 def test_held_bytes_cap_lets_partial_lines_go_unchanged():

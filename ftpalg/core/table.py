@@ -61,6 +61,7 @@ HOLD_SEGMENTS = 4  # the most segments one line may span
 AHEAD_TIME = 2.0
 AHEAD_SEGMENTS = 8
 AHEAD_BYTES = 16384  # how far ahead of the stream such a segment may start
+REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
 
 
@@ -288,9 +289,38 @@ class Alg:
             if isn is not None:
                 new.streams[C2S].syn(isn)
             hit = (new, C2S)
+        elif seg.payload and not seg.flags & (TcpFlags.SYN | TcpFlags.RST) and self._reused(*hit, seg):
+            # Data beyond the end of a connection we still remember (kept for its late
+            # retransmissions): a new connection reused the tuple and its SYN did not come
+            # through us (it bypassed a full queue, or came while we were away). The old
+            # flow's state (closing, mapping, edits) is not this one's: start afresh.
+            self._end(hit[0], "tuple reused by a connection whose SYN was not seen")
+            self.counters["flows_reused"] += 1
+            if hit[1] != C2S:
+                return None  # server data of a connection not tracked yet: nothing to adjust
+            new = self._new_flow(key, now)
+            if new is None:
+                return None
+            hit = (new, C2S)
         flow, direction = hit
         res = self._segment(flow, direction, seg, now, token)
         return res if isinstance(res, Held) else self._final(res)
+
+    @staticmethod
+    def _reused(flow: Flow, d: int, seg: Segment) -> bool:
+        """Whether ``seg`` (with payload) cannot belong to ``flow``'s connection, which is
+        closing (a FIN seen, or a RST): it starts beyond where that direction's stream has
+        come (a hole: a closing connection's peer has nothing more to say), or at that point
+        after this direction's own FIN or a reset, or far behind it (not a late
+        retransmission): a new connection's random ISN. A half-closed connection's other
+        direction, in order, goes on as before."""
+        if not flow.closing:
+            return False
+        nxt = flow.streams[d].next_seq
+        if nxt is None:
+            return False
+        off = diff(seg.seq, nxt)
+        return off > 0 or off < -REUSE_WINDOW or (off == 0 and (flow.fin[d] or flow.closed_at is not None))
 
     def _remember_syn(self, key: FlowKey, isn: int) -> None:
         syns = self.syns
@@ -675,7 +705,7 @@ class Alg:
             self._count("refused", f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow)
             return line
         lim = self.limits
-        if len(self.promised) >= lim.max_pinholes:
+        if len(self.promised) >= lim.max_pinholes and not self._make_room(m.client):
             self._count("pinhole_cap", f"{len(self.promised)} pinholes open (--max-pinholes): {hp.form.name} "
                                        "opens nothing", flow)
             return line
@@ -713,6 +743,8 @@ class Alg:
         self.counters[f"announced_{hp.form.name}"] += 1
         same = port == hp.port and (p.announce_addr is None or p.announce_addr == hp.addr)
         new = line if same else ftp.rewrite_line(line, hp, p.announce_addr, port)
+        if new != line:
+            self.counters[f"rewritten_{hp.form.name}"] += 1
         log.info("pinhole open %s flow=%s %s", ph.describe(), key_text(flow.key),
                  f"{line.strip()!r} -> {new.strip()!r}" if new != line else f"{line.strip()!r} unchanged")
         return new
@@ -741,6 +773,22 @@ class Alg:
             self.on_transfer(rec)  # type: ignore[misc]
         except Exception as e:  # the sink's failure must not take the packet with it
             self._count("audit_failed", f"audit record not written: {e}")
+
+    def _make_room(self, client: str) -> bool:
+        """At the pinhole cap: close the oldest pinhole of the client that holds the most,
+        if it holds more than ``client`` would with one more (so clients that hold many
+        cannot starve one that holds few). Whether room was made."""
+        top, n = max(self.per_client.items(), key=lambda kv: kv[1], default=("", 0))
+        if n <= self.per_client[client] + 1:
+            return False
+        victim = min((ph for ph in self.promised.values() if addr_text(ph.master[0]) == top),
+                     key=lambda ph: ph.expires, default=None)
+        hit = self.flows.get(victim.master) if victim is not None else None
+        if hit is None or hit[0].pinhole is not victim:
+            return False
+        self._close_pinhole(hit[0], "pinhole cap: room made for a client holding fewer")
+        self.counters["pinholes_preempted"] += 1
+        return True
 
     def _learn_mapping(self, flow: Flow, force: bool = False) -> bool:
         """Ask conntrack for the control connection's reply tuple (a few tries per flow,
@@ -795,6 +843,10 @@ class Alg:
         except Exception as e:
             self._count("pinhole_close_failed", f"{ph.describe()}: {e}", flow)
         self.counters["pinholes_closed"] += 1
+        if why == "timeout":
+            self.counters["pinholes_expired"] += 1
+        elif "finished" in why:  # its transfer command was answered
+            self.counters["pinholes_used"] += 1
         log.info("pinhole close id=%d: %s", ph.id, why)
 
     def _closing(self, flow: Flow, d: int, rst: bool, now: float) -> None:
@@ -839,6 +891,37 @@ class Alg:
                     self._end(flow, "gone from conntrack")
                 else:
                     flow.last_seen = now
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """What ``ftpalg status`` shows: tracked control connections and open pinholes.
+        Safe to call from another thread: it copies the tables first (an atomic copy under
+        the GIL) and only reads the flows."""
+        flows = [f for f, d in list(self.flows.values()) if d == C2S]
+        out = []
+        for f in flows:
+            m, k = f.mapping, f.kadj
+            ph = f.pinhole
+            out.append({
+                "client": key_text(f.key).split(">")[0],
+                "server": _hostport(addr_text(f.reply_key[0]), f.reply_key[1]) if f.reply_key else None,
+                "public": _hostport(addr_text(f.key[2]), f.key[3]),
+                "client_seen": m.client_seen if m else None,
+                "user": f.session.user.decode("utf-8", "replace"),
+                "last_command": f.session.last_verb.decode("ascii", "replace"),
+                "commands": f.session.count,
+                "encrypted": f.session.encrypted,
+                "corrections": [None if a is None else {"pos": a.pos, "before": a.before, "after": a.after}
+                                for a in k],
+                "pinhole": None if ph is None else ph.id,
+                "idle": round(now - f.last_seen, 1),
+                "closing": f.closing,
+            })
+        holes = [{"id": ph.id, "form": ph.form, "from": ph.peer, "to": _hostport(ph.public, ph.public_port),
+                  "dnat": _hostport(ph.inside, ph.inside_port) if ph.dnat else None, "snat": ph.snat,
+                  "control": key_text(ph.master), "expires_in": round(ph.expires - now, 1)}
+                 for ph in list(self.promised.values())]
+        return {"flows": out, "pinholes": holes, "counters": dict(self.counters),
+                "tracked": self.tracked, "held_bytes": self.held_bytes}
 
     def shutdown(self) -> None:
         """Close every pinhole (flows are kept in memory only)."""

@@ -46,6 +46,7 @@ SUBCHAINS = (("mangle", CHAIN_CONTROL),)  # jumped to only from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
+SYN_RATE = 1000  # SYNs (and RSTs) per second queued at most; beyond, they pass untouched
 # tables iptables-nft may create on demand for our queue chains: all our table's comment may name
 ON_DEMAND = tuple(f"{NFT_FAMILY[f]} mangle" for f in FAMILIES)
 
@@ -143,6 +144,14 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> s
     for p in sorted(set(ports)):
         lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
     lines.append(f"-A {CHAIN_CONTROL} -m rpfilter --invert -j RETURN")
+    # The server's SYN-ACK tells the core nothing; SYNs and RSTs are worth a queue slot up to
+    # a rate (a SYN flood would otherwise fill the queue and crowd out the lines that need
+    # rewriting: a connection whose SYN is not queued is picked up at its first line).
+    lines.append(f"-A {CHAIN_CONTROL} -p tcp --tcp-flags SYN,ACK SYN,ACK -j RETURN")
+    for flags in ("--syn", "--tcp-flags RST RST"):
+        lines.append(f"-A {CHAIN_CONTROL} -p tcp {flags} -m limit --limit {SYN_RATE}/s --limit-burst {SYN_RATE} "
+                     f"{verdict}")
+        lines.append(f"-A {CHAIN_CONTROL} -p tcp {flags} -j RETURN")
     lines.append(f"-A {CHAIN_CONTROL} -p tcp ! --tcp-flags SYN,FIN,RST NONE {verdict}")
     lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {verdict}')
     lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {verdict}' for t in _payload_tests(family)]
@@ -180,6 +189,8 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "")
             "\tchain control {",  # not "queue": nft 1.0.6 takes that for its keyword
             "\t\ttype filter hook prerouting priority mangle; policy accept;",
             "\t\tfib saddr . iif oif missing return",  # forged source: never read (see iptables_queue_rules)
+            "\t\ttcp flags & (syn | ack) == syn | ack return",
+            f"\t\ttcp flags & (syn | rst) != 0 limit rate over {SYN_RATE}/second burst {SYN_RATE} packets return",
             f"\t\tmeta l4proto tcp ct original proto-dst {{ {ps} }} queue flags bypass to {int(queue)}",
             "\t}",
         ]
