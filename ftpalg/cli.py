@@ -1,4 +1,4 @@
-"""Command line: ``ftpalg run | demo | lab up/down | rules``."""
+"""Command line: ``ftpalg run | check-config | demo | lab up/down | rules``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from . import __version__
+from . import __version__, config, explain
+from .config import Config, ConfigError, OptionText
 from .linux.rules import DEFAULT_QUEUE, RuleError
 
 log = logging.getLogger("ftpalg")
@@ -44,45 +47,64 @@ def single_instance() -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg: Config = args.cfg
+    given = sorted({o for o in cfg.origins.values() if o.startswith("--")})
+    log.info("configuration: %s%s", cfg.source, f"; overridden by {' '.join(given)}" if given else "")
     # SIGTERM during set-up must still clean up (the loop installs its own handler later).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with single_instance():
-            return _serve(args)
+            return _serve(cfg)
     except (RuleError, OSError) as e:
         log.error("%s", e)
         return 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(cfg: Config) -> int:
     from .core.table import Alg
+    from .linux import audit, metrics
     from .linux.conntrack import Conntrack, ExpectationPinholes
     from .linux.ctnetlink import CtNetlink
     from .linux.nfqueue import QueueHandler
     from .linux.rules import StaticRules, queue_chains_present
+    from .linux.status import StatusServer
 
-    ports = frozenset(args.control_port or [21])
-    if args.no_rules and not queue_chains_present():
-        raise RuleError("--no-rules: table inet ftpalg or its queue rule is missing; "
+    gw = cfg.gateway
+    ports = cfg.control_ports
+    if not gw.install_rules and not queue_chains_present():
+        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing; "
                         "load deploy/ftpalg.nft and deploy/queue.iptables (or deploy/ftpalg-queue.nft) first")
-    rules = None if args.no_rules else StaticRules(ports, args.queue_num, args.queue_backend)
+    rules = StaticRules(ports, gw.queue_num, gw.queue_backend) if gw.install_rules else None
     installed = False
     nl = CtNetlink()
-    holes = ExpectationPinholes(nl, args.pinhole_timeout)
-    alg = Alg(Conntrack(nl), holes, ports, args.pinhole_timeout, limits=limits(args))
+    holes = ExpectationPinholes(nl, gw.pinhole_timeout)
+    on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
+    alg = Alg(Conntrack(nl), holes, on_transfer=on_transfer, **cfg.alg_kwargs())
+    latency, verdicts = metrics.LatencyHistogram(), Counter[str]()
+    stops: list[Callable[[], None]] = []  # of the status and metrics threads
     try:
+        if cfg.status.socket:
+            st = StatusServer(cfg.status.socket, lambda: alg.snapshot(time.monotonic()))
+            st.start()
+            stops.append(st.stop)
+        if cfg.metrics.listen:
+            stops.append(metrics.serve(cfg.metrics.listen, alg, latency, verdicts).shutdown)
         if rules is not None:
             backend = rules.install()  # a partial install is undone by remove() below all the same
             installed = True
             log.info("rules installed: queue via %s, control ports %s, queue %d",
-                     backend, ",".join(map(str, sorted(ports))), args.queue_num)
-        QueueHandler(alg, args.queue_num).run()
+                     backend, ",".join(map(str, sorted(ports))), gw.queue_num)
+        QueueHandler(alg, gw.queue_num, latency, verdicts).run()
     except KeyboardInterrupt:
         log.info("interrupted")
     except (RuleError, OSError) as e:
         log.error("%s", e)
         return 1
     finally:
+        for stop in stops:
+            stop()
+        if audit_sink is not None:
+            audit_sink.close()
         alg.shutdown()  # deletes the expectations still open; corrections stay with the kernel
         nl.close()
         if rules is not None:
@@ -94,14 +116,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def limits(args: argparse.Namespace) -> Any:
-    from .core.policy import Limits
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """The effective configuration (file, then options) as TOML; errors never get here (main)."""
+    sys.stdout.write(args.cfg.to_toml())
+    return 0
 
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .linux.status import fetch, render
+
+    name = args.cfg.status.socket
+    if not name:
+        print("ftpalg status: status.socket is off in the configuration", file=sys.stderr)
+        return 1
     try:
-        return Limits(args.min_port, args.max_flows, args.max_pinholes, args.max_pinholes_per_client,
-                      args.max_held_bytes)
-    except ValueError as e:
-        raise RuleError(str(e)) from None
+        doc = fetch(name)
+    except OSError as e:
+        print(f"ftpalg status: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,71 +195,141 @@ def _lab_faults(lab: Any, args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from .linux.rules import iptables_queue_rules, nft_rules
 
-    ports = args.control_port or [21]
+    ports, queue = args.cfg.gateway.control_ports, args.cfg.gateway.queue_num
     text = {
         "nft": lambda: nft_rules(ports),
-        "nft-queue": lambda: nft_rules(ports, args.queue_num),
-        "queue-iptables": lambda: iptables_queue_rules(ports, args.queue_num, 4),
-        "queue-ip6tables": lambda: iptables_queue_rules(ports, args.queue_num, 6),
+        "nft-queue": lambda: nft_rules(ports, queue),
+        "queue-iptables": lambda: iptables_queue_rules(ports, queue, 4),
+        "queue-ip6tables": lambda: iptables_queue_rules(ports, queue, 6),
     }[args.part]()
     sys.stdout.write(text)
     return 0
 
 
-def _bounded(lo: int, hi: int, what: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"{what} {n} not in {lo}..{hi}")
-        return n
-    return parse
+# Options that override a configuration key: dest -> key. Their values stay text (argparse
+# does not check them): config.check does, as it checks the file's values.
+OPTION_KEYS = {
+    "control_port": "gateway.control_ports",
+    "queue_num": "gateway.queue_num",
+    "queue_backend": "gateway.queue_backend",
+    "install_rules": "gateway.install_rules",
+    "pinhole_timeout": "gateway.pinhole_timeout",
+    "min_port": "policy.min_port",
+    "max_flows": "policy.max_flows",
+    "max_pinholes": "policy.max_pinholes",
+    "max_pinholes_per_client": "policy.max_pinholes_per_client",
+    "max_held_bytes": "policy.max_held_bytes",
+    "log_level": "log.level",
+    "audit": "audit.enabled",
+    "audit_file": "audit.file",
+    "metrics_listen": "metrics.listen",
+    "status_socket": "status.socket",
+}
+_SWITCHES = {"install_rules": ("--rules", "--no-rules"), "audit": ("--audit", "--no-audit")}
 
 
-port_number = _bounded(1, 65535, "port")
-queue_number = _bounded(0, 65535, "queue number")
+def option_overrides(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
+    """The options given (not defaulted): key -> (value, option name)."""
+    out: dict[str, tuple[object, str]] = {}
+    for dest, key in OPTION_KEYS.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out[key] = (v, _SWITCHES[dest][0 if v else 1])
+        else:
+            out[key] = (OptionText(",".join(v) if isinstance(v, list) else v), "--" + dest.replace("_", "-"))
+    if getattr(args, "audit_file", None) is not None and getattr(args, "audit", None) is None:
+        out["audit.enabled"] = (True, "--audit-file")  # a file to write to: audit on
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The file (``--config``/``check-config FILE``, else the default one if it exists, else
+    the defaults), then the options given; raises ConfigError."""
+    path, file = getattr(args, "config", None), getattr(args, "file", None)
+    if path is not None and file is not None and path != file:
+        raise ConfigError("check-config", None, f"two files: {file} and --config {path}")
+    return config.load_default(path or file).override(option_overrides(args))
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
     ap.add_argument("--version", action="version", version=__version__)
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (default info)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    # Every option below defaults to None ("not given"): only given ones override the file.
+
+    def config_file(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE",
+                       help=f"configuration file (default {config.DEFAULT_PATH} if it exists, else built-in "
+                            "defaults); options override it")
 
     def ports_and_queue(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--control-port", type=port_number, action="append", metavar="PORT",
-                       help="FTP control port to watch (repeatable; default 21)")
-        p.add_argument("--queue-num", type=queue_number, default=DEFAULT_QUEUE,
-                       help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
+        p.add_argument("--control-port", action="append", metavar="PORT",
+                       help="FTP control port to watch (repeatable, replaces the file's list; default 21)")
+        p.add_argument("--queue-num", metavar="N", help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
+
+    def run_options(r: argparse.ArgumentParser) -> None:
+        ports_and_queue(r)
+        r.add_argument("--pinhole-timeout", metavar="SECONDS",
+                       help="forget an unused pinhole (expectation) after this long (default 120)")
+        lim = r.add_argument_group("policy and limits (see README, Security model)")
+        lim.add_argument("--min-port", metavar="PORT",
+                         help="never open a pinhole to a port below this (default 1024; 1 allows any)")
+        lim.add_argument("--max-flows", metavar="N",
+                         help="control connections tracked at once; at the cap the least recently seen idle "
+                              "ones are forgotten (default 16384)")
+        lim.add_argument("--max-pinholes", metavar="N",
+                         help="live pinholes in total; beyond, announcements open nothing (default 4096)")
+        lim.add_argument("--max-pinholes-per-client", metavar="N",
+                         help="live pinholes of one FTP client address (default 64)")
+        lim.add_argument("--max-held-bytes", metavar="BYTES",
+                         help="segments held back for split lines or reordering, in total (default 1 MiB)")
+        r.add_argument("--no-rules", dest="install_rules", action="store_const", const=False,
+                       help="do not install/remove table inet ftpalg and the queue rule (load deploy/ files "
+                            "yourself); gateway.install_rules = false")
+        r.add_argument("--rules", dest="install_rules", action="store_const", const=True,
+                       help="install the rules even if the file says install_rules = false")
+        r.add_argument("--queue-backend", metavar="auto|nft|iptables",
+                       help="how to queue control packets (default auto: nft queue if the kernel has it)")
+        r.add_argument("--log-level", default=argparse.SUPPRESS, metavar="LEVEL",
+                       help="debug | info | warning | error (default info)")
+        r.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help='Prometheus endpoint, host:port or [v6]:port; "" = off (default 127.0.0.1:9121)')
+        r.add_argument("--status-socket", metavar="SOCKET",
+                       help='unix socket of `ftpalg status`: "@name" abstract, or a path; "" = off '
+                            "(default @ftpalg-status)")
+        r.add_argument("--audit", action=argparse.BooleanOptionalAction, default=None,
+                       help="one structured line per transfer (default off)")
+        r.add_argument("--audit-file", metavar="PATH",
+                       help='where audit lines go: "" = the log, else a file appended to (implies --audit)')
+        r.set_defaults(configured=True)
 
     r = sub.add_parser("run", help="run the ALG on this gateway")
-    ports_and_queue(r)
-    r.add_argument("--pinhole-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="forget an unused pinhole (expectation) after this long (default 120)")
-    lim = r.add_argument_group("policy and limits (see README, Security model)")
-    lim.add_argument("--min-port", type=port_number, default=1024, metavar="PORT",
-                     help="never open a pinhole to a port below this (default 1024; 1 allows any)")
-    lim.add_argument("--max-flows", type=int, default=16384, metavar="N",
-                     help="control connections tracked at once; at the cap the least recently seen idle "
-                          "ones are forgotten (default 16384)")
-    lim.add_argument("--max-pinholes", type=int, default=4096, metavar="N",
-                     help="live pinholes in total; beyond, announcements open nothing (default 4096)")
-    lim.add_argument("--max-pinholes-per-client", type=int, default=64, metavar="N",
-                     help="live pinholes of one FTP client address (default 64)")
-    lim.add_argument("--max-held-bytes", type=int, default=1 << 20, metavar="BYTES",
-                     help="segments held back for split lines or reordering, in total (default 1 MiB)")
-    r.add_argument("--no-rules", action="store_true",
-                   help="do not install/remove table inet ftpalg and the queue rule (load deploy/ files yourself)")
-    r.add_argument("--queue-backend", choices=["auto", "nft", "iptables"], default="auto",
-                   help="how to queue control packets (auto: nft queue if the kernel has it)")
-    r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    config_file(r)
+    run_options(r)
     r.set_defaults(func=cmd_run)
+
+    cc = sub.add_parser("check-config", help="check a configuration file; print the effective configuration",
+                        description="Print the effective configuration (the file, then the options given) as "
+                                    "TOML and exit 0, or print what is wrong and exit 2.")
+    cc.add_argument("file", nargs="?", metavar="FILE",
+                    help=f"the file to check (default {config.DEFAULT_PATH} if it exists, else built-in defaults)")
+    config_file(cc)
+    run_options(cc)
+    cc.set_defaults(func=cmd_check_config)
+
+    st = sub.add_parser("status", help="the running ftpalg's control connections and pinholes (this netns)")
+    config_file(st)
+    st.add_argument("--status-socket", metavar="SOCKET", help="the socket `ftpalg run` serves (default @ftpalg-status)")
+    st.add_argument("--json", action="store_true", help="the raw JSON document")
+    st.set_defaults(func=cmd_status, configured=True)
 
     d = sub.add_parser("demo", help="lab demo: active-mode FTP through NAT without and with ftpalg")
     d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")
     d.set_defaults(func=cmd_demo)
+    explain.add_parser(sub)  # ftpalg explain CAPTURE
 
     lab = sub.add_parser("lab", help="build or remove the namespace lab")
     lab.add_argument("action", choices=["up", "down", "faults"],
@@ -243,14 +349,24 @@ def parser() -> argparse.ArgumentParser:
                     help="nft: table inet ftpalg (helper, nat chains; nft -f); nft-queue: the same with the "
                          "queue rule, for kernels with nft queue; queue-iptables / queue-ip6tables: the queue rule "
                          "for iptables-restore / ip6tables-restore")
+    config_file(ru)
     ports_and_queue(ru)
-    ru.set_defaults(func=cmd_rules)
+    ru.set_defaults(func=cmd_rules, configured=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    try:
+        if getattr(args, "configured", False):  # run, check-config, rules: file and options, checked
+            args.cfg = config_from_args(args)
+            level = args.cfg.log.level
+        else:
+            level = config.check("log.level", OptionText(args.log_level or "info"), "--log-level")
+    except ConfigError as e:
+        print(f"ftpalg: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s ftpalg %(levelname)s %(message)s")
     try:
         return int(args.func(args))

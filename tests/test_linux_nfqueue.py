@@ -95,3 +95,21 @@ def test_held_packets_are_retained_and_get_their_verdict_in_order():
     b = Q(raw(conn.cseq + 12, b"2,195,80\r\n"), "second")
     h._on_packet(b)
     assert order == ["first", "second"] and a.new is not None and b.new is not None
+
+
+def test_verdicts_and_latency_are_counted_when_asked():
+    class Sink:
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, ns):
+            self.seen.append(ns)
+
+    alg = Alg(FakeNat(), FakePinholes())
+    sink, verdicts = Sink(), {}
+    h = QueueHandler(alg, 1, sink, verdicts)
+    for out in (None, b"", b"new", None):
+        alg.handle = lambda raw, now, token=None, out=out: out  # type: ignore[method-assign]
+        h._on_packet(Pkt(b"x"))
+    assert verdicts == {"accepted": 2, "dropped": 1, "rewritten": 1}
+    assert len(sink.seen) == 4 and all(ns >= 0 for ns in sink.seen)

@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
@@ -123,14 +123,26 @@ def enable_fail_open(nfq: Any, queue_num: int) -> bool:
     return False
 
 
+class LatencySink(Protocol):
+    def observe(self, ns: int) -> None:
+        """One packet took ``ns`` nanoseconds from the callback to its verdict (or to being held)."""
+
+
 class QueueHandler:
-    def __init__(self, alg: Alg, queue_num: int) -> None:
+    """``latency``: told each packet's handling time; ``verdicts``: counts packets by their
+    final verdict (accepted unchanged, rewritten, dropped); both optional (metrics)."""
+
+    def __init__(self, alg: Alg, queue_num: int, latency: LatencySink | None = None,
+                 verdicts: dict[str, int] | None = None) -> None:
         self.alg = alg
         self.queue_num = queue_num
         self.faults: dict[str, int] = {}
         self.fail_open = False
+        self.latency = latency
+        self.verdicts = verdicts
 
     def _on_packet(self, pkt: Any) -> None:
+        t0 = time.perf_counter_ns() if self.latency is not None else 0
         try:
             out = self.alg.handle(pkt.get_payload(), time.monotonic(), pkt)
         except Exception as e:  # contain: never let one packet kill the loop
@@ -145,16 +157,22 @@ class QueueHandler:
         self._released()  # held packets the core let go: they precede this one
         if not isinstance(out, Held):
             self._verdict(pkt, out)
+        if self.latency is not None:
+            self.latency.observe(time.perf_counter_ns() - t0)
 
-    @staticmethod
-    def _verdict(pkt: Any, out: bytes | None) -> None:
+    def _verdict(self, pkt: Any, out: bytes | None) -> None:
         if out is None:
             pkt.accept()
+            kind = "accepted"
         elif not out:
             pkt.drop()
+            kind = "dropped"
         else:
             pkt.set_payload(out)
             pkt.accept()
+            kind = "rewritten"
+        if self.verdicts is not None:
+            self.verdicts[kind] = self.verdicts.get(kind, 0) + 1
 
     def _released(self) -> None:
         for token, out in self.alg.take_released():

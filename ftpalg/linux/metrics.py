@@ -1,0 +1,123 @@
+"""Prometheus metrics, served by prometheus_client's own HTTP thread, off the packet path.
+
+Nothing is updated per packet for this module except the per-packet latency histogram,
+which the queue loop fills (a few integer additions); everything else is read from the
+core's counters when Prometheus scrapes (a custom collector), so an idle scraper costs
+nothing and a busy one never blocks a packet for longer than a dict copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("ftpalg")
+
+# Per-packet handling time, seconds: the upper bounds of the histogram's buckets.
+BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 100e-3)
+# Counters of the core that are refusals or faults: exported by reason.
+REFUSALS = ("refused", "unsolicited", "malformed", "partial_line", "no_nat_mapping", "no_free_port",
+            "pinhole_failed", "no_seq_adjust", "gap", "truncated", "undecodable", "flow_cap", "pinhole_cap",
+            "client_pinhole_cap", "held_cap", "dropped_unreplayable", "dropped_truncated",
+            "dropped_unexpressible", "encode_failed", "audit_failed", "pinhole_close_failed")
+
+
+class LatencyHistogram:
+    """Cumulative histogram in nanoseconds, filled by the packet loop (no locking: ints
+    are updated under the GIL, and a scrape that sees one packet half-counted is harmless)."""
+
+    __slots__ = ("bounds", "counts", "total", "sum_ns")
+
+    def __init__(self) -> None:
+        self.bounds = [int(b * 1e9) for b in BUCKETS]
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.total += 1
+        self.sum_ns += ns
+        for i, b in enumerate(self.bounds):
+            if ns <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+
+class AlgCollector(Collector):
+    def __init__(self, alg: Any, latency: LatencyHistogram, verdicts: dict[str, int]) -> None:
+        self.alg = alg
+        self.latency = latency
+        self.verdicts = verdicts
+
+    def collect(self) -> Iterator[Any]:
+        c = dict(self.alg.counters)
+        g = GaugeMetricFamily("ftpalg_control_connections", "Control connections tracked now")
+        g.add_metric([], self.alg.tracked)
+        yield g
+        g = GaugeMetricFamily("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now")
+        g.add_metric([], len(self.alg.promised))
+        yield g
+        g = GaugeMetricFamily("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)")
+        g.add_metric([], self.alg.held_bytes)
+        yield g
+        m = CounterMetricFamily("ftpalg_control_connections", "Control connections tracked since start")
+        m.add_metric([], c.get("flows", 0))
+        yield m
+        m = CounterMetricFamily("ftpalg_rewrites", "Address-carrying lines rewritten, by form", labels=["form"])
+        for k, v in sorted(c.items()):
+            if k.startswith("rewritten_") and not k.startswith("rewritten_packets"):
+                m.add_metric([k.removeprefix("rewritten_")], v)
+        yield m
+        m = CounterMetricFamily("ftpalg_pinholes", "Pinholes by what happened to them", labels=["event"])
+        for event, key in (("opened", "pinholes_opened"), ("used", "pinholes_used"),
+                           ("expired", "pinholes_expired"), ("closed", "pinholes_closed")):
+            m.add_metric([event], c.get(key, 0))
+        yield m
+        m = CounterMetricFamily("ftpalg_packets", "Queued packets by verdict", labels=["verdict"])
+        for verdict, n in sorted(self.verdicts.items()):
+            m.add_metric([verdict], n)
+        yield m
+        m = CounterMetricFamily("ftpalg_refusals", "Packets or lines not acted on, by reason", labels=["reason"])
+        for reason in REFUSALS:
+            m.add_metric([reason], c.get(reason, 0))
+        yield m
+        m = CounterMetricFamily("ftpalg_faults", "Unexpected exceptions while handling a packet (packet accepted)")
+        m.add_metric([], c.get("faults", 0))
+        yield m
+        m = CounterMetricFamily("ftpalg_events", "Every counter of the core, by name", labels=["event"])
+        for k, v in sorted(c.items()):
+            m.add_metric([k], v)
+        yield m
+        h = self.latency
+        buckets, acc = [], 0
+        for bound, n in zip(BUCKETS, h.counts, strict=False):
+            acc += n
+            buckets.append((repr(bound), acc))
+        buckets.append(("+Inf", h.total))
+        hist = HistogramMetricFamily("ftpalg_packet_seconds", "Time to handle one queued packet")
+        hist.add_metric([], buckets, h.sum_ns / 1e9)
+        yield hist
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"metrics address {listen!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve(listen: str, alg: Any, latency: LatencyHistogram, verdicts: dict[str, int]) -> Any:
+    """Start the endpoint; return its server (``shutdown()`` on exit)."""
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry()
+    registry.register(AlgCollector(alg, latency, verdicts))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return server
