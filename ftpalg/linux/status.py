@@ -108,12 +108,13 @@ def render(doc: dict[str, Any]) -> str:
     lines = [f"ftpalg pid {doc.get('pid')}: {doc['tracked']} control connections tracked, "
              f"{len(doc['pinholes'])} pinholes open, {doc['held_bytes']} bytes held",
              ""]
-    head: tuple[str, ...] = ("CLIENT", "SERVER", "PUBLIC", "USER", "LAST", "CMDS", "CORRECTIONS", "PINHOLE", "IDLE")
+    head: tuple[str, ...] = ("CLIENT", "SEEN AS", "DIALED", "SERVER", "USER", "LAST", "CMDS", "CORRECTIONS",
+                             "PINHOLE", "IDLE")
     rows: list[tuple[str, ...]] = []
     for f in sorted(doc["flows"], key=lambda f: f["idle"]):
         corr = "/".join("-" if a is None else f"{a['before']:+d}>{a['after']:+d}" for a in f["corrections"])
         flags = (" tls" if f["encrypted"] else "") + (" closing" if f["closing"] else "")
-        rows.append((f["client"], f["server"] or "?", f["public"], f["user"] or "-",
+        rows.append((f["client"], f["client_seen"] or "?", f["public"], f["server"] or "?", f["user"] or "-",
                      (f["last_command"] or "-") + flags, str(f["commands"]), corr,
                      "-" if f["pinhole"] is None else f"#{f['pinhole']}", f"{f['idle']}s"))
     lines += _table(head, rows) or ["(no control connections)"]
