@@ -78,7 +78,7 @@ NOTHING = Decision()
 
 class Session:
     __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted", "user",
-                 "last_verb", "paths")
+                 "last_verb", "paths", "unrecorded")
 
     def __init__(self) -> None:
         self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
@@ -88,6 +88,7 @@ class Session:
         self.reply_cmd: tuple[bytes, int] | None = None  # the command the open reply answers
         self.reply_found = False  # the open passive reply already announced an address
         self.encrypted = False  # AUTH accepted (234): the rest of the connection is TLS
+        self.unrecorded = 0  # commands beyond MAX_PENDING: owed replies, after those of ``pending``
         self.user = b""  # the argument of the last USER (ARG_MAX bytes at most)
         self.last_verb = b""  # the last command's verb
         self.paths: deque[tuple[int, bytes]] = deque(maxlen=MAX_TRANSFERS)  # (index, path) of transfers
@@ -101,7 +102,10 @@ class Session:
         verb = ftp.command_verb(line)
         self.last_verb = verb
         if follow_replies:
-            self.pending.append((verb, n))
+            if self.unrecorded or len(self.pending) >= MAX_PENDING:
+                self.unrecorded += 1  # never forget the oldest: replies would shift onto later commands
+            else:
+                self.pending.append((verb, n))
         if verb == b"USER" or verb in TRANSFER_VERBS:
             parts = line.split(None, 1)
             arg = parts[1].strip()[:ARG_MAX] if len(parts) > 1 else b""
@@ -134,7 +138,7 @@ class Session:
         r = ftp.parse_reply(line)
         if r is None:
             return NOTHING
-        self.reply_cmd = self.pending[0] if self.pending else None
+        self.reply_cmd = self.pending[0] if self.pending else ((b"", 0) if self.unrecorded else None)
         self.reply_found = False
         found = self._passive(line, r.code)
         if not r.final:
@@ -163,8 +167,11 @@ class Session:
 
     def _answered(self, code: int, line: bytes) -> Decision:
         """The final line of a reply: it answers the oldest pending command."""
-        if code < 200 or not self.pending:
+        if code < 200 or not (self.pending or self.unrecorded):
             return NOTHING  # preliminary, or the greeting / an unsolicited 421
+        if not self.pending:  # the reply of a command beyond MAX_PENDING
+            self.unrecorded -= 1
+            return NOTHING
         verb, n = self.pending.popleft()
         if verb in TRANSFER_VERBS:
             path = b""

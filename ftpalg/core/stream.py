@@ -24,15 +24,22 @@ class Lines:
 
 
 class Stream:
-    __slots__ = ("next_seq", "at_line_start")
+    __slots__ = ("next_seq", "at_line_start", "isn")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None  # seq after the highest in-order byte seen
         self.at_line_start = True
+        self.isn: int | None = None  # seq of this direction's SYN, if seen
 
     def syn(self, seq: int) -> None:
         self.next_seq = (seq + 1) & MASK
         self.at_line_start = True
+        self.isn = seq
+
+    def takes_syn(self, seq: int) -> bool:
+        """Whether a SYN at ``seq`` starts (or repeats the start of) this stream; a SYN
+        anywhere else in a stream already followed is not one TCP accepts (RFC 5961 §4)."""
+        return self.next_seq is None or seq == self.isn
 
     def feed(self, seq: int, payload: bytes) -> Lines:
         n = len(payload)
@@ -49,6 +56,10 @@ class Stream:
             return Lines(n, [], b"", False)
         lines: list[tuple[int, bytes]] = []
         i = old
+        if old and self.at_line_start != (payload[old - 1] == 0x0A):
+            # this copy of bytes already seen disagrees with the first about the line end (TCP
+            # keeps one of them, not necessarily the one seen here): resynchronise at the next LF
+            self.at_line_start = False
         if not self.at_line_start:
             nl = payload.find(b"\n", i)
             i = n if nl < 0 else nl + 1

@@ -238,6 +238,7 @@ class Alg:
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
         # (a SYN flood fills this bounded FIFO and nothing else).
         self.syns: OrderedDict[FlowKey, int] = OrderedDict()
+        self.evicted: OrderedDict[FlowKey, None] = OrderedDict()  # flows forgotten at the flow cap
         self.tracked = 0  # flows (control connections) in ``flows``
         self.per_client: Counter[str] = Counter()  # live pinholes per FTP client address
         self.held_bytes = 0  # payload bytes of held and kept-ahead segments (recounted each wake-up)
@@ -338,6 +339,10 @@ class Alg:
                                     "a new one passes untouched, without pinholes")
             return None
         flow = Flow(key, now)
+        if key in self.evicted:  # forgotten mid-stream at the flow cap: resynchronise at a line end
+            del self.evicted[key]
+            for st in flow.streams:
+                st.at_line_start = False
         self.flows[key] = (flow, C2S)
         self.tracked += 1
         self.counters["flows"] += 1
@@ -354,6 +359,9 @@ class Alg:
         victims = victims[: max(1, self.limits.max_flows // EVICT_SHARE)]
         for f in victims:
             self._end(f, "evicted at the flow cap")
+            self.evicted[f.key] = None  # if seen again: picked up mid-line
+            if len(self.evicted) > 4 * self.limits.max_flows:
+                self.evicted.popitem(last=False)
         self.counters["flows_evicted"] += len(victims)
         if victims:
             log.warning("flow cap (--max-flows %d) reached: forgot the %d least recently seen control "
@@ -424,7 +432,18 @@ class Alg:
                 flow = Flow(flow.key, now)
                 self.flows[flow.key] = (flow, C2S)
                 self.tracked += 1
+            if not flow.streams[d].takes_syn(seg.seq):
+                # inside a stream already followed: the receiver drops it (challenge ACK), so
+                # neither its payload nor a reset line start may count
+                self._count("syn_mid_stream", f"SYN at seq {seg.seq} inside the stream: ignored", flow)
+                return None
             flow.streams[d].syn(seg.seq)
+            if seg.payload:  # TCP Fast Open data: starts at seq + 1, and no FTP peer sends it
+                st = flow.streams[d]
+                st.next_seq = (seg.seq + 1 + len(seg.payload)) & MASK
+                st.at_line_start = seg.payload.endswith(b"\n")
+                self._count("syn_data", "data on a SYN: not read", flow)
+                return None
         payload = seg.payload
         out_payload: bytes | Held = payload
         if flow.held[d] and payload:
