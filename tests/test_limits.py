@@ -112,13 +112,23 @@ def test_flow_cap_evicts_the_least_recently_seen_and_keeps_helping():
     login(late)
     assert alg.counters["flows_evicted"] == 2 and alg.tracked == 31  # 32 // 16 oldest forgotten, one added
     assert late.c(PORT).payload == PORT_OUT
-    # an evicted one is picked up again, mid-stream: from the end of the first line it sees
-    # (that one could be the tail of a longer line, so it is not read)
+    # an evicted one seen again goes on from where its streams stood: at a line start here
     first = conns[0]
     first.now = 101.0
-    assert first.c(b"PORT 10,0,0,2,195,81\r\n").payload == b"PORT 10,0,0,2,195,81\r\n"
-    first.s(b"500 Illegal PORT command.\r\n")
-    assert first.c(b"PORT 10,0,0,2,195,82\r\n").payload == b"PORT 203,0,113,1,195,82\r\n"
+    assert first.c(b"PORT 10,0,0,2,195,81\r\n").payload == b"PORT 203,0,113,1,195,81\r\n"
+
+
+def test_a_flow_evicted_mid_line_is_not_read_until_the_line_ends():
+    alg, nat, holes = make(max_flows=16)
+    victim = Conn(alg, nat, client=("10.0.0.2", 19999))
+    login(victim)
+    victim.c(b"NOOP xx")  # a line begun, not ended
+    for i in range(16):
+        login(Conn(alg, nat, client=("10.0.0.3", 20000 + i)))
+    assert alg.counters["flows_evicted"] >= 1 and victim.key not in alg.flows
+    assert victim.c(PORT).payload == PORT  # the rest of that line, not a line of its own
+    victim.s(b"500 what\r\n")
+    assert victim.c(b"PORT 10,0,0,2,195,82\r\n").payload == b"PORT 203,0,113,1,195,82\r\n"
 
 
 def test_flow_cap_with_nothing_to_evict_passes_new_connections_untouched():

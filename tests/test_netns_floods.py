@@ -17,12 +17,13 @@ import pytest
 
 from ftpalg.lab import floods
 from ftpalg.lab.lab import CLIENTS, SERVERS, Lab, sha256
+from ftpalg.linux.rules import SYN_RATE as SYN_QUEUE_RATE
 from netns_checks import no_pinholes_soon
 
 pytestmark = pytest.mark.netns
 
 MAX_FLOWS, PER_CLIENT = 300, 20
-SYN_RATE, SYN_SECONDS = 2000, 8  # 16000 SYNs: well within what ftpalg keeps up with here
+SYN_RATE, SYN_SECONDS = 2000, 8  # 16000 SYNs: twice what the queue rule lets through
 ABANDONED = 450  # control connections: more than MAX_FLOWS, far more than PER_CLIENT
 PEAK_RSS_KB = 120_000  # generous: ~20 MB seen
 
@@ -59,9 +60,12 @@ def test_caps_hold_under_floods_and_legitimate_sessions_pass(lab):
         assert syn["sent"] >= SYN_RATE * SYN_SECONDS * 0.8, syn
         ab = flood(lab, "abandon", floods.FLOOD_SERVER, "--source", CLIENTS[0], "--count", str(ABANDONED),
                    "--hold", "1")
-        # PER_CLIENT PORTs were rewritten (the server accepts them); the rest went unchanged,
-        # with the private address, and the server refused them as foreign
-        assert ab["replies"] == {"200": PER_CLIENT, "501": ABANDONED - PER_CLIENT}, ab
+        # PORTs rewritten while the client held fewer than PER_CLIENT live pinholes were accepted
+        # (the first abandoned connections close after --hold, freeing theirs); the rest went
+        # unchanged, with the private address, and the server refused them as foreign
+        replies = ab["replies"]
+        assert set(replies) == {"200", "501"} and sum(replies.values()) == ABANDONED, ab
+        assert PER_CLIENT <= replies["200"] < ABANDONED // 2, ab
         # the abandoned connections are gone (dropped with FIN): so are their pinholes
         assert no_pinholes_soon(lab, within=5), lab.expectations()
         results = [json.loads(q.communicate(timeout=60)[0].strip().splitlines()[-1]) for q in legit]
@@ -78,8 +82,11 @@ def test_caps_hold_under_floods_and_legitimate_sessions_pass(lab):
     assert rc == 0 and "Traceback" not in log and c.get("faults", 0) == 0, log[-3000:]
     assert "fails open" in log
     assert c.get("flows_evicted", 0) + c.get("flow_cap", 0) > 0, c
-    assert c.get("client_pinhole_cap", 0) == ABANDONED - PER_CLIENT, c
-    assert c.get("packets", 0) >= syn["sent"], c  # ftpalg kept up: every SYN went through it
+    # the PORTs not rewritten were refused by the per-client cap, or not read at all: a flow
+    # evicted at the flow cap is read again only from the end of its first line
+    assert 0 < c.get("client_pinhole_cap", 0) <= ABANDONED - PER_CLIENT, c
+    # SYNs are queued at most SYN_RATE (1000/s, burst 1000): the rest went by in the kernel
+    assert c.get("packets", 0) >= SYN_QUEUE_RATE * SYN_SECONDS * 0.8, c
     assert peak < PEAK_RSS_KB, peak
     for r in results:
         assert r["tried"] >= 3 and r["ok"] == r["tried"], r

@@ -238,7 +238,9 @@ class Alg:
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
         # (a SYN flood fills this bounded FIFO and nothing else).
         self.syns: OrderedDict[FlowKey, int] = OrderedDict()
-        self.evicted: OrderedDict[FlowKey, None] = OrderedDict()  # flows forgotten at the flow cap
+        # Where the client streams of flows forgotten at the flow cap stood (next seq, at a line
+        # start): a flow seen again continues from there, not from a guess.
+        self.evicted: OrderedDict[FlowKey, tuple[int | None, bool]] = OrderedDict()
         self.tracked = 0  # flows (control connections) in ``flows``
         self.per_client: Counter[str] = Counter()  # live pinholes per FTP client address
         self.held_bytes = 0  # payload bytes of held and kept-ahead segments (recounted each wake-up)
@@ -284,7 +286,7 @@ class Alg:
             isn = self.syns.pop(key, None)
             if flags & (TcpFlags.FIN | TcpFlags.RST) or (isn is None and not seg.payload):
                 return None  # nothing to follow: the end of a connection, or a bare ACK
-            new = self._new_flow(key, now)
+            new = self._new_flow(key, now, seg.seq)
             if new is None:
                 return None
             if isn is not None:
@@ -331,7 +333,7 @@ class Alg:
             syns.popitem(last=False)
             self.counters["syns_forgotten"] += 1
 
-    def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
+    def _new_flow(self, key: FlowKey, now: float, seq: int | None = None) -> Flow | None:
         """Track a new control connection, or None at the flow cap when nothing can be
         evicted (the connection then passes untouched: no rewrite, no pinhole)."""
         if self.tracked >= self.limits.max_flows and not self._evict():
@@ -339,10 +341,15 @@ class Alg:
                                     "a new one passes untouched, without pinholes")
             return None
         flow = Flow(key, now)
-        if key in self.evicted:  # forgotten mid-stream at the flow cap: resynchronise at a line end
-            del self.evicted[key]
-            for st in flow.streams:
-                st.at_line_start = False
+        where = self.evicted.pop(key, None)
+        if where is not None and seq is not None:
+            # Forgotten at the flow cap, seen again at a client segment: if it is the very next
+            # one, the client's stream goes on from where it stood; if bytes passed meanwhile
+            # (not tracked at the cap), where lines start is unknown until the next line end.
+            # The server's stream starts afresh: its replies passed unwatched meanwhile.
+            st = flow.streams[C2S]
+            nxt, start = where
+            st.next_seq, st.at_line_start = seq, start and nxt == seq
         self.flows[key] = (flow, C2S)
         self.tracked += 1
         self.counters["flows"] += 1
@@ -359,8 +366,9 @@ class Alg:
         victims = victims[: max(1, self.limits.max_flows // EVICT_SHARE)]
         for f in victims:
             self._end(f, "evicted at the flow cap")
-            self.evicted[f.key] = None  # if seen again: picked up mid-line
-            if len(self.evicted) > 4 * self.limits.max_flows:
+            st = f.streams[C2S]
+            self.evicted[f.key] = (st.next_seq, st.at_line_start)
+            if len(self.evicted) > 2 * self.limits.max_flows:
                 self.evicted.popitem(last=False)
         self.counters["flows_evicted"] += len(victims)
         if victims:
