@@ -449,7 +449,11 @@ class Lab:
                     *[f"net.ipv4.conf.{d}.rp_filter=0" for d in devs],
                     # Fixed data ports of tests and examples: never an ephemeral port left in
                     # TIME_WAIT by an earlier connection (bind would fail with EADDRINUSE).
-                    f"net.ipv4.ip_local_reserved_ports={FIXED_PORTS}"]
+                    f"net.ipv4.ip_local_reserved_ports={FIXED_PORTS}",
+                    # Servers that connect from port 20 (pure-ftpd, vsftpd) meet a client data port
+                    # they used within the last minute now and then: without reusing the TIME_WAIT
+                    # entry, connect fails ("425 ... Cannot assign requested address").
+                    "net.ipv4.tcp_tw_reuse=1"]
             if node.router:
                 keys += ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
             script = ["set -e", f"sysctl -qw {' '.join(keys)}",
