@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from . import __version__, config, explain
+from . import __version__, config, explain, install
 from .config import Config, ConfigError, OptionText
 from .linux.rules import DEFAULT_QUEUE, RuleError
 
@@ -73,7 +73,8 @@ def _serve(cfg: Config) -> int:
     ports = cfg.control_ports
     if not gw.install_rules and not queue_chains_present():
         raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing; "
-                        "load deploy/ftpalg.nft and deploy/queue.iptables (or deploy/ftpalg-queue.nft) first")
+                        "load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
+                        "or /etc/ftpalg/rules/ first")
     rules = StaticRules(ports, gw.queue_num, gw.queue_backend) if gw.install_rules else None
     installed = False
     nl = CtNetlink()
@@ -330,6 +331,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")
     d.set_defaults(func=cmd_demo)
     explain.add_parser(sub)  # ftpalg explain CAPTURE
+    install.add_parser(sub)  # ftpalg install [--root DIR] [--dry-run] [--force]
 
     lab = sub.add_parser("lab", help="build or remove the namespace lab")
     lab.add_argument("action", choices=["up", "down", "faults"],

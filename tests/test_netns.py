@@ -395,7 +395,7 @@ def test_second_instance_refuses_and_leaves_the_first_intact(lab, alg):
 
 def test_no_rules_without_chains_fails_clearly(lab):
     res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--no-rules"], check=False, timeout=30)
-    assert res.returncode == 1 and "deploy/ftpalg.nft" in res.stderr
+    assert res.returncode == 1 and "ftpalg.nft" in res.stderr and "/etc/ftpalg/rules/" in res.stderr
     socks = lab.ns(lab.gw, ["cat", "/proc/net/unix"]).stdout
     assert "@ftpalg-run" not in socks  # its instance lock is gone too
 
