@@ -116,3 +116,14 @@ def test_nft_queue_table_parses_with_this_nft():
                          capture_output=True, text=True, timeout=30)
     assert "syntax error" not in res.stderr, res.stderr
     assert res.returncode == 0 or "Could not process rule" in res.stderr, res.stderr
+
+
+def test_rule_tools_are_found_without_a_path(monkeypatch):
+    """Run from an empty environment (env -i, some service managers): nft and iptables are
+    still found in the system directories; a missing one is named with what to install."""
+    from ftpalg.linux import rules
+
+    monkeypatch.setenv("PATH", "")
+    assert Path(rules._tool(["nft", "list", "tables"])[0]).name == "nft"
+    with pytest.raises(rules.RuleError, match="nosuchtool not found .*install iptables"):
+        rules._tool(["nosuchtool"])

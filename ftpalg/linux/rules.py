@@ -28,6 +28,7 @@ after a crash still knows).
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 from collections.abc import Iterable
 
@@ -55,9 +56,23 @@ class RuleError(RuntimeError):
     pass
 
 
+# Where the rule tools live when PATH does not say (an empty environment: `env -i`, some
+# service managers): the usual system directories, in the usual order.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _tool(argv: list[str]) -> list[str]:
+    """``argv`` with its program resolved on PATH, then on SYSTEM_PATH."""
+    found = shutil.which(argv[0]) or shutil.which(argv[0], path=SYSTEM_PATH)
+    if found is None:
+        raise RuleError(f"{argv[0]} not found (searched PATH and {SYSTEM_PATH}): install "
+                        f"{'nftables' if argv[0] == 'nft' else 'iptables'}")
+    return [found, *argv[1:]]
+
+
 def _run(argv: list[str], stdin: str | None = None) -> str:
     try:
-        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        p = subprocess.run(_tool(argv), input=stdin, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"{argv[0]}: {e}") from e
     if p.returncode != 0:
@@ -91,8 +106,8 @@ def check_access() -> None:
 def _quiet(argv: list[str]) -> bool:
     """Run a clean-up command whose failure (e.g. the rule is already gone) is expected."""
     try:
-        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        return subprocess.run(_tool(argv), capture_output=True, timeout=30).returncode == 0
+    except (RuleError, OSError, subprocess.TimeoutExpired):
         return False
 
 
