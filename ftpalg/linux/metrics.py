@@ -57,18 +57,13 @@ class AlgCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         c = dict(self.alg.counters)
-        g = GaugeMetricFamily("ftpalg_control_connections", "Control connections tracked now")
-        g.add_metric([], self.alg.tracked)
-        yield g
-        g = GaugeMetricFamily("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now")
-        g.add_metric([], len(self.alg.promised))
-        yield g
-        g = GaugeMetricFamily("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)")
-        g.add_metric([], self.alg.held_bytes)
-        yield g
-        m = CounterMetricFamily("ftpalg_control_connections", "Control connections tracked since start")
-        m.add_metric([], c.get("flows", 0))
-        yield m
+        for name, doc, value in (
+                ("ftpalg_control_connections", "Control connections tracked now", self.alg.tracked),
+                ("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now", len(self.alg.promised)),
+                ("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)", self.alg.held_bytes)):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("ftpalg_control_connections", "Control connections tracked since start",
+                                  value=c.get("flows", 0))
         m = CounterMetricFamily("ftpalg_rewrites", "Address-carrying lines rewritten, by form", labels=["form"])
         for k, v in sorted(c.items()):
             if k.startswith("rewritten_") and not k.startswith("rewritten_packets"):
@@ -87,9 +82,8 @@ class AlgCollector(Collector):
         for reason in REFUSALS:
             m.add_metric([reason], c.get(reason, 0))
         yield m
-        m = CounterMetricFamily("ftpalg_faults", "Unexpected exceptions while handling a packet (packet accepted)")
-        m.add_metric([], c.get("faults", 0))
-        yield m
+        yield CounterMetricFamily("ftpalg_faults", "Unexpected exceptions while handling a packet (packet accepted)",
+                                  value=c.get("faults", 0))
         m = CounterMetricFamily("ftpalg_events", "Every counter of the core, by name", labels=["event"])
         for k, v in sorted(c.items()):
             m.add_metric([k], v)
