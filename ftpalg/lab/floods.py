@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 FLOOD_SERVER = "203.0.113.60"
 """Where ``start_server`` runs the flood target: an extra address in the lab's outside
 namespace (<p>-s, device s0), no lab server on it."""
-FIRST_DATA_PORT, DATA_PORTS = 40000, 3000  # the lab's fixed data ports (lab.FIXED_PORTS)
+FIRST_DATA_PORT, DATA_PORTS = 40000, 3000  # the lab's fixed data ports (lab.FIXED_PORTS: below the ephemeral range)
 
 
 def raise_fd_limit(want: int = 65536) -> int:

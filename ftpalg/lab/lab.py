@@ -77,9 +77,13 @@ PUBLIC_NET6 = "2001:db8:1:"
 GW_PUBLIC = f"{PUBLIC_NET}.1"
 GW_PUBLIC6 = f"{PUBLIC_NET6}:1"
 ROUTER = f"{PUBLIC_NET}.254"
-# Ports that tests and examples bind on purpose (active-mode data ports): kept out of the
-# ephemeral range in every lab namespace.
-FIXED_PORTS = "40000-42999"
+# Ports that tests and examples bind on purpose (active-mode data ports, listeners): below the
+# ephemeral range of every lab namespace, so no earlier connection holds them. (Reserving them
+# inside the range instead made bind(0) land on the first free port after the reserved block
+# about a fifth of the time: 43001 again and again, then "425 Cannot assign requested address"
+# from servers connecting from port 20 to a port still in TIME_WAIT.)
+FIXED_PORTS = (40000, 42999)
+EPHEMERAL_PORTS = (43000, 60999)
 ROUTER6 = f"{PUBLIC_NET6}:fe"
 SERVERS = {k: f"{PUBLIC_NET}.{_HOST[k]}" for k in _KINDS}
 """Outside servers (kind -> IPv4 address) in <p>-s."""
@@ -449,7 +453,7 @@ class Lab:
                     *[f"net.ipv4.conf.{d}.rp_filter=0" for d in devs],
                     # Fixed data ports of tests and examples: never an ephemeral port left in
                     # TIME_WAIT by an earlier connection (bind would fail with EADDRINUSE).
-                    f"net.ipv4.ip_local_reserved_ports={FIXED_PORTS}",
+                    "net.ipv4.ip_local_port_range='{} {}'".format(*EPHEMERAL_PORTS),
                     # Servers that connect from port 20 (pure-ftpd, vsftpd) meet a client data port
                     # they used within the last minute now and then: without reusing the TIME_WAIT
                     # entry, connect fails ("425 ... Cannot assign requested address").

@@ -48,7 +48,7 @@ INSIDE_TLS_SERVER = f"{INSIDE_NET}.7"
 PUBLIC_TLS_SERVER = f"{GW2_NET}.7"
 """Its public address at gw2 (DNAT of port 21 and, if asked, of its passive range)."""
 PASV_RANGE = (40100, 40109)
-"""The inside FTPS server's passive ports (in the lab's reserved FIXED_PORTS)."""
+"""The inside FTPS server's passive ports (in the lab's FIXED_PORTS, below the ephemeral range)."""
 
 VSFTPD_TLS = """ssl_enable=YES
 allow_anon_ssl=YES
