@@ -435,11 +435,12 @@ class Alg:
         if flags & TcpFlags.SYN:
             known = flow.streams[C2S].next_seq
             if d == C2S and not flags & TcpFlags.ACK and known is not None and known != (seg.seq + 1) & MASK:
+                # a new connection on the same tuple: forget the old one; the new one starts
+                # like any other, as a remembered SYN, tracked from its handshake's last ACK
                 self._end(flow, "reused by a new SYN")
                 self.counters["flows_reused"] += 1
-                flow = Flow(flow.key, now)
-                self.flows[flow.key] = (flow, C2S)
-                self.tracked += 1
+                self._remember_syn(flow.key, seg.seq)
+                return None
             if not flow.streams[d].takes_syn(seg.seq):
                 # inside a stream already followed: the receiver drops it (challenge ACK), so
                 # neither its payload nor a reset line start may count
