@@ -80,7 +80,6 @@ import os
 import random
 import re
 import select
-import selectors
 import signal
 import socket
 import subprocess
@@ -89,7 +88,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 MARK = 0x4000_0000
@@ -379,44 +378,30 @@ class Shuffler:
         after the held packets went, while queued ones are still accepted."""
         from netfilterqueue import NetfilterQueue
 
+        from ..linux.nfqueue import queue_selector
+
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=QUEUE_MAXLEN)
-        wake_r, wake_w = socket.socketpair()
-        wake_w.setblocking(False)
-        stopped: list[int] = []
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            stopped.append(signum)
-            with contextlib.suppress(OSError):
-                wake_w.send(b"x")
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
-        sel = selectors.DefaultSelector()
-        sel.register(sock, selectors.EVENT_READ)
-        sel.register(wake_r, selectors.EVENT_READ)
         try:
-            if ready:
-                ready()
-            while not stopped:
-                if sel.select(self.next_timeout()):
+            with queue_selector(nfq) as (sel, stopped):
+                try:
+                    if ready:
+                        ready()
+                    while not stopped:
+                        if sel.select(self.next_timeout()):
+                            nfq.run(block=False)
+                        self.release(time.monotonic())
+                finally:
+                    self.closing = True
+                    self.release_all()
                     nfq.run(block=False)
-                self.release(time.monotonic())
+                    if before_unbind:
+                        before_unbind()
+                    nfq.run(block=False)
         finally:
-            self.closing = True
-            try:
-                self.release_all()
-                nfq.run(block=False)
-                if before_unbind:
-                    before_unbind()
-                nfq.run(block=False)
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-                sel.close()
-                for s_ in (sock, wake_r, wake_w, *self._raw.values()):
-                    s_.close()
-                nfq.unbind()
+            for s_ in self._raw.values():
+                s_.close()
+            nfq.unbind()
 
 
 # ---- the API for tests -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ that bound it, else EPERM).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
@@ -23,6 +24,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Protocol
 
@@ -183,19 +185,13 @@ class QueueHandler:
         nfq = NetfilterQueue()
         nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
         self.fail_open = enable_fail_open(nfq, self.queue_num)
+        try:
+            with queue_selector(nfq) as (sel, stopped):
+                self._loop(nfq, sel, stopped, ready)
+        finally:
+            nfq.unbind()
 
-        wake_r, wake_w = socket.socketpair()
-        stopped: list[str] = []
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            stopped.append(signal.Signals(signum).name)
-            wake_w.send(b"x")
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
-        sel = selectors.DefaultSelector()
-        sel.register(sock, selectors.EVENT_READ)
-        sel.register(wake_r, selectors.EVENT_READ)
+    def _loop(self, nfq: Any, sel: selectors.BaseSelector, stopped: list[str], ready: Any) -> None:
         try:
             if ready:
                 ready()
@@ -217,9 +213,32 @@ class QueueHandler:
         finally:
             self.alg.release_all()  # no packet stays held when we go
             self._released()
-            for s, h in old.items():
-                signal.signal(s, h)
-            sel.close()
-            for s_ in (sock, wake_r, wake_w):
-                s_.close()
-            nfq.unbind()
+
+
+@contextlib.contextmanager
+def queue_selector(nfq: Any) -> Iterator[tuple[selectors.BaseSelector, list[str]]]:
+    """A selector on a bound queue's socket that also wakes on SIGINT/SIGTERM (their names
+    collect in the list); the previous handlers are restored and the sockets closed on exit
+    (the queue stays bound: its owner unbinds it)."""
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    stopped: list[str] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signal.Signals(signum).name)
+        with contextlib.suppress(OSError):  # a wake-up already pending is enough
+            wake_w.send(b"x")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    try:
+        yield sel, stopped
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        sel.close()
+        for s_ in (sock, wake_r, wake_w):
+            s_.close()
