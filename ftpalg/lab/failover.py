@@ -69,6 +69,7 @@ from .lab import (
     STATE_ROOT,
     LabError,
     add_namespaces,
+    client_nat_firewall,
     ftpalg_argv,
     netns_list,
     popen_in,
@@ -94,21 +95,7 @@ CONNTRACKD = "/usr/sbin/conntrackd"
 FLUSH_IGNORED = "ignoring flush command"
 STALE = re.compile(r"^fo(\d+)-(?:c|s|swi|swo|gwa|gwb)$")
 
-GW_FIREWALL = f"""*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A FORWARD -i gi -o go -j ACCEPT
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A POSTROUTING -o go -j SNAT --to-source {PUBLIC_VIP}
-COMMIT
-"""
+GW_FIREWALL = client_nat_firewall(f"SNAT --to-source {PUBLIC_VIP}")
 
 CONNTRACKD_CONF = """# conntrackd for the failover lab, gateway {gw}
 Sync {{

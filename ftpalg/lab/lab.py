@@ -121,7 +121,10 @@ SUFFIXES = ("c", "gw", "s", "gw2", "i")
 
 # ---- firewalls ---------------------------------------------------------------------------------
 # Each gateway has an inside interface "gi" and an outside interface "go".
-GW1_FIREWALL = """*filter
+def client_nat_firewall(source_nat: str) -> str:
+    """iptables-restore text of a gateway with clients inside: FORWARD DROP but for what the
+    inside starts and what belongs to it, and ``source_nat`` (a target) on the way out."""
+    return f"""*filter
 :INPUT ACCEPT [0:0]
 :FORWARD DROP [0:0]
 :OUTPUT ACCEPT [0:0]
@@ -133,9 +136,12 @@ COMMIT
 :INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
--A POSTROUTING -o go -j MASQUERADE
+-A POSTROUTING -o go -j {source_nat}
 COMMIT
 """
+
+
+GW1_FIREWALL = client_nat_firewall("MASQUERADE")
 FIREWALL = GW1_FIREWALL  # the name of earlier versions
 GW1_FIREWALL6 = GW1_FIREWALL  # the same rules with NAT66
 
