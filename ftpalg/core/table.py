@@ -930,7 +930,7 @@ class Alg:
             m, k = f.mapping, f.kadj
             ph = f.pinhole
             out.append({
-                "client": key_text(f.key).split(">")[0],
+                "client": _hostport(addr_text(f.key[0]), f.key[1]),
                 "server": _hostport(addr_text(f.reply_key[0]), f.reply_key[1]) if f.reply_key else None,
                 "public": _hostport(addr_text(f.key[2]), f.key[3]),
                 "client_seen": m.client_seen if m else None,
