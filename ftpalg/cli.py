@@ -60,42 +60,83 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _serve(cfg: Config) -> int:
+@contextlib.contextmanager
+def engine(cfg: Config, limits: Any = None) -> Iterator[tuple[Any, Any, Counter[str]]]:
+    """The core and its kernel back ends for one queue (the whole run, or one worker):
+    (Alg, latency histogram, verdict counts). On exit the pinholes still open are deleted
+    (corrections stay with the kernel) and the sockets and audit file closed."""
     from .core.table import Alg
     from .linux import audit, metrics
     from .linux.conntrack import Conntrack, ExpectationPinholes
     from .linux.ctnetlink import CtNetlink
+
+    nl = CtNetlink()
+    holes = ExpectationPinholes(nl, cfg.gateway.pinhole_timeout)
+    on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
+    kwargs = cfg.alg_kwargs()
+    if limits is not None:
+        kwargs["limits"] = limits
+    alg = Alg(Conntrack(nl), holes, on_transfer=on_transfer, **kwargs)
+    try:
+        yield alg, metrics.LatencyHistogram(), Counter[str]()
+    finally:
+        if audit_sink is not None:
+            audit_sink.close()
+        alg.shutdown()
+        nl.close()
+
+
+def _serve(cfg: Config) -> int:
+    from .linux import metrics
     from .linux.nfqueue import QueueHandler
     from .linux.rules import StaticRules, queue_chains_present
     from .linux.status import StatusServer
 
     gw = cfg.gateway
     ports = cfg.control_ports
-    if not gw.install_rules and not queue_chains_present():
-        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing; "
-                        "load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
+    if not gw.install_rules and not queue_chains_present(gw.workers):
+        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
+                        + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
+                           f"{gw.workers}` prints them)" if gw.workers > 1 else "")
+                        + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
                         "or /etc/ftpalg/rules/ first")
-    rules = StaticRules(ports, gw.queue_num, gw.queue_backend) if gw.install_rules else None
+    rules = StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers) if gw.install_rules else None
     installed = False
-    nl = CtNetlink()
-    holes = ExpectationPinholes(nl, gw.pinhole_timeout)
-    on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
-    alg = Alg(Conntrack(nl), holes, on_transfer=on_transfer, **cfg.alg_kwargs())
-    latency, verdicts = metrics.LatencyHistogram(), Counter[str]()
-    stops: list[Callable[[], None]] = []  # of the status and metrics threads
+    counters: Counter[str] = Counter()
+    stops: list[Callable[[], None]] = []  # of the status and metrics threads, and the workers
+    alg = None
     try:
-        if cfg.status.socket:
-            st = StatusServer(cfg.status.socket, lambda: alg.snapshot(time.monotonic()))
-            st.start()
-            stops.append(st.stop)
-        if cfg.metrics.listen:
-            stops.append(metrics.serve(cfg.metrics.listen, alg, latency, verdicts).shutdown)
-        if rules is not None:
-            backend = rules.install()  # a partial install is undone by remove() below all the same
-            installed = True
-            log.info("rules installed: queue via %s, control ports %s, queue %d",
-                     backend, ",".join(map(str, sorted(ports))), gw.queue_num)
-        QueueHandler(alg, gw.queue_num, latency, verdicts).run()
+        with contextlib.ExitStack() as stack:
+            if gw.workers > 1:
+                from .linux.workers import WorkerSet
+
+                workers = WorkerSet(cfg)
+                snapshot: Callable[[], dict[str, Any]] = workers.snapshot
+                view: Callable[[], tuple[Any, Any, dict[str, int]]] = workers.metrics_view
+                alg = None
+            else:
+                alg, latency, verdicts = stack.enter_context(engine(cfg))
+                snapshot = lambda: alg.snapshot(time.monotonic())  # noqa: E731
+                view = lambda: (alg, latency, verdicts)  # noqa: E731
+            if cfg.status.socket:
+                st = StatusServer(cfg.status.socket, snapshot)
+                st.start()
+                stops.append(st.stop)
+            if cfg.metrics.listen:
+                stops.append(metrics.serve(cfg.metrics.listen, view).shutdown)
+            if rules is not None:
+                backend = rules.install()  # a partial install is undone by remove() below all the same
+                installed = True
+                log.info("rules installed: queue via %s, control ports %s, queue %s",
+                         backend, ",".join(map(str, sorted(ports))),
+                         gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
+            if alg is not None:
+                QueueHandler(alg, gw.queue_num, latency, verdicts).run()
+            else:
+                stops.insert(0, lambda: counters.update(workers.counters()))
+                stops.insert(0, workers.stop)
+                workers.start()
+                _supervise(workers)
     except KeyboardInterrupt:
         log.info("interrupted")
     except (RuleError, OSError) as e:
@@ -104,17 +145,38 @@ def _serve(cfg: Config) -> int:
     finally:
         for stop in stops:
             stop()
-        if audit_sink is not None:
-            audit_sink.close()
-        alg.shutdown()  # deletes the expectations still open; corrections stay with the kernel
-        nl.close()
+        if alg is not None:
+            counters.update(alg.counters)
         if rules is not None:
             rules.remove()
             if installed:
                 log.info("rules removed")
-        stats = " ".join(f"{k}={v}" for k, v in sorted(alg.counters.items()))
+        stats = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
         log.info("counters: %s", stats or "none")
     return 0
+
+
+def _supervise(workers: Any) -> None:
+    """The parent's loop while the workers serve: until SIGINT/SIGTERM."""
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    stopped: list[str] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            wake_w.send(b"x")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        workers.supervise(stopped, wake_r)
+        if stopped:
+            log.info("stopping on %s", stopped[0])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        wake_r.close()
+        wake_w.close()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -196,12 +258,13 @@ def _lab_faults(lab: Any, args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from .linux.rules import iptables_queue_rules, nft_rules
 
-    ports, queue = args.cfg.gateway.control_ports, args.cfg.gateway.queue_num
+    gw = args.cfg.gateway
+    ports, queue, workers = gw.control_ports, gw.queue_num, gw.workers
     text = {
-        "nft": lambda: nft_rules(ports),
-        "nft-queue": lambda: nft_rules(ports, queue),
-        "queue-iptables": lambda: iptables_queue_rules(ports, queue, 4),
-        "queue-ip6tables": lambda: iptables_queue_rules(ports, queue, 6),
+        "nft": lambda: nft_rules(ports, workers=workers),
+        "nft-queue": lambda: nft_rules(ports, queue, workers=workers),
+        "queue-iptables": lambda: iptables_queue_rules(ports, queue, 4, workers),
+        "queue-ip6tables": lambda: iptables_queue_rules(ports, queue, 6, workers),
     }[args.part]()
     sys.stdout.write(text)
     return 0
@@ -213,6 +276,7 @@ OPTION_KEYS = {
     "control_port": "gateway.control_ports",
     "queue_num": "gateway.queue_num",
     "queue_backend": "gateway.queue_backend",
+    "workers": "gateway.workers",
     "install_rules": "gateway.install_rules",
     "pinhole_timeout": "gateway.pinhole_timeout",
     "min_port": "policy.min_port",
@@ -270,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--control-port", action="append", metavar="PORT",
                        help="FTP control port to watch (repeatable, replaces the file's list; default 21)")
         p.add_argument("--queue-num", metavar="N", help=f"NFQUEUE number (default {DEFAULT_QUEUE})")
+        p.add_argument("--workers", metavar="N",
+                       help="worker processes, one queue each (queue-num, queue-num + 1, ...; default 1); "
+                            "one per core the gateway can spare")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)

@@ -35,6 +35,7 @@ DEFAULT_QUEUE = 2121  # as ftpalg.linux.rules.DEFAULT_QUEUE (a test keeps them e
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_BACKENDS = ("auto", "nft", "iptables")
 MAX_PINHOLE_TIMEOUT = 86400.0
+MAX_WORKERS = 64
 SUN_PATH_MAX = 107  # bytes of a unix socket address, without the final (or, abstract: leading) NUL
 
 
@@ -63,6 +64,7 @@ class Gateway:
     queue_backend: str = "auto"
     install_rules: bool = True
     pinhole_timeout: float = 120.0
+    workers: int = 1  # processes, each on its own queue (queue_num, queue_num + 1, ...)
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,7 @@ KEYS: dict[str, Key] = {
     "gateway.control_ports": Key(_port_list, "FTP control ports (1..65535; duplicates merged)"),
     "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number (0..65535)"),
     "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), "auto | nft | iptables"),
+    "gateway.workers": Key(_ranged(1, MAX_WORKERS), f"worker processes, one queue each (1..{MAX_WORKERS})"),
     "gateway.install_rules": Key(_bool, "false: load deploy/ rules yourself (--no-rules)"),
     "gateway.pinhole_timeout": Key(_pinhole_timeout, "seconds, > 0 and <= 86400"),
     "policy.min_port": Key(_ranged(1, 65535), "no pinhole to a port below this (1..65535)"),
@@ -384,6 +387,12 @@ def _unknown(name: str, section: str | None, origin: str, is_table: bool = False
 
 
 def _build(flat: Mapping[str, Any], source: str, origins: Mapping[str, str]) -> Config:
+    last = flat["gateway.queue_num"] + flat["gateway.workers"] - 1
+    if last > 65535:  # each worker has its own queue, numbered on from queue_num
+        key = "gateway.workers" if "gateway.workers" in origins else "gateway.queue_num"
+        raise ConfigError(origins.get(key, source), key,
+                          f"queue_num {flat['gateway.queue_num']} with {flat['gateway.workers']} workers needs "
+                          f"queues up to {last}: more than 65535")
     sections = {}
     for sec, cls in SECTIONS.items():
         sections[sec] = cls(**{k.split(".")[1]: v for k, v in flat.items() if k.startswith(sec + ".")})

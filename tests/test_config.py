@@ -83,6 +83,8 @@ GOOD = [
     ("gateway", "control_ports", "[65535, 1]", (1, 65535)),
     ("gateway", "queue_num", "0", 0),
     ("gateway", "queue_num", "65535", 65535),
+    ("gateway", "workers", "2", 2),
+    ("gateway", "workers", "64", 64),
     ("gateway", "queue_backend", '"nft"', "nft"),
     ("gateway", "queue_backend", '"IPTables"', "iptables"),
     ("gateway", "install_rules", "false", False),
@@ -125,6 +127,7 @@ BAD = [
     ("gateway", "queue_num", "true", "must be an integer, not a boolean (true)"),
     ("gateway", "queue_num", "1.0", "must be an integer, not a float (1.0)"),
     ("gateway", "queue_backend", "1", "must be a string, not an integer (1)"),
+    ("gateway", "workers", "2.0", "must be an integer, not a float (2.0)"),
     ("gateway", "install_rules", "1", "must be true or false, not an integer (1)"),
     ("gateway", "install_rules", '"no"', 'must be true or false, not a string ("no")'),
     ("gateway", "pinhole_timeout", "true", "must be a number of seconds, not a boolean (true)"),
@@ -145,6 +148,8 @@ BAD = [
     ("gateway", "control_ports", "[21, 70000]", "element 2: must be in 1..65535, not 70000"),
     ("gateway", "queue_num", "-1", "must be in 0..65535, not -1"),
     ("gateway", "queue_num", "65536", "must be in 0..65535, not 65536"),
+    ("gateway", "workers", "0", "must be in 1..64, not 0"),
+    ("gateway", "workers", "65", "must be in 1..64, not 65"),
     ("gateway", "pinhole_timeout", "0", "must be more than 0 (seconds), not 0.0"),
     ("gateway", "pinhole_timeout", "-5", "must be more than 0 (seconds), not -5.0"),
     ("gateway", "pinhole_timeout", "nan", "must be more than 0 (seconds), not nan"),
@@ -454,7 +459,7 @@ def fake_linux(monkeypatch, queue_chains=True):
     monkeypatch.setattr(ftpalg.linux.conntrack, "ExpectationPinholes", Recorder("ExpectationPinholes"))
     monkeypatch.setattr(ftpalg.linux.nfqueue, "QueueHandler", Recorder("QueueHandler"))
     monkeypatch.setattr(ftpalg.linux.rules, "StaticRules", Recorder("StaticRules"))
-    monkeypatch.setattr(ftpalg.linux.rules, "queue_chains_present", lambda: queue_chains)
+    monkeypatch.setattr(ftpalg.linux.rules, "queue_chains_present", lambda workers=1: queue_chains)
 
 
 def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
@@ -468,7 +473,7 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
                                "limits": Limits(min_port=1, max_flows=10), "on_transfer": None}
-    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables")
+    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1)
     assert calls["ExpectationPinholes"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 

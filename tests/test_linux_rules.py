@@ -1,11 +1,12 @@
 import ipaddress
 import struct
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from ftpalg import cli
-from ftpalg.linux import ctnetlink
+from ftpalg.linux import ctnetlink, rules
 from ftpalg.linux.rules import iptables_queue_rules, nft_rules
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -26,6 +27,39 @@ def test_queue_rules_cover_both_directions_of_every_control_connection():
     nft = nft_rules([2121, 21], 7)
     assert "ct original proto-dst { 21, 2121 } queue flags bypass to 7" in nft
     assert "queue" not in nft_rules([21])
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4, 5, 8, 64])
+def test_workers_get_every_port_bucket_and_their_labels_name_one_worker_each(workers):
+    """Every client port lands on exactly one worker (the labels its bucket gets written
+    into the connection are that worker's index, and the dispatch rule of that index is
+    the only one matching them); ports spread evenly (at most 4:3 apart, any N)."""
+    buckets = {b: labels for b, labels in rules.label_tests(workers)}
+    n = max(buckets) + 1 if workers & (workers - 1) else workers
+    share = Counter()
+    for port in range(0, 65536, 2):
+        labels = set(buckets.get((port >> 1) % n, []))
+        index = sum(1 << (label - rules.LABEL_BASE) for label in labels)
+        matching = [w for w, tests in rules.worker_labels(workers)
+                    if all((t.startswith("!") ^ (int(t.split()[-1]) in labels)) for t in tests)]
+        assert matching == ([index] if index else [])  # worker 0: the last rule, no label test
+        share[index] += 1
+    assert sorted(share) == list(range(workers))
+    assert max(share.values()) <= min(share.values()) * 4 / 3
+    assert max(label for _, ls in buckets.items() for label in ls) <= 127
+
+
+def test_several_workers_queue_by_the_label_written_at_the_connection_start():
+    text = iptables_queue_rules([21], 100, 4, 3)
+    assert "-A FTPALG-CONTROL -p tcp ! --tcp-flags SYN,FIN,RST NONE -j FTPALG-WORKERS" in text
+    assert "-j NFQUEUE --queue-num 100 --queue-bypass" in text.splitlines()[-2]  # worker 0: the rest
+    assert "-m connlabel --label 120 -m connlabel ! --label 121 -j NFQUEUE --queue-num 101" in text
+    assert "-m connlabel ! --label 120 -m connlabel --label 121 -j NFQUEUE --queue-num 102" in text
+    nft = nft_rules([21], 100, workers=2)
+    assert "tcp dport { 21 } ct state new tcp sport & 0x2 == 0x2 ct label set 120" in nft
+    assert "ct original proto-dst { 21 } ct label 120 queue flags bypass to 101" in nft
+    assert "label" not in nft_rules([21], 100) + iptables_queue_rules([21], 100)
+    assert cli.main(["check-config", "--config", "/dev/null", "--workers", "2", "--queue-num", "65535"]) == 2
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -112,10 +146,11 @@ def test_nft_queue_table_parses_with_this_nft():
     only error allowed is this kernel's missing queue expression."""
     import subprocess
 
-    res = subprocess.run(["unshare", "-n", "nft", "-c", "-f", "-"], input=nft_rules([21], 7),
-                         capture_output=True, text=True, timeout=30)
-    assert "syntax error" not in res.stderr, res.stderr
-    assert res.returncode == 0 or "Could not process rule" in res.stderr, res.stderr
+    for workers in (1, 3):
+        res = subprocess.run(["unshare", "-n", "nft", "-c", "-f", "-"], input=nft_rules([21], 7, workers=workers),
+                             capture_output=True, text=True, timeout=30)
+        assert "syntax error" not in res.stderr, res.stderr
+        assert res.returncode == 0 or "Could not process rule" in res.stderr, res.stderr
 
 
 def test_rule_tools_are_found_without_a_path(monkeypatch):

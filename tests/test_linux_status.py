@@ -76,7 +76,7 @@ def test_metrics_collector_reads_the_core():
     for ns in (5_000, 40_000, 2_000_000_000):
         latency.observe(ns)
     reg = CollectorRegistry()
-    reg.register(metrics.AlgCollector(alg, latency, {"accepted": 7, "rewritten": 1}))
+    reg.register(metrics.AlgCollector(lambda: (alg, latency, {"accepted": 7, "rewritten": 1})))
     text = generate_latest(reg).decode()
     for line in ('ftpalg_rewrites_total{form="PORT"} 1.0', "ftpalg_pinholes_open 1.0",
                  'ftpalg_packets_total{verdict="rewritten"} 1.0', 'ftpalg_packet_seconds_bucket{le="1e-05"} 1.0',

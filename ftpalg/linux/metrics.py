@@ -9,7 +9,7 @@ nothing and a busy one never blocks a packet for longer than a dict copy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -49,18 +49,23 @@ class LatencyHistogram:
         self.counts[-1] += 1
 
 
+View = Callable[[], tuple[Any, Any, dict[str, int]]]
+
+
 class AlgCollector(Collector):
-    def __init__(self, alg: Any, latency: LatencyHistogram, verdicts: dict[str, int]) -> None:
-        self.alg = alg
-        self.latency = latency
-        self.verdicts = verdicts
+    """``view()`` gives (the core, or its workers' sum: counters, tracked, promised,
+    held_bytes; the latency histogram; verdict counts) at each scrape."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[Any]:
-        c = dict(self.alg.counters)
+        alg, latency, verdicts = self.view()
+        c = dict(alg.counters)
         for name, doc, value in (
-                ("ftpalg_control_connections", "Control connections tracked now", self.alg.tracked),
-                ("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now", len(self.alg.promised)),
-                ("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)", self.alg.held_bytes)):
+                ("ftpalg_control_connections", "Control connections tracked now", alg.tracked),
+                ("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now", len(alg.promised)),
+                ("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)", alg.held_bytes)):
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("ftpalg_control_connections", "Control connections tracked since start",
                                   value=c.get("flows", 0))
@@ -75,7 +80,7 @@ class AlgCollector(Collector):
             m.add_metric([event], c.get(key, 0))
         yield m
         m = CounterMetricFamily("ftpalg_packets", "Queued packets by verdict", labels=["verdict"])
-        for verdict, n in sorted(self.verdicts.items()):
+        for verdict, n in sorted(verdicts.items()):
             m.add_metric([verdict], n)
         yield m
         m = CounterMetricFamily("ftpalg_refusals", "Packets or lines not acted on, by reason", labels=["reason"])
@@ -88,7 +93,7 @@ class AlgCollector(Collector):
         for k, v in sorted(c.items()):
             m.add_metric([k], v)
         yield m
-        h = self.latency
+        h = latency
         buckets, acc = [], 0
         for bound, n in zip(BUCKETS, h.counts, strict=False):
             acc += n
@@ -107,11 +112,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(listen: str, alg: Any, latency: LatencyHistogram, verdicts: dict[str, int]) -> Any:
+def serve(listen: str, view: View) -> Any:
     """Start the endpoint; return its server (``shutdown()`` on exit)."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry()
-    registry.register(AlgCollector(alg, latency, verdicts))
+    registry.register(AlgCollector(view))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return server

@@ -24,7 +24,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any, Protocol
 
@@ -180,27 +180,36 @@ class QueueHandler:
         for token, out in self.alg.take_released():
             self._verdict(token, out)
 
-    def run(self, ready: Any = None) -> None:
-        """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound."""
+    def run(self, ready: Any = None, extra: Iterable[tuple[Any, Callable[[], bool]]] = (),
+            bound_message: str = "") -> None:
+        """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound. ``extra``: (file,
+        callback) pairs: the callback runs between packets when its file is readable, and
+        returning False stops the loop (a worker's pipe to its parent)."""
         nfq = NetfilterQueue()
         nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
         self.fail_open = enable_fail_open(nfq, self.queue_num)
         try:
             with queue_selector(nfq) as (sel, stopped):
-                self._loop(nfq, sel, stopped, ready)
+                for f, callback in extra:
+                    sel.register(f, selectors.EVENT_READ, callback)
+                self._loop(nfq, sel, stopped, ready, bound_message or f"bound to NFQUEUE {self.queue_num}")
         finally:
             nfq.unbind()
 
-    def _loop(self, nfq: Any, sel: selectors.BaseSelector, stopped: list[str], ready: Any) -> None:
+    def _loop(self, nfq: Any, sel: selectors.BaseSelector, stopped: list[str], ready: Any, bound: str) -> None:
         try:
             if ready:
                 ready()
-            log.info("bound to NFQUEUE %d", self.queue_num)
+            log.info("%s", bound)
             next_tick = time.monotonic() + TICK
             while not stopped:
                 hold = self.alg.next_hold_deadline()
                 deadline = next_tick if hold is None else min(next_tick, hold)
-                if sel.select(max(0.0, deadline - time.monotonic())):
+                events = sel.select(max(0.0, deadline - time.monotonic()))
+                for key, _ in events:
+                    if key.data is not None and not key.data():
+                        stopped.append("parent gone")
+                if events:
                     nfq.run(block=False)
                 now = time.monotonic()
                 if hold is not None and now >= hold:

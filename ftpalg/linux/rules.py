@@ -36,6 +36,7 @@ log = logging.getLogger("ftpalg")
 
 CHAIN_QUEUE = "FTPALG-QUEUE"
 CHAIN_CONTROL = "FTPALG-CONTROL"
+CHAIN_WORKERS = "FTPALG-WORKERS"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
@@ -43,11 +44,57 @@ DEFAULT_QUEUE = 2121
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)
-SUBCHAINS = (("mangle", CHAIN_CONTROL),)  # jumped to only from our own chains
+SUBCHAINS = (("mangle", CHAIN_CONTROL), ("mangle", CHAIN_WORKERS))  # jumped to only from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
 SYN_RATE = 1000  # SYNs (and RSTs) per second queued at most; beyond, they pass untouched
+# Several workers: each control connection is given to one when conntrack creates its entry,
+# by bits 1.. of the client's source port (bit 0 is not random: Linux prefers even ports for
+# connect()), and the choice is written into the entry as conntrack labels (the worker's index
+# in binary, labels LABEL_BASE...): both directions then carry it, whatever NAT did to the
+# addresses and ports, and the queue rule picks the worker's queue by it. Ports are dealt out
+# in buckets: as many as workers when that is a power of two, else 4 per worker rounded up
+# to one (3 workers: 16 buckets, 6/5/5). Connections older than the rules carry no label:
+# worker 0's.
+LABEL_BASE = 120  # labels 120..125 (of 0..127): a worker index of up to 6 bits
+
+
+def _bits(workers: int) -> int:
+    return max(1, (workers - 1).bit_length())
+
+
+def _buckets(workers: int) -> int:
+    return workers if workers & (workers - 1) == 0 else 1 << (4 * workers - 1).bit_length()
+
+
+def label_tests(workers: int) -> list[tuple[int, list[int]]]:
+    """(port bucket, labels to set) for each bucket of a worker other than 0: the bucket is
+    ``(port >> 1) & (buckets - 1)``; its worker is ``bucket % workers``."""
+    out = []
+    for b in range(_buckets(workers)):
+        w = b % workers
+        if w:
+            out.append((b, [LABEL_BASE + j for j in range(_bits(workers)) if w >> j & 1]))
+    return out
+
+
+def _label_rules(ps: str, workers: int) -> list[str]:
+    """nft rules of the helper chain that write a new control connection's worker into it."""
+    if workers <= 1:
+        return []
+    mask = (_buckets(workers) - 1) << 1
+    return [f"\t\ttcp dport {{ {ps} }} ct state new tcp sport & {mask:#x} == {b << 1:#x} "
+            + " ".join(f"ct label set {n}" for n in labels) for b, labels in label_tests(workers)]
+
+
+def worker_labels(workers: int) -> list[tuple[int, list[str]]]:
+    """(queue offset, label tests in iptables connlabel form) for workers 1..N-1: the index's
+    bits as labels set and not set."""
+    return [(w, [f"{'' if w >> j & 1 else '! '}--label {LABEL_BASE + j}" for j in range(_bits(workers))])
+            for w in range(1, workers)]
+
+
 # tables iptables-nft may create on demand for our queue chains: all our table's comment may name
 ON_DEMAND = tuple(f"{NFT_FAMILY[f]} mangle" for f in FAMILIES)
 
@@ -136,7 +183,7 @@ def _payload_tests(family: int) -> list[str]:
     return out
 
 
-def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> str:
+def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, workers: int = 1) -> str:
     """The queue rule for iptables-restore (``family`` 4) or ip6tables-restore (6).
 
     Which packets: both directions of connections whose original destination port is a
@@ -151,11 +198,18 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> s
     would otherwise be read as that peer's line (nmap's firewall-bypass.nse; found by
     tests/test_netns_attacks.py). The kernel's rp_filter cannot stop it: it runs at the
     routing decision, after this hook. Packets conntrack calls INVALID (out of window) have
-    no conntrack entry and never match ``--ctorigdstport``."""
-    verdict = f"-j NFQUEUE --queue-num {int(queue)} --queue-bypass"
+    no conntrack entry and never match ``--ctorigdstport``.
+
+    With several ``workers``, a packet goes to chain FTPALG-WORKERS instead, which picks the
+    worker's queue by the connection's conntrack labels (``label_tests``)."""
     first_header = "0>>22&0x3C=20" if family == 4 else "4>>8&0xFF=6"
-    lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]",
-             f"-I PREROUTING 1 -j {CHAIN_QUEUE}"]
+    lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]"]
+    if workers > 1:
+        verdict = f"-j {CHAIN_WORKERS}"
+        lines.append(f":{CHAIN_WORKERS} - [0:0]")
+    else:
+        verdict = f"-j NFQUEUE --queue-num {int(queue)} --queue-bypass"
+    lines.append(f"-I PREROUTING 1 -j {CHAIN_QUEUE}")
     for p in sorted(set(ports)):
         lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
     lines.append(f"-A {CHAIN_CONTROL} -m rpfilter --invert -j RETURN")
@@ -170,11 +224,17 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4) -> s
     lines.append(f"-A {CHAIN_CONTROL} -p tcp ! --tcp-flags SYN,FIN,RST NONE {verdict}")
     lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {verdict}')
     lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {verdict}' for t in _payload_tests(family)]
+    if workers > 1:
+        for w, tests in worker_labels(workers):
+            match = " ".join(f"-m connlabel {t}" for t in tests)
+            lines.append(f"-A {CHAIN_WORKERS} {match} -j NFQUEUE --queue-num {int(queue) + w} --queue-bypass")
+        lines.append(f"-A {CHAIN_WORKERS} -j NFQUEUE --queue-num {int(queue)} --queue-bypass")
     return "\n".join(lines + ["COMMIT", ""])
 
 
-def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "") -> str:
-    """Our nft table; with the queue rule if ``queue`` is given (kernels with nft queue)."""
+def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "", workers: int = 1) -> str:
+    """Our nft table; with the queue rule if ``queue`` is given (kernels with nft queue),
+    one per stripe of original source ports with several ``workers``."""
     ps = ", ".join(str(int(p)) for p in sorted(set(ports)))
     lines = [f"table inet {NFT_TABLE} {{"]
     if comment:
@@ -188,6 +248,7 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "")
         "\tchain helper {",
         "\t\ttype filter hook prerouting priority -175; policy accept;",
         f'\t\ttcp dport {{ {ps} }} ct state new ct helper set "{HELPER_OBJ}"',
+        *_label_rules(ps, workers),
         "\t}",
         "",
         "\tchain nat-prerouting {",
@@ -206,9 +267,14 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "")
             "\t\tfib saddr . iif oif missing return",  # forged source: never read (see iptables_queue_rules)
             "\t\ttcp flags & (syn | ack) == syn | ack return",
             f"\t\ttcp flags & (syn | rst) != 0 limit rate over {SYN_RATE}/second burst {SYN_RATE} packets return",
-            f"\t\tmeta l4proto tcp ct original proto-dst {{ {ps} }} queue flags bypass to {int(queue)}",
-            "\t}",
         ]
+        match = f"meta l4proto tcp ct original proto-dst {{ {ps} }}"
+        for w, tests in worker_labels(workers) if workers > 1 else []:
+            labels = " ".join(f"ct label {t.replace('--label ', '')}".replace("ct label ! ", "ct label != ")
+                              for t in tests)
+            lines.append(f"\t\t{match} {labels} queue flags bypass to {int(queue) + w}")
+        lines.append(f"\t\t{match} queue flags bypass to {int(queue)}")
+        lines.append("\t}")
     return "\n".join(lines + ["}", ""])
 
 
@@ -262,22 +328,28 @@ def _created(comment: str) -> list[str]:
     return [t for t in comment.split(",") if t in ON_DEMAND]
 
 
-def queue_chains_present() -> bool:
-    """What ``--no-rules`` expects the admin to have loaded: our nft table and a queue rule."""
+def queue_chains_present(workers: int = 1) -> bool:
+    """What ``--no-rules`` expects the admin to have loaded: our nft table and a queue rule
+    (written for several workers if there are several: the labels and the dispatch)."""
     check_access()  # else a table we may not read would look missing
     if not nft_table_exists("inet", NFT_TABLE):
         return False
-    if "queue" in _run(["nft", "list", "table", "inet", NFT_TABLE]):
+    text = _run(["nft", "list", "table", "inet", NFT_TABLE])
+    if workers > 1 and "ct label set" not in text:
+        return False
+    if "queue" in text:
         return True
-    return all(_quiet([iptables(f), "-w", "-t", "mangle", "-S", CHAIN_QUEUE]) for f in FAMILIES)
+    chains = [CHAIN_QUEUE] + ([CHAIN_WORKERS] if workers > 1 else [])
+    return all(_quiet([iptables(f), "-w", "-t", "mangle", "-S", c]) for f in FAMILIES for c in chains)
 
 
 class StaticRules:
     """Our nft table and the queue rule, IPv4 and IPv6, installed by ``ftpalg run``."""
 
-    def __init__(self, ports: Iterable[int], queue: int, backend: str = "auto") -> None:
+    def __init__(self, ports: Iterable[int], queue: int, backend: str = "auto", workers: int = 1) -> None:
         self.ports = sorted(set(ports))
         self.queue = queue
+        self.workers = workers
         self.backend = backend
         self.created: list[str] = []  # "ip mangle" etc.: tables that exist because of us
 
@@ -295,11 +367,12 @@ class StaticRules:
                     self.created.append(name)
         # one nft transaction: the old table (if any) is replaced atomically
         text = (f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
-                + nft_rules(self.ports, self.queue if self.backend == "nft" else None, ",".join(self.created)))
+                + nft_rules(self.ports, self.queue if self.backend == "nft" else None, ",".join(self.created),
+                            self.workers))
         _run(["nft", "-f", "-"], text)
         if self.backend == "iptables":
             for f in FAMILIES:
-                _restore(iptables_queue_rules(self.ports, self.queue, f), f)
+                _restore(iptables_queue_rules(self.ports, self.queue, f, self.workers), f)
         return self.backend
 
     def _remove_queue_jumps(self) -> None:

@@ -108,6 +108,10 @@ def render(doc: dict[str, Any]) -> str:
     lines = [f"ftpalg pid {doc.get('pid')}: {doc['tracked']} control connections tracked, "
              f"{len(doc['pinholes'])} pinholes open, {doc['held_bytes']} bytes held",
              ""]
+    if doc.get("workers"):
+        lines[-1:-1] = [", ".join(f"worker {w['index']} (pid {w['pid']}, queue {w['queue']}): "
+                                  + (f"{w['flows']} connections, {w['packets']} packets" if w["answered"]
+                                     else "did not answer") for w in doc["workers"])]
     head: tuple[str, ...] = ("CLIENT", "SEEN AS", "DIALED", "SERVER", "USER", "LAST", "CMDS", "CORRECTIONS",
                              "PINHOLE", "IDLE")
     rows: list[tuple[str, ...]] = []
@@ -116,11 +120,11 @@ def render(doc: dict[str, Any]) -> str:
         flags = (" tls" if f["encrypted"] else "") + (" closing" if f["closing"] else "")
         rows.append((f["client"], f["client_seen"] or "?", f["public"], f["server"] or "?", f["user"] or "-",
                      (f["last_command"] or "-") + flags, str(f["commands"]), corr,
-                     "-" if f["pinhole"] is None else f"#{f['pinhole']}", f"{f['idle']}s"))
+                     "-" if f["pinhole"] is None else _pinhole(f["pinhole"], f), f"{f['idle']}s"))
     lines += _table(head, rows) or ["(no control connections)"]
     lines.append("")
     head = ("PINHOLE", "FORM", "FROM", "TO", "DNAT", "SNAT", "EXPIRES", "CONTROL")
-    rows = [(f"#{p['id']}", p["form"], p["from"], p["to"], p["dnat"] or "-", p["snat"] or "-",
+    rows = [(_pinhole(p["id"], p), p["form"], p["from"], p["to"], p["dnat"] or "-", p["snat"] or "-",
              f"{p['expires_in']}s", p["control"]) for p in sorted(doc["pinholes"], key=lambda p: p["id"])]
     lines += _table(head, rows) or ["(no pinholes open)"]
     c = doc["counters"]
@@ -128,6 +132,11 @@ def render(doc: dict[str, Any]) -> str:
             "unsolicited", "malformed", "faults")
     lines += ["", "counters: " + " ".join(f"{k}={c.get(k, 0)}" for k in keys)]
     return "\n".join(lines)
+
+
+def _pinhole(n: int, entry: dict[str, Any]) -> str:
+    """A pinhole's name: #id, with several workers w<index>#id (each counts its own)."""
+    return f"w{entry['worker']}#{n}" if "worker" in entry else f"#{n}"
 
 
 def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -1,0 +1,266 @@
+"""Several worker processes (``gateway.workers``), each bound to its own NFQUEUE.
+
+The queue rule deals control connections out by conntrack's original source port (see
+``rules.stripes``): both directions of a connection carry the same conntrack entry, so they
+reach the same worker whatever NAT did to the addresses, and each worker keeps the whole
+state of its connections (streams, sessions, pinholes) to itself; nothing is shared per
+packet. Pinholes are kernel expectations, one namespace for all workers: two workers asking
+for the same one get EEXIST/EBUSY, which the core already treats as a busy port. The caps
+(``--max-flows``, ``--max-pinholes``, ``--max-held-bytes``) are split evenly between the
+workers; ``--max-pinholes-per-client`` holds per worker (a client whose control connections
+land on several workers may get up to that many on each).
+
+The parent process installs and removes the rules, serves ``ftpalg status`` and the metrics
+(asking each worker over a pipe, between packets), and supervises: a worker that dies is
+restarted (its queue passes packets unchanged meanwhile, ``--queue-bypass``); one that dies
+again and again stops the whole run. Workers are started with the ``spawn`` method (a fresh
+interpreter: no thread or lock of the parent's is copied) and stop when the parent's end of
+their pipe closes, so none outlives the parent, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+from ..config import Config
+from .metrics import BUCKETS
+
+log = logging.getLogger("ftpalg")
+
+START_TIMEOUT = 15.0  # seconds for a worker to bind its queue
+ASK_TIMEOUT = 2.0  # seconds a worker may take to answer a status request
+STOP_TIMEOUT = 10.0  # seconds a worker may take to stop (pinholes deleted) before it is killed
+RESTARTS = 5  # worker deaths tolerated within RESTART_WINDOW seconds
+RESTART_WINDOW = 60.0
+
+
+def worker_limits(cfg: Config, workers: int) -> Any:
+    """One worker's share of the caps (each at least 1)."""
+    lim = cfg.limits()
+    return dataclasses.replace(lim, max_flows=max(1, lim.max_flows // workers),
+                               max_pinholes=max(1, lim.max_pinholes // workers),
+                               max_held_bytes=max(1, lim.max_held_bytes // workers))
+
+
+def worker_main(cfg: Config, index: int, conn: Any) -> None:
+    """A worker: the same engine as a single-process run, on queue ``queue_num + index``;
+    answers the parent's requests on ``conn`` between packets."""
+    logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s ftpalg %(levelname)s w{index} %(message)s")
+    from ..cli import engine
+    from .nfqueue import QueueHandler
+
+    workers = cfg.gateway.workers
+    queue = cfg.gateway.queue_num + index
+    with engine(cfg, worker_limits(cfg, workers)) as (alg, latency, verdicts):
+        def answer() -> bool:
+            try:
+                req = conn.recv()
+            except (EOFError, OSError):
+                log.info("parent gone: stopping")
+                return False
+            if req == "state":
+                conn.send(state(alg, latency, verdicts))
+            return True
+
+        handler = QueueHandler(alg, queue, latency, verdicts)
+        handler.run(ready=lambda: conn.send(("ready", queue)), extra=[(conn, answer)],
+                    bound_message=f"worker {index} bound to queue {queue}")
+    with contextlib.suppress(OSError):
+        conn.send(("final", dict(alg.counters)))
+
+
+def state(alg: Any, latency: Any, verdicts: dict[str, int]) -> dict[str, Any]:
+    """What the parent merges for ``ftpalg status`` and the metrics."""
+    snap = alg.snapshot(time.monotonic())
+    snap["latency"] = (list(latency.counts), latency.total, latency.sum_ns)
+    snap["verdicts"] = dict(verdicts)
+    return snap
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: Any = None
+        self.conn: Any = None
+        self.final: dict[str, int] = {}
+
+
+class WorkerSet:
+    """The parent's side: start, ask, supervise and stop the workers."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.count = cfg.gateway.workers
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers = [_Worker(i) for i in range(self.count)]
+        self.lock = threading.Lock()  # one request at a time on the pipes (status and metrics threads)
+        self.deaths: list[float] = []
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+        for w in self.workers:
+            self._wait_ready(w)
+        q = self.cfg.gateway.queue_num
+        log.info("bound to NFQUEUE %d-%d (%d workers, pids %s)", q, q + self.count - 1, self.count,
+                 ",".join(str(w.proc.pid) for w in self.workers))
+
+    def _spawn(self, w: _Worker) -> None:
+        parent, child = self.ctx.Pipe()
+        w.conn = parent
+        w.proc = self.ctx.Process(target=worker_main, args=(self.cfg, w.index, child), name=f"ftpalg-w{w.index}",
+                                  daemon=False)
+        w.proc.start()
+        child.close()
+
+    def _wait_ready(self, w: _Worker) -> None:
+        if not w.conn.poll(START_TIMEOUT):
+            raise OSError(f"worker {w.index} did not bind queue {self.cfg.gateway.queue_num + w.index} "
+                          f"within {START_TIMEOUT:g} s")
+        try:
+            msg = w.conn.recv()
+        except EOFError:
+            w.proc.join(1)
+            raise OSError(f"worker {w.index} exited while starting (exit code {w.proc.exitcode}): "
+                          "see its messages above") from None
+        if msg[0] != "ready":
+            raise OSError(f"worker {w.index}: unexpected message {msg[0]!r}")
+
+    def supervise(self, stopped: list[str], wake: Any) -> None:
+        """Until ``stopped`` fills (its signal handler also makes ``wake`` readable): restart
+        workers that die, or raise OSError when they keep dying."""
+        while not stopped:
+            sentinels = {w.proc.sentinel: w for w in self.workers}
+            ready = multiprocessing.connection.wait([*sentinels, wake], timeout=1.0)
+            for s in ready:
+                w = sentinels.get(s)
+                if w is None or stopped:
+                    continue
+                w.proc.join()
+                now = time.monotonic()
+                self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+                if len(self.deaths) > RESTARTS:
+                    raise OSError(f"workers died {len(self.deaths)} times within {RESTART_WINDOW:g} s "
+                                  f"(worker {w.index} last, exit code {w.proc.exitcode}): giving up")
+                log.error("worker %d (pid %d) exited with code %s: restarting it; its queue %d passed packets "
+                          "unchanged meanwhile", w.index, w.proc.pid, w.proc.exitcode,
+                          self.cfg.gateway.queue_num + w.index)
+                with self.lock:
+                    w.conn.close()
+                    self._spawn(w)
+                    self._wait_ready(w)
+
+    def stop(self) -> None:
+        """SIGTERM to every worker (each releases what it holds and deletes its pinholes),
+        then wait; kill what does not stop. Keeps their final counters."""
+        with self.lock:
+            for w in self.workers:
+                if w.proc is not None and w.proc.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for w in self.workers:
+                if w.proc is None:
+                    continue
+                while w.conn is not None and not w.conn.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not w.conn.poll(left):
+                        break
+                    try:
+                        msg = w.conn.recv()
+                    except (EOFError, OSError):
+                        break
+                    if isinstance(msg, tuple) and msg[0] == "final":
+                        w.final = msg[1]
+                        break
+                w.proc.join(max(0.1, deadline - time.monotonic()))
+                if w.proc.is_alive():
+                    log.error("worker %d (pid %d) did not stop within %g s: killed", w.index, w.proc.pid,
+                              STOP_TIMEOUT)
+                    w.proc.kill()
+                    w.proc.join(5)
+                w.conn.close()
+
+    def counters(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for w in self.workers:
+            total.update(w.final)
+        return total
+
+    # ---- status and metrics ------------------------------------------------------------------
+    def states(self) -> list[dict[str, Any] | None]:
+        """Each worker's state (None: it did not answer in time)."""
+        out: list[dict[str, Any] | None] = []
+        with self.lock:
+            for w in self.workers:
+                try:
+                    w.conn.send("state")
+                except OSError:
+                    out.append(None)
+                    continue
+                out.append(None)
+            for i, w in enumerate(self.workers):
+                try:
+                    while w.conn.poll(ASK_TIMEOUT):
+                        msg = w.conn.recv()
+                        if isinstance(msg, dict):
+                            out[i] = msg
+                            break
+                except (EOFError, OSError):
+                    pass
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """``ftpalg status``'s document, merged over the workers."""
+        merged: dict[str, Any] = {"flows": [], "pinholes": [], "counters": Counter(), "tracked": 0, "held_bytes": 0,
+                                  "workers": []}
+        for w, st in zip(self.workers, self.states(), strict=True):
+            c = st["counters"] if st is not None else {}
+            merged["workers"].append({"index": w.index, "pid": w.proc.pid, "answered": st is not None,
+                                      "queue": self.cfg.gateway.queue_num + w.index,
+                                      "packets": c.get("packets", 0), "flows": c.get("flows", 0)})
+            if st is None:
+                continue
+            for key in ("flows", "pinholes"):
+                merged[key] += [dict(x, worker=w.index) for x in st[key]]
+            merged["counters"].update(st["counters"])
+            merged["tracked"] += st["tracked"]
+            merged["held_bytes"] += st["held_bytes"]
+        merged["counters"] = dict(merged["counters"])
+        return merged
+
+    def metrics_view(self) -> tuple[Any, Any, dict[str, int]]:
+        """(alg-like, latency-like, verdicts) summed over the workers, for metrics.AlgCollector."""
+        counters: Counter[str] = Counter()
+        verdicts: Counter[str] = Counter()
+        tracked = held = pinholes = 0
+        counts: list[int] = []
+        total = sum_ns = 0
+        for st in self.states():
+            if st is None:
+                continue
+            counters.update(st["counters"])
+            verdicts.update(st["verdicts"])
+            tracked += st["tracked"]
+            held += st["held_bytes"]
+            pinholes += len(st["pinholes"])
+            c, t, s = st["latency"]
+            counts = [a + b for a, b in zip(counts, c, strict=True)] if counts else list(c)
+            total += t
+            sum_ns += s
+        alg = SimpleNamespace(counters=counters, tracked=tracked, held_bytes=held, promised=range(pinholes))
+        lat = SimpleNamespace(counts=counts or [0] * (len(BUCKETS) + 1), total=total, sum_ns=sum_ns)
+        return alg, lat, dict(verdicts)
+

@@ -1,0 +1,98 @@
+"""Several workers (``ftpalg run --workers 2``) in both gateways of the lab: both directions of
+every control connection reach the same worker, though NAT gives them different addresses
+(a 227 from a server behind DNAT is rewritten, a PORT from a client behind MASQUERADE too);
+connections are dealt out to both workers; a worker that dies is replaced; the ruleset is as
+found after the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from test_netns_nat import fetch
+
+from ftpalg.lab.lab import CLIENTS, OUTSIDE_CLIENTS, PUBLIC_OF, ftpalg_argv, sha256
+from netns_checks import no_pinholes_soon
+
+pytestmark = pytest.mark.netns
+
+MODES = ("PASV", "EPSV", "PORT", "EPRT")
+
+
+@pytest.fixture(scope="module")
+def workers(lab):
+    before = {gw: lab.ruleset(gw) for gw in lab.gateways}
+    procs = {gw: lab.start_ftpalg("--workers", "2", gw=gw) for gw in lab.gateways}
+    yield procs
+    for gw, p in procs.items():
+        assert lab.stop_ftpalg(p) == 0
+        assert lab.ruleset(gw) == before[gw]  # labels' rules, the dispatch chain: all gone
+        log = lab.ftpalg_log_path(gw).read_text()
+        assert "Traceback" not in log
+        assert "rules removed" in log
+
+
+def status(lab, gw):
+    return json.loads(lab.ns(gw, [*ftpalg_argv(), "status", "--json"]).stdout)
+
+
+def test_both_directions_reach_one_worker_through_double_nat(lab, workers):
+    """Client behind gw (MASQUERADE), server behind gw2 (DNAT tcp/21 only): passive needs
+    gw2 to rewrite the server's 227/229 (the reply direction), active needs gw to rewrite
+    PORT/EPRT and gw2 to let the server's connection out. Each session is a new control
+    connection from the next source port: both workers get some of them."""
+    want = sha256(lab.files / "small.txt")
+    for i in range(12):
+        mode = MODES[i % len(MODES)]
+        res = fetch(lab, lab.client, PUBLIC_OF["vsftpd"], mode, CLIENTS[0])
+        assert res.returncode == 0 and res.stdout == want, (mode, res.stderr[-1500:])
+    for gw in lab.gateways:
+        st = status(lab, gw)
+        assert [w["answered"] for w in st["workers"]] == [True, True]
+        flows = [w["flows"] for w in st["workers"]]
+        assert sum(flows) >= 12 and min(flows) >= 2, flows  # dealt out to both
+        assert st["counters"].get("faults", 0) == 0
+    c = status(lab, lab.gw2)["counters"]
+    assert c.get("rewritten_PASV", 0) >= 3 and c.get("pinholes_used", 0) >= 12, c  # 227 rewritten, every pinhole used
+    assert status(lab, lab.gw)["counters"].get("rewritten_PORT", 0) >= 3
+    assert no_pinholes_soon(lab, lab.gw) and no_pinholes_soon(lab, lab.gw2)
+
+
+def test_status_and_metrics_sum_the_workers(lab, workers):
+    st = status(lab, lab.gw)
+    assert st["counters"]["packets"] == sum(w["packets"] for w in st["workers"]) > 0
+    text = lab.ns(lab.gw, [*ftpalg_argv(), "status"]).stdout
+    assert "worker 0 (pid" in text and "worker 1 (pid" in text
+    scrape = lab.ns(lab.gw, ["python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                             "'http://127.0.0.1:9121/metrics', timeout=5).read().decode())"]).stdout
+    # sampled after the status call: at least as many packets as it counted
+    count = next(float(line.split()[-1]) for line in scrape.splitlines()
+                 if line.startswith("ftpalg_packet_seconds_count "))
+    assert count >= st["counters"]["packets"]
+
+
+def test_a_worker_that_dies_is_replaced(lab, workers):
+    """SIGKILL one worker of gw2: its queue passes packets unchanged (bypass) until the
+    parent has started another on it; sessions then work again in every mode."""
+    st = status(lab, lab.gw2)
+    victim = st["workers"][1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        log = lab.ftpalg_log(lab.gw2)
+        if "worker 1 (pid" in log and "restarting it" in log and "worker 1 bound to queue" in log.split(
+                "restarting it")[-1]:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"worker not restarted:\n{lab.ftpalg_log(lab.gw2)[-2000:]}")
+    st = status(lab, lab.gw2)
+    assert victim not in [w["pid"] for w in st["workers"]] and all(w["answered"] for w in st["workers"])
+    want = sha256(lab.files / "small.txt")
+    for i in range(8):
+        mode = MODES[i % len(MODES)]
+        res = fetch(lab, lab.server, PUBLIC_OF["vsftpd"], mode, OUTSIDE_CLIENTS[0])
+        assert res.returncode == 0 and res.stdout == want, (mode, res.stderr[-1500:])
