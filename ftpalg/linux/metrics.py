@@ -9,6 +9,7 @@ nothing and a busy one never blocks a packet for longer than a dict copy.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,11 +43,7 @@ class LatencyHistogram:
     def observe(self, ns: int) -> None:
         self.total += 1
         self.sum_ns += ns
-        for i, b in enumerate(self.bounds):
-            if ns <= b:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[bisect_left(self.bounds, ns)] += 1  # the first bucket whose bound is >= ns
 
 
 View = Callable[[], tuple[Any, Any, dict[str, int]]]

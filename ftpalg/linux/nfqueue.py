@@ -25,12 +25,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
+from time import monotonic, perf_counter_ns
 from types import FrameType
 from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from ..core.table import Alg, Held
+from ..core.table import HELD, Alg
 
 log = logging.getLogger("ftpalg")
 
@@ -144,23 +145,30 @@ class QueueHandler:
         self.verdicts = verdicts
 
     def _on_packet(self, pkt: Any) -> None:
-        t0 = time.perf_counter_ns() if self.latency is not None else 0
+        latency = self.latency
+        t0 = perf_counter_ns() if latency is not None else 0
+        alg = self.alg
         try:
-            out = self.alg.handle(pkt.get_payload(), time.monotonic(), pkt)
+            out = alg.handle(pkt.get_payload(), monotonic(), pkt)
         except Exception as e:  # contain: never let one packet kill the loop
             name = type(e).__name__
             n = self.faults[name] = self.faults.get(name, 0) + 1
-            self.alg.counters["faults"] += 1
+            alg.counters["faults"] += 1
             if n == 1 or n % 1000 == 0:
                 log.exception("fault #%d (%s) handling a packet; passed unchanged", n, name)
             out = None
-        if isinstance(out, Held):
+        if out is None and not alg.released:  # the common case: unchanged, nothing let go
+            pkt.accept()
+            if self.verdicts is not None:
+                self.verdicts["accepted"] = self.verdicts.get("accepted", 0) + 1
+        elif out is HELD:
             pkt.retain()  # keep its payload after this callback; the verdict comes later
-        self._released()  # held packets the core let go: they precede this one
-        if not isinstance(out, Held):
-            self._verdict(pkt, out)
-        if self.latency is not None:
-            self.latency.observe(time.perf_counter_ns() - t0)
+            self._released()  # held packets the core let go meanwhile
+        else:
+            self._released()  # held packets the core let go: they precede this one
+            self._verdict(pkt, out)  # type: ignore[arg-type]
+        if latency is not None:
+            latency.observe(perf_counter_ns() - t0)
 
     def _verdict(self, pkt: Any, out: bytes | None) -> None:
         if out is None:
