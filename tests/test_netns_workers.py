@@ -96,3 +96,33 @@ def test_a_worker_that_dies_is_replaced(lab, workers):
         mode = MODES[i % len(MODES)]
         res = fetch(lab, lab.server, PUBLIC_OF["vsftpd"], mode, OUTSIDE_CLIENTS[0])
         assert res.returncode == 0 and res.stdout == want, (mode, res.stderr[-1500:])
+
+
+def test_rules_loaded_for_one_worker_are_refused_for_two(lab):
+    """--no-rules with --workers 2 on rules written for one worker: exit 1, saying how to
+    print the right ones (else every connection would go to worker 0's queue... and worker 1
+    would wait for nothing while the caps assume two). In the lab's client namespace, where
+    no ftpalg runs."""
+    ns = lab.client
+    before = lab.ruleset(ns)
+    for part in ("nft", "queue-iptables", "queue-ip6tables"):
+        text = lab.ns(ns, [*ftpalg_argv(), "rules", part, "--config", "/dev/null"]).stdout
+        (lab.state / f"one-worker.{part}").write_text(text)
+    lab.ns(ns, ["nft", "-f", str(lab.state / "one-worker.nft")])
+    lab.ns(ns, ["iptables-restore", "--noflush", str(lab.state / "one-worker.queue-iptables")])
+    lab.ns(ns, ["ip6tables-restore", "--noflush", str(lab.state / "one-worker.queue-ip6tables")])
+    try:
+        res = lab.ns(ns, [*ftpalg_argv(), "run", "--config", "/dev/null", "--no-rules", "--workers", "2",
+                          "--status-socket", "", "--metrics-listen", ""], check=False, timeout=30)
+        assert res.returncode == 1, res.stderr
+        assert "ftpalg rules PART --workers 2" in res.stderr
+    finally:
+        lab.ns(ns, ["nft", "delete", "table", "inet", "ftpalg"], check=False)
+        for ipt, family in (("iptables", "ip"), ("ip6tables", "ip6")):
+            lab.ns(ns, [ipt, "-t", "mangle", "-D", "PREROUTING", "-j", "FTPALG-QUEUE"], check=False)
+            for chain in ("FTPALG-QUEUE", "FTPALG-CONTROL"):
+                lab.ns(ns, [ipt, "-t", "mangle", "-F", chain], check=False)
+                lab.ns(ns, [ipt, "-t", "mangle", "-X", chain], check=False)
+            if f"table {family} mangle" not in before:  # created on demand by iptables-nft
+                lab.ns(ns, ["nft", "delete", "table", family, "mangle"], check=False)
+    assert lab.ruleset(ns) == before
