@@ -25,6 +25,7 @@ class FakeNat:
         self.table: dict[FlowKey, FlowKey] = {}
         self.adj: dict[FlowKey, list[KernelAdj]] = {}
         self.fail_adjust = False
+        self.reads = 0  # corrections made with the kernel's state read first
 
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
         return self.table.get(key)
@@ -32,8 +33,23 @@ class FakeNat:
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
         if self.fail_adjust:
             raise OSError(95, "connection has no sequence-adjustment extension")
+        self.reads += 1
         a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
         a[direction] = a[direction].add(seq, delta)
+        return a[direction]
+
+    # The optional short cuts of NatLookup, as ctnetlink does them: the look-up also tells
+    # whether any correction is there; an update from a known state writes it over whatever
+    # the kernel holds (like the real one, which takes absolute values).
+    def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        reply = self.table.get(key)
+        return None if reply is None else (reply, key in self.adj)
+
+    def seq_adjust_from(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj) -> KernelAdj:
+        if self.fail_adjust:
+            raise OSError(95, "connection has no sequence-adjustment extension")
+        a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
+        a[direction] = known.add(seq, delta)
         return a[direction]
 
     def kernel(self, raw: bytes, key: FlowKey, direction: int) -> bytes:
@@ -65,6 +81,9 @@ class FakePinholes:
     def close(self, ph: Pinhole) -> None:
         del self.live[ph.id]
         self.log.append(("close", ph.id))
+
+    def close_used(self, ph: Pinhole) -> None:
+        self.close(ph)
 
 
 def packed(a: str) -> bytes:

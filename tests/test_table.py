@@ -686,9 +686,49 @@ def test_history_is_dropped_when_the_connection_went_by_elsewhere(env):
     assert alg.counters["resync"] >= 1 and alg.counters["gap"] == 1
     assert seg.seq == (conn.cseq - 8 + 2 * grow) & MASK  # the kernel's two corrections
     conn.s(b"200 ok\r\n")
+    reads = nat.reads
     seg = conn.c(PORT)
     assert seg.payload == PORT_OUT and seg.seq == (conn.cseq - len(PORT) + 2 * grow) & MASK
     assert alg.counters["seq_compensated"] == 0
+    assert nat.reads == reads + 1  # what it knew is stale: the kernel's correction is read again
+
+
+def test_corrections_this_process_knows_are_not_read_again(env):
+    """The look-up of the NAT mapping tells that the kernel holds no correction yet; from
+    then on this process makes every correction itself and knows the kernel's state, so none
+    is read before it is updated (one netlink round trip less per rewrite), and the kernel
+    ends where reading would have put it."""
+    alg, nat, holes = env
+    conn = Conn(alg, nat)
+    login(conn)
+    grow = len(PORT_OUT) - len(PORT)
+    for i in range(3):
+        seg = conn.c(PORT)
+        assert seg.payload == PORT_OUT and seg.seq == (conn.cseq - len(PORT) + i * grow) & MASK
+        conn.s(b"200 ok\r\n")
+        conn.c(b"RETR f\r\n")
+        conn.s(b"150 go\r\n226 done\r\n")
+    assert nat.reads == 0 and alg.counters["seqadj_reads_skipped"] == 3
+    assert nat.adj[conn.key][0].after == 3 * grow
+    assert alg.counters["pinhole_close_unacked"] == 3 and not holes.live
+
+
+class PlainNat:
+    """A NatLookup with none of the optional short cuts (as ftpalg explain's model)."""
+
+    def __init__(self, nat: FakeNat) -> None:
+        self.reply_tuple, self.seq_adjust = nat.reply_tuple, nat.seq_adjust
+
+
+def test_backends_without_the_short_cuts_read_every_correction():
+    nat, holes = FakeNat(), FakePinholes()
+    alg = Alg(PlainNat(nat), holes)
+    conn = Conn(alg, nat)
+    login(conn)
+    for _ in range(2):
+        assert conn.c(PORT).payload == PORT_OUT
+        conn.s(b"200 ok\r\n")
+    assert nat.reads == 2 and alg.counters["seqadj_reads_skipped"] == 0
 
 
 def test_segments_arriving_out_of_order_are_put_back_in_order_and_inspected(env):

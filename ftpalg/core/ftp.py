@@ -91,7 +91,9 @@ _LONG_PAL = 2
 
 
 def command_verb(line: bytes) -> bytes:
-    """The upper-cased first word of a command line (b'' for none)."""
+    """The upper-cased first word of a command line, at most 8 bytes (b'' for none)."""
+    if line[:1].isalpha():  # the usual case: only the first 9 bytes can matter, split only them
+        return line[:9].split(None, 1)[0][:8].upper()
     word = line.split(None, 1)[0] if line.strip() else b""
     return word[:8].upper()
 
@@ -120,7 +122,8 @@ def _bytes_or_error(nums: list[int], what: str) -> None:
 
 
 def _ipv4(nums: list[int]) -> str:
-    return str(ipaddress.IPv4Address(bytes(nums)))
+    """Four numbers 0..255 (checked by the caller) as ipaddress would write them."""
+    return f"{nums[0]}.{nums[1]}.{nums[2]}.{nums[3]}"
 
 
 def _long_hostport(nums: list[int], what: str) -> tuple[str, int, int]:

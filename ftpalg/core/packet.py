@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntFlag
 
 IPPROTO_TCP = 6
@@ -20,6 +19,7 @@ TCPOPT_NOP = 1
 TCPOPT_SACK = 5
 
 _U32 = 0xFFFFFFFF
+_TCP_HEAD = struct.Struct("!HHIIH")  # ports, seq, ack, data offset + flags
 
 
 class TcpFlags(IntFlag):
@@ -30,36 +30,47 @@ class TcpFlags(IntFlag):
     ACK = 0x10
 
 
+# The same bits as plain ints, for the per-packet path: ``int & IntFlag`` builds an enum
+# member each time (about 1 us on CPython 3.11), ``int & int`` does not.
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+
 class DecodeError(ValueError):
     """The bytes are not an IPv4/IPv6 TCP packet this codec can rewrite."""
 
 
-@dataclass(slots=True)
 class Segment:
-    """A decoded IP+TCP packet. Offsets index into ``raw``."""
+    """A decoded IP+TCP packet. Offsets index into ``raw``.
 
-    raw: bytes
-    version: int
-    src: bytes  # packed address, 4 or 16 bytes
-    dst: bytes
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    ip_hlen: int  # bytes of IP header (IPv6: 40)
-    tcp_off: int  # offset of the TCP header in raw
-    tcp_hlen: int
-    total_len: int  # length the IP header announces for the whole packet
+    A plain class rather than a dataclass: built once per queued packet, and a hand-written
+    ``__init__`` that also cuts out the payload is about twice as fast as a dataclass's with
+    ``__post_init__``. ``payload`` and ``truncated`` are computed here once, not as
+    properties: the per-packet walk reads them several times."""
 
-    @property
-    def payload(self) -> bytes:
-        return self.raw[self.tcp_off + self.tcp_hlen : self.total_len]
+    __slots__ = ("raw", "version", "src", "dst", "sport", "dport", "seq", "ack", "flags", "ip_hlen", "tcp_off",
+                 "tcp_hlen", "total_len", "payload", "truncated")
 
-    @property
-    def truncated(self) -> bool:
-        """The copy we were handed is shorter than the packet the IP header describes."""
-        return len(self.raw) < self.total_len
+    def __init__(self, raw: bytes, version: int, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
+                 ack: int, flags: int, ip_hlen: int, tcp_off: int, tcp_hlen: int, total_len: int) -> None:
+        self.raw = raw
+        self.version = version
+        self.src = src  # packed address, 4 or 16 bytes
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        self.ip_hlen = ip_hlen  # bytes of IP header (IPv6: 40)
+        self.tcp_off = tcp_off  # offset of the TCP header in raw
+        self.tcp_hlen = tcp_hlen
+        self.total_len = total_len  # length the IP header announces for the whole packet
+        self.payload = raw[tcp_off + tcp_hlen : total_len]
+        self.truncated = len(raw) < total_len  # the copy we were handed is shorter than the packet
+
+    def __repr__(self) -> str:
+        return (f"Segment(v{self.version} {self.src.hex()}:{self.sport} > {self.dst.hex()}:{self.dport} "
+                f"seq={self.seq} ack={self.ack} flags={self.flags:#x} payload={self.payload!r})")
 
     def sack_blocks(self) -> list[tuple[int, int]]:
         """SACK blocks as (left, right) pairs, in option order."""
@@ -94,11 +105,12 @@ def decode(raw: bytes) -> Segment:
         src, dst = raw[8:24], raw[24:40]
     else:
         raise DecodeError(f"IP version {version}")
-    if min(n, total) < ihl + 20:
+    have = n if n < total else total
+    if have < ihl + 20:
         raise DecodeError("short TCP header")
-    sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", raw, ihl)
+    sport, dport, seq, ack, off_flags = _TCP_HEAD.unpack_from(raw, ihl)
     thl = (off_flags >> 12) * 4
-    if thl < 20 or ihl + thl > min(n, total):
+    if thl < 20 or ihl + thl > have:
         raise DecodeError("bad TCP data offset")
     return Segment(raw, version, src, dst, sport, dport, seq, ack, off_flags & 0x3F, ihl, ihl, thl, total)
 

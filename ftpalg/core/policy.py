@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ PORT_TRIES = 128  # as nf_nat_exp_find_port
 
 
 def addr_text(packed: bytes) -> str:
+    if len(packed) == 4:  # the same text as ipaddress gives, in a tenth of the time
+        return socket.inet_ntop(socket.AF_INET, packed)
     return str(ipaddress.ip_address(packed))
 
 

@@ -45,6 +45,7 @@ PASSIVE_VERB = {ftp.Form.PASV: b"PASV", ftp.Form.EPSV: b"EPSV", ftp.Form.LPSV: b
 MAX_PENDING = 64
 ARG_MAX = 256  # bytes of a transfer's path (or a user name) kept for the audit record
 MAX_TRANSFERS = 4  # transfer commands whose path is remembered until their reply
+_REPLY_SEPARATORS = b" -\r\n"  # what may follow a reply code (see ftp.parse_reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ class Session:
             if hp is None:
                 return NOTHING
             return Decision(announce=hp, cmd=n, close=self._replacing(hp))
-        if verb[:3].isdigit() and int(verb[:3]) in ftp.PASSIVE_REPLY_CODES:
+        if verb and 0x30 <= verb[0] <= 0x39 and verb[:3].isdigit() and int(verb[:3]) in ftp.PASSIVE_REPLY_CODES:
             return Decision(problem=("unsolicited", f"{line[:80]!r} sent by the client: opens nothing"))
         return NOTHING
 
@@ -135,16 +136,19 @@ class Session:
                 return found
             code, self.reply_code = self.reply_code, 0
             return self._merge(found, self._answered(code, line))
-        r = ftp.parse_reply(line)
-        if r is None:
+        # ftp.parse_reply, inline: every reply line comes here, and a Reply object per line
+        # costs more than the rest of this method for most of them
+        head, n = line[:3], len(line)
+        if n < 3 or not head.isdigit() or (n > 3 and line[3] not in _REPLY_SEPARATORS):
             return NOTHING
+        code = int(head)
         self.reply_cmd = self.pending[0] if self.pending else ((b"", 0) if self.unrecorded else None)
         self.reply_found = False
-        found = self._passive(line, r.code)
-        if not r.final:
-            self.reply_code = r.code
+        found = self._passive(line, code) if code in ftp.PASSIVE_REPLY_CODES else NOTHING
+        if n > 3 and line[3] == 0x2D:  # "NNN-": opens a multi-line reply
+            self.reply_code = code
             return found
-        return self._merge(found, self._answered(r.code, line))
+        return self._merge(found, self._answered(code, line))
 
     def _passive(self, line: bytes, code: int) -> Decision:
         form = ftp.PASSIVE_REPLY_CODES.get(code)
@@ -212,6 +216,10 @@ class Session:
 
     @staticmethod
     def _merge(a: Decision, b: Decision) -> Decision:
+        if b is NOTHING:  # the usual case, without calling Decision.__bool__
+            return a
+        if a is NOTHING:
+            return b
         if not b:
             return a
         if not a:

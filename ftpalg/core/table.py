@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import ftp, policy
-from .packet import DecodeError, Segment, TcpFlags, decode, encode
+from .packet import ACK, FIN, RST, SYN, DecodeError, Segment, decode, encode
 from .policy import Limits, Mapping, addr_text
 from .seqadj import MASK, KernelAdj, SeqAdjust, Unreplayable, diff
-from .session import Decision, Session, Transfer
+from .session import NOTHING, Decision, Session, Transfer
 from .stream import Stream
 
 log = logging.getLogger("ftpalg")
@@ -77,9 +77,11 @@ class Held:
 
 
 HELD = Held()
+_SLOW = Held()  # ``_steady``: not a segment it takes; nothing done, the general walk follows
+_CTL = SYN | FIN | RST | ACK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr call per field
 class Pending:
     """A decided payload whose packet is encoded only when its verdict is handed out: the
     seq it needs depends on the kernel's correction point at that moment, which a later
@@ -153,6 +155,12 @@ class NatLookup(Protocol):
         connection's kernel sequence adjustment; return the direction's new state. Raise if
         the kernel cannot carry it for this connection."""
 
+    # Optional, used when present (each saves a netlink round trip):
+    #   mapping(key) -> (reply tuple, whether the kernel holds any sequence correction for
+    #       the connection) | None: the look-up of ``reply_tuple`` with what it read besides;
+    #   seq_adjust_from(key, direction, seq, delta, known) -> KernelAdj: ``seq_adjust`` when
+    #       the direction's kernel state is ``known`` (not read again).
+
 
 class PinholeBusy(Exception):
     """The public port of a pinhole is already expected by another connection."""
@@ -165,6 +173,9 @@ class PinholeBackend(Protocol):
 
     def close(self, ph: Pinhole) -> None:
         """Remove ``ph``; raise on failure."""
+
+    # Optional, used when present: close_used(ph): remove ``ph`` whose transfer is over (the
+    # kernel has most likely dropped it once used), without waiting to hear that it was gone.
 
 
 def key_text(key: FlowKey) -> str:
@@ -227,6 +238,11 @@ class Alg:
         self.on_transfer = on_transfer  # gets one record per transfer command answered (audit)
         self.rng = rng or random.SystemRandom()
         self.backend = pinholes
+        # the backends' optional short cuts (see NatLookup, PinholeBackend)
+        self._mapping: Callable[[FlowKey], tuple[FlowKey, bool] | None] | None = getattr(nat, "mapping", None)
+        self._adjust_from: Callable[[FlowKey, int, int, int, KernelAdj], KernelAdj] | None = getattr(
+            nat, "seq_adjust_from", None)
+        self._close_used: Callable[[Pinhole], None] | None = getattr(pinholes, "close_used", None)
         self.control_ports = control_ports
         self.pinhole_timeout = pinhole_timeout
         self.flows: dict[FlowKey, tuple[Flow, int]] = {}
@@ -248,6 +264,8 @@ class Alg:
     def take_released(self) -> list[tuple[object, bytes | None]]:
         """Verdicts for held packets (token, packet to send / None unchanged / b'' drop),
         to apply before the verdict of the packet just handled, in this order."""
+        if not self.released:  # the usual case (asked after every packet): nothing was held
+            return []
         out, self.released = self.released, []
         return [(token, self._final(x)) for token, x in out]
 
@@ -267,6 +285,10 @@ class Alg:
             return None
         key: FlowKey = (seg.src, seg.sport, seg.dst, seg.dport)
         hit = self.flows.get(key)
+        if hit is not None and seg.flags & _CTL == ACK and not seg.truncated:
+            out = self._steady(hit[0], hit[1], seg, now)
+            if out is not _SLOW:
+                return out
         if seg.truncated:  # cannot be rewritten: a copy must never be sent back for a packet
             self._count("truncated", f"copy {len(raw)} of {seg.total_len} bytes")
             if hit is not None and hit[0].corrected:
@@ -279,12 +301,12 @@ class Alg:
             if seg.dport not in self.control_ports:
                 return None  # server -> client before the mapping is known: nothing to adjust
             flags = seg.flags
-            if flags & TcpFlags.SYN:
-                if not flags & TcpFlags.ACK:
+            if flags & SYN:
+                if not flags & ACK:
                     self._remember_syn(key, seg.seq)
                 return None
             isn = self.syns.pop(key, None)
-            if flags & (TcpFlags.FIN | TcpFlags.RST) or (isn is None and not seg.payload):
+            if flags & (FIN | RST) or (isn is None and not seg.payload):
                 return None  # nothing to follow: the end of a connection, or a bare ACK
             new = self._new_flow(key, now, seg.seq)
             if new is None:
@@ -292,7 +314,7 @@ class Alg:
             if isn is not None:
                 new.streams[C2S].syn(isn)
             hit = (new, C2S)
-        elif seg.payload and not seg.flags & (TcpFlags.SYN | TcpFlags.RST) and self._reused(*hit, seg):
+        elif seg.payload and not seg.flags & (SYN | RST) and self._reused(*hit, seg):
             # Data beyond the end of a connection we still remember (kept for its late
             # retransmissions): a new connection reused the tuple and its SYN did not come
             # through us (it bypassed a full queue, or came while we were away). The old
@@ -308,6 +330,52 @@ class Alg:
         flow, direction = hit
         res = self._segment(flow, direction, seg, now, token)
         return res if isinstance(res, Held) else self._final(res)
+
+    def _steady(self, flow: Flow, d: int, seg: Segment, now: float) -> bytes | None | Held:
+        """The common case without detours: the next segment of a stream, in order, starting
+        at a line start and ending with a line end, on a connection that is open, holds and
+        keeps nothing, is not encrypted and (client side) knows its NAT mapping. For it this
+        does what ``_segment`` -> ``_in_order`` -> ``_data`` -> ``_finish`` do, in the same
+        order, without the checks that cannot apply and the objects that carry their results
+        (most control segments: USER, 331, TYPE, 200, RETR, 150, 226 ...). Any other segment:
+        ``_SLOW``, with nothing changed."""
+        payload = seg.payload
+        st = flow.streams[d]
+        seq = seg.seq
+        session = flow.session
+        if (not payload or payload[-1] != 0x0A or seq != st.next_seq or not st.at_line_start
+                or flow.held[d] or flow.ahead[d] or flow.closed_at is not None or flow.fin[0] or flow.fin[1]
+                or session.encrypted or (d == C2S and flow.reply_key is None)
+                or 20 <= payload[0] <= 23):  # perhaps a TLS record (_tls_record_start): the general walk
+            return _SLOW
+        flow.last_seen = now
+        n = len(payload)
+        st.next_seq = (seq + n) & MASK  # and still at a line start: the payload ends with LF
+        out = payload
+        parts: list[bytes] | None = None
+        pos = i = 0
+        while i < n:
+            j = payload.find(b"\n", i) + 1  # > 0: the payload ends with LF
+            line = payload if j == n and not i else payload[i:j]
+            dec = session.command(line, True) if d == C2S else session.reply(line)
+            if dec is not NOTHING and dec:
+                new = self._act(flow, d, dec, [(seq, i, j - i)], line, now)
+                if new is not line:
+                    if parts is None:
+                        parts = []
+                    parts += (payload[pos:i], new)
+                    pos = j
+                if session.encrypted:  # the rest of the stream is TLS
+                    break
+            i = j
+        if parts is not None:
+            parts.append(payload[pos:])
+            res = b"".join(parts)
+            if res != payload:
+                out = res
+        if out is payload and not flow.adj[d].edits:
+            return None
+        return self._finish(flow, d, seg, out)
 
     @staticmethod
     def _reused(flow: Flow, d: int, seg: Segment) -> bool:
@@ -387,7 +455,7 @@ class Alg:
 
     def _segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None,
                  draining: bool = False) -> Decision_ | Held:
-        if not draining and seg.payload and not seg.flags & (TcpFlags.SYN | TcpFlags.RST):
+        if not draining and seg.payload and not seg.flags & (SYN | RST):
             nxt = flow.streams[d].next_seq
             if nxt is not None and diff(seg.seq, nxt) > 0:  # ahead of the stream: a hole before it
                 ahead = flow.ahead[d]
@@ -428,13 +496,13 @@ class Alg:
     def _in_order(self, flow: Flow, d: int, seg: Segment, now: float, token: object) -> Decision_ | Held:
         flow.last_seen = now
         flags = seg.flags
-        if d == C2S and flow.reply_key is None and flags & TcpFlags.ACK and not flags & TcpFlags.SYN:
+        if d == C2S and flow.reply_key is None and flags & ACK and not flags & SYN:
             # From the client's first ACK on, conntrack holds the NAT mapping: learning it now
             # lets us follow the server's replies from its greeting on.
             self._learn_mapping(flow)
-        if flags & TcpFlags.SYN:
+        if flags & SYN:
             known = flow.streams[C2S].next_seq
-            if d == C2S and not flags & TcpFlags.ACK and known is not None and known != (seg.seq + 1) & MASK:
+            if d == C2S and not flags & ACK and known is not None and known != (seg.seq + 1) & MASK:
                 # a new connection on the same tuple: forget the old one; the new one starts
                 # like any other, as a remembered SYN, tracked from its handshake's last ACK
                 self._end(flow, "reused by a new SYN")
@@ -460,9 +528,9 @@ class Alg:
             if diff(seg.seq, end) < 0:  # a copy of a held segment: the original is kept
                 self.counters["held_duplicate"] += 1
                 return b""
-            if seg.seq != end or flags & (TcpFlags.FIN | TcpFlags.RST):
+            if seg.seq != end or flags & (FIN | RST):
                 self._release_held(flow, d, "the stream went on without the rest of the line")
-        if payload and not flags & TcpFlags.RST:
+        if payload and not flags & RST:
             try:
                 out_payload = self._data(flow, d, seg, payload, now, token)
             except Unreplayable as e:
@@ -471,8 +539,8 @@ class Alg:
                 return b""
         if isinstance(out_payload, Held):
             return HELD
-        if flags & (TcpFlags.FIN | TcpFlags.RST):
-            self._closing(flow, d, bool(flags & TcpFlags.RST), now)
+        if flags & (FIN | RST):
+            self._closing(flow, d, bool(flags & RST), now)
         return Pending(flow, d, seg, out_payload)
 
     def _finish(self, flow: Flow, d: int, seg: Segment, out_payload: bytes) -> bytes | None:
@@ -501,6 +569,10 @@ class Alg:
         Only segments the history covers are touched (after a restart it starts empty)."""
         k = flow.kadj[d]
         adj = flow.adj[d]
+        if k is not None and adj.edits:  # the usual case first: new data past the last edit and the
+            e = adj.edits[-1]  # kernel's point, where this process and the kernel agree on the shift
+            if diff(seg.seq, e.end) >= 0 and diff(seg.seq, k.pos) > 0 and (e.after - k.after) & MASK == 0:
+                return seg.seq
         if k is None or (adj.base and diff(seg.seq + len(seg.payload), adj.edits[0].start) <= 0):
             # all of it before this process's first edit, on top of corrections made before
             # (by an earlier run or the other gateway): not ours to know
@@ -698,8 +770,18 @@ class Alg:
         seg_seq = spans[-1][0]
         delta = len(new) - len(line)
         if delta:
+            # The kernel's state of this direction, if this process knows it: its own last
+            # correction, or what it read since. Any byte of the connection that went by
+            # elsewhere (the other gateway of a pair, which may have corrected it too) shows
+            # here as a gap first, and the resync forgets it: then it is read again.
+            known = flow.kadj[d] if self._adjust_from is not None else None
             try:
-                k = self.nat.seq_adjust(flow.key, d, seg_seq, delta)
+                if known is not None:
+                    assert self._adjust_from is not None
+                    k = self._adjust_from(flow.key, d, seg_seq, delta, known)
+                    self.counters["seqadj_reads_skipped"] += 1
+                else:
+                    k = self.nat.seq_adjust(flow.key, d, seg_seq, delta)
             except Exception as e:  # without it the peer would see shifted bytes: no rewrite
                 self._count("no_seq_adjust", f"kernel sequence adjustment refused: {e}", flow)
                 self._close_pinhole(flow, "rewrite not possible")
@@ -773,8 +855,9 @@ class Alg:
         new = line if same else ftp.rewrite_line(line, hp, p.announce_addr, port)
         if new != line:
             self.counters[f"rewritten_{hp.form.name}"] += 1
-        log.info("pinhole open %s flow=%s %s", ph.describe(), key_text(flow.key),
-                 f"{line.strip()!r} -> {new.strip()!r}" if new != line else f"{line.strip()!r} unchanged")
+        if log.isEnabledFor(logging.INFO):  # the arguments cost more than the call
+            log.info("pinhole open %s flow=%s %s", ph.describe(), key_text(flow.key),
+                     f"{line.strip()!r} -> {new.strip()!r}" if new != line else f"{line.strip()!r} unchanged")
         return new
 
     def _transfer_done(self, flow: Flow, t: Transfer) -> None:
@@ -825,9 +908,19 @@ class Alg:
             return False
         flow.lookups += 1
         self.counters["nat_lookups"] += 1
-        reply = self.nat.reply_tuple(flow.key)
-        if reply is None:
-            return False
+        if self._mapping is not None:
+            found = self._mapping(flow.key)
+            if found is None:
+                return False
+            reply, corrected = found
+            if not corrected and flow.kadj == [None, None]:
+                # the kernel holds no correction for it: nothing to read before the first one
+                flow.kadj = [KernelAdj(), KernelAdj()]
+        else:
+            looked_up = self.nat.reply_tuple(flow.key)
+            if looked_up is None:
+                return False
+            reply = looked_up
         flow.reply_key = reply
         flow.mapping = Mapping.from_tuples(flow.key, reply)
         self.flows[reply] = (flow, S2C)
@@ -867,7 +960,11 @@ class Alg:
         if self.per_client[client] <= 0:
             del self.per_client[client]
         try:
-            self.backend.close(ph)
+            if self._close_used is not None and "finished" in why:  # its transfer command was answered
+                self._close_used(ph)
+                self.counters["pinhole_close_unacked"] += 1
+            else:
+                self.backend.close(ph)
         except Exception as e:
             self._count("pinhole_close_failed", f"{ph.describe()}: {e}", flow)
         self.counters["pinholes_closed"] += 1
@@ -938,8 +1035,8 @@ class Alg:
                 "last_command": f.session.last_verb.decode("ascii", "replace"),
                 "commands": f.session.count,
                 "encrypted": f.session.encrypted,
-                "corrections": [None if a is None else {"pos": a.pos, "before": a.before, "after": a.after}
-                                for a in k],
+                "corrections": [None if a is None or not a.active else {"pos": a.pos, "before": a.before,
+                                                                          "after": a.after} for a in k],
                 "pinhole": None if ph is None else ph.id,
                 "idle": round(now - f.last_seen, 1),
                 "closing": f.closing,
