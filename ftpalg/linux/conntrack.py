@@ -30,6 +30,12 @@ class Conntrack:
         self._failed = 0
 
     def reply_tuple(self, key: FlowKey) -> FlowKey | None:
+        found = self.mapping(key)
+        return None if found is None else found[0]
+
+    def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        """The reply tuple, and whether the kernel holds a sequence correction for the
+        connection (read in the same look-up)."""
         try:
             entry = self.nl.get(key)
         except OSError as e:  # a broken socket or message: no mapping, said once
@@ -37,10 +43,13 @@ class Conntrack:
                 log.warning("conntrack look-up failed: %s", e)
             self._failed += 1
             return None
-        return None if entry is None else entry.reply
+        return None if entry is None else (entry.reply, entry.seqadj is not None)
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
         return self.nl.seq_adjust(key, direction, seq, delta)
+
+    def seq_adjust_from(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj) -> KernelAdj:
+        return self.nl.seq_adjust(key, direction, seq, delta, known)
 
 
 def _packed(addr: str) -> bytes:
@@ -57,6 +66,7 @@ class ExpectationPinholes:
         self.nl = nl
         self.timeout = timeout
         self.close_failures = 0
+        nl.on_late_error = self._late_error
 
     def open(self, ph: Pinhole) -> None:
         try:
@@ -73,3 +83,13 @@ class ExpectationPinholes:
         except CtError as e:
             self.close_failures += 1
             log.warning("pinhole_close_failed id=%d: %s", ph.id, e)
+
+    def close_used(self, ph: Pinhole) -> None:
+        """Close a pinhole whose transfer is over: the kernel has most likely removed the
+        expectation when the data connection matched it, so the delete's answer (ENOENT) is
+        not waited for; a real failure is logged when it is read (``_late_error``)."""
+        self.nl.unexpect_unacked(_packed(ph.peer), _packed(ph.public), ph.public_port, f"id={ph.id}")
+
+    def _late_error(self, what: str, e: CtError) -> None:
+        self.close_failures += 1
+        log.warning("pinhole_close_failed %s: %s", what, e)

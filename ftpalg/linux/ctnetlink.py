@@ -27,7 +27,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..core.seqadj import KernelAdj
@@ -191,38 +191,94 @@ def parse_entry(body: bytes) -> Entry:
     return Entry(reply, helper, both)
 
 
+Request = tuple[int, int, int, int, bytes]  # subsys, kind, flags, family, body
+
+
 class CtNetlink:
-    """One NETLINK_NETFILTER socket for the life of ``ftpalg run``. Not thread-safe."""
+    """One NETLINK_NETFILTER socket for the life of ``ftpalg run``. Not thread-safe.
+
+    ``stats`` counts what went over it: ``sends`` (sendmsg calls), ``waits`` (sends whose
+    answers were waited for), ``messages`` (requests in them), ``unacked`` (requests sent
+    without waiting: their errors, if any, are read with the next answer waited for) and
+    ``late_errors`` (such errors other than ENOENT)."""
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.settimeout(1.0)
         self._seq = 0
+        # requests sent without waiting (seq -> what, for the log): the kernel answers them
+        # only on error, in order, so any answer of theirs comes before that of a later request
+        self._unacked: dict[int, str] = {}
+        self.stats = dict.fromkeys(("sends", "waits", "messages", "unacked", "late_errors"), 0)
+        self.on_late_error: Callable[[str, CtError], None] | None = None
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & _MASK32
+        return self._seq
 
     def _request(self, subsys: int, kind: int, flags: int, family: int, body: bytes) -> list[bytes]:
         """Send one request with NLM_F_ACK; return the bodies of the data messages that came
         before the acknowledgement; raise CtError with the kernel's errno."""
-        self._seq = (self._seq + 1) & _MASK32
-        seq = self._seq
-        self._sock.send(_msg(subsys, kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, family, body))
-        out: list[bytes] = []
-        while True:
+        res = self._requests([(subsys, kind, flags, family, body)])[0]
+        if isinstance(res, CtError):
+            raise res
+        return res
+
+    def _requests(self, reqs: list[Request]) -> list[list[bytes] | CtError]:
+        """Send several requests (each with NLM_F_ACK) in one sendmsg, which the kernel
+        handles one after the other, in order (netlink_rcv_skb); return per request the
+        bodies of its data messages, or the CtError it got (a failed request does not stop
+        the ones after it)."""
+        seqs = [self._next_seq() for _ in reqs]
+        msgs = [_msg(subsys, kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, family, body)
+                for seq, (subsys, kind, flags, family, body) in zip(seqs, reqs, strict=True)]
+        self._sock.send(b"".join(m + b"\0" * (-len(m) % 4) for m in msgs))  # each at NLMSG_ALIGN
+        st = self.stats
+        st["sends"] += 1
+        st["waits"] += 1
+        st["messages"] += len(reqs)
+        results: dict[int, list[bytes] | CtError] = {}
+        data_of: dict[int, list[bytes]] = {seq: [] for seq in seqs}
+        while len(results) < len(seqs):
             data = self._sock.recv(65536)
             off = 0
             while off + 16 <= len(data):
                 length, mtype, _, mseq, _ = struct.unpack_from("=IHHII", data, off)
                 if length < 16:
                     raise CtError(errno.EPROTO, "bad netlink message length")
-                if mseq == seq:
+                if mseq in data_of and mseq not in results:
                     if mtype == NLMSG_ERROR:
                         (err,) = struct.unpack_from("=i", data, off + 16)
-                        if err:
-                            raise CtError(-err, f"ctnetlink: {os.strerror(-err)}")
-                        return out
-                    if mtype == NLMSG_DONE:
-                        return out
-                    out.append(data[off + 20 : off + length])  # after nlmsghdr + nfgenmsg
+                        results[mseq] = CtError(-err, f"ctnetlink: {os.strerror(-err)}") if err else data_of[mseq]
+                    elif mtype == NLMSG_DONE:
+                        results[mseq] = data_of[mseq]
+                    else:
+                        data_of[mseq].append(data[off + 20 : off + length])  # after nlmsghdr + nfgenmsg
+                elif mseq in self._unacked and mtype == NLMSG_ERROR:
+                    self._late_answer(mseq, struct.unpack_from("=i", data, off + 16)[0])
                 off += (length + 3) & ~3
+        # every request sent before these has been handled: those sent without waiting that
+        # got no answer succeeded
+        self._unacked.clear()
+        return [results[seq] for seq in seqs]
+
+    def _late_answer(self, seq: int, err: int) -> None:
+        what = self._unacked.pop(seq)
+        if err and -err != errno.ENOENT:  # ENOENT: already gone, what was expected
+            self.stats["late_errors"] += 1
+            if self.on_late_error is not None:
+                self.on_late_error(what, CtError(-err, f"ctnetlink: {os.strerror(-err)}"))
+
+    def _send_unacked(self, subsys: int, kind: int, flags: int, family: int, body: bytes, what: str) -> None:
+        """Send a request without NLM_F_ACK and without waiting: the kernel handles it before
+        send() returns and answers only if it fails; that answer is read (and passed to
+        ``on_late_error`` unless ENOENT) with the answer of the next request waited for."""
+        seq = self._next_seq()
+        self._sock.send(_msg(subsys, kind, NLM_F_REQUEST | flags, seq, family, body))
+        self._unacked[seq] = what
+        self.stats["sends"] += 1
+        self.stats["messages"] += 1
+        self.stats["unacked"] += 1
 
     # ---- connections --------------------------------------------------------------------
     def get(self, key: FlowKey) -> Entry | None:
@@ -237,22 +293,42 @@ class CtNetlink:
             return None
         return parse_entry(bodies[0])
 
-    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int,
+                   known: KernelAdj | None = None) -> KernelAdj:
         """Record that the segment of ``direction`` (0 original, 1 reply) starting at
         ``seq`` grew by ``delta`` bytes; return the direction's new correction. Raises
-        NoSeqAdjust if the entry cannot carry one, CtError if it is gone."""
-        entry = self.get(key)
-        if entry is None:
-            raise CtError(errno.ENOENT, "control connection gone from conntrack")
-        both = entry.seqadj or (NO_ADJ, NO_ADJ)
-        new = both[direction].add(seq, delta)
+        NoSeqAdjust if the entry cannot carry one, CtError if it is gone.
+
+        ``known``: the direction's correction as the caller knows the kernel holds it (its
+        own last update, or a read since which no byte of the connection went by elsewhere);
+        then it is not read again. Either way the update of a direction's first correction
+        is followed, in the same sendmsg, by a read that tells whether the kernel kept it."""
+        fam = _family(key[0])
+        if known is None:
+            entry = self.get(key)
+            if entry is None:
+                raise CtError(errno.ENOENT, "control connection gone from conntrack")
+            both = entry.seqadj or (NO_ADJ, NO_ADJ)
+            known = both[direction]
+            first = entry.seqadj is None
+        else:
+            first = not known.active
+        new = known.add(seq, delta)
         attr = CTA_SEQ_ADJ_REPLY if direction else CTA_SEQ_ADJ_ORIG
-        self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, _family(key[0]),
-                      tuple_attr(key) + _seqadj_attr(attr, new))
-        if entry.seqadj is None:  # first correction: did the kernel keep it?
-            check = self.get(key)
-            if check is None or check.seqadj is None:
-                raise NoSeqAdjust(errno.EOPNOTSUPP, "connection has no sequence-adjustment extension")
+        update: Request = (NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, fam, tuple_attr(key) + _seqadj_attr(attr, new))
+        if not first:
+            self._request(*update)
+            return new
+        # first correction: did the kernel keep it? (without the extension it accepts the
+        # update and ignores it)
+        done, check = self._requests([update, (NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, 0, fam, tuple_attr(key))])
+        if isinstance(done, CtError):
+            raise done
+        if isinstance(check, CtError) and check.errno != errno.ENOENT:
+            raise check
+        entry = parse_entry(check[0]) if isinstance(check, list) and check else None
+        if entry is None or entry.seqadj is None:
+            raise NoSeqAdjust(errno.EOPNOTSUPP, "connection has no sequence-adjustment extension")
         return new
 
     # ---- expectations -------------------------------------------------------------------
@@ -268,6 +344,13 @@ class CtNetlink:
                   + _tuple(CTA_EXPECT_MASK, full, 0, full, 0xFFFF)
                   + _attr(CTA_EXPECT_TIMEOUT, struct.pack("!I", max(1, int(timeout)))))
         self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, 0, fam, update)
+
+    def unexpect_unacked(self, peer: bytes, public: bytes, public_port: int, what: str) -> None:
+        """Delete the expectation for this tuple without waiting for the kernel's answer: for
+        one most likely used already (the kernel then answers ENOENT, read later and ignored);
+        any other error reaches ``on_late_error`` with ``what``."""
+        self._send_unacked(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_DELETE, 0, _family(peer),
+                           _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port), what)
 
     def unexpect(self, peer: bytes, public: bytes, public_port: int) -> bool:
         """Delete the expectation for this tuple; False if it was gone (used or expired)."""
