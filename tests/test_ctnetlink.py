@@ -122,3 +122,29 @@ def test_a_failed_request_in_a_batch_does_not_hide_the_others(nl):
     first, second = nl._requests([bad, get])
     assert isinstance(first, ct.CtError) and first.errno == errno.ENOENT
     assert isinstance(second, list) and ct.parse_entry(second[0]).reply == REPLY
+
+
+def _reference_tuple(kind, src, sport, dst, dport):
+    """The tuple attribute built attribute by attribute (as the kernel's nla_* would read it)."""
+    import socket
+    import struct
+
+    def attr(k, data, nested=False):
+        n = 4 + len(data)
+        return struct.pack("=HH", n, k | (0x8000 if nested else 0)) + data + b"\0" * (-n % 4)
+
+    v4 = len(src) == 4
+    ip = attr(1 if v4 else 3, src) + attr(2 if v4 else 4, dst)
+    proto = attr(1, bytes([socket.IPPROTO_TCP])) + attr(2, struct.pack("!H", sport)) + attr(3, struct.pack("!H", dport))
+    return attr(kind, attr(1, ip, True) + attr(2, proto, True), True)
+
+
+def test_tuple_attributes_are_built_as_attribute_by_attribute():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(500):
+        n = rng.choice((4, 16))
+        src, dst = rng.randbytes(n), rng.randbytes(n)
+        sport, dport, kind = rng.randrange(65536), rng.randrange(65536), rng.randrange(1, 12)
+        assert ct._tuple(kind, src, sport, dst, dport) == _reference_tuple(kind, src, sport, dst, dport)

@@ -12,8 +12,8 @@ table attaches the built-in ``sane`` helper (see rules.py)."""
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
+import socket
 
 from ..core.seqadj import KernelAdj
 from ..core.table import FlowKey, Pinhole, PinholeBusy
@@ -53,7 +53,8 @@ class Conntrack:
 
 
 def _packed(addr: str) -> bytes:
-    return ipaddress.ip_address(addr).packed
+    """A pinhole's address (text, as the core keeps it) as the kernel takes it."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
 
 
 class ExpectationPinholes:

@@ -86,14 +86,25 @@ def _attr(kind: int, data: bytes, nested: bool = False) -> bytes:
     return struct.pack("=HH", n, kind | (NLA_F_NESTED if nested else 0)) + data + b"\0" * (-n % 4)
 
 
+# A tuple attribute is the same few nested attributes every time: one struct each for IPv4
+# and IPv6 (headers in host order; the ports go in already in network order). Lengths:
+# CTA_TUPLE_IP 4 + 2 * (4 + address), CTA_TUPLE_PROTO 4 + 3 * 8 (number: 5 + 3 padding; ports:
+# 6 + 2 padding), the whole 4 + both.
+_TUPLE4 = struct.Struct("=HH HH HH4s HH4s HH HHB3x HHH2x HHH2x")
+_TUPLE6 = struct.Struct("=HH HH HH16s HH16s HH HHB3x HHH2x HHH2x")
+_htons = socket.htons
+
+
 def _tuple(kind: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
-    v4 = len(src) == 4
-    ip = (_attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src)
-          + _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, dst))
-    proto = (_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))
-             + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
-             + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport)))
-    return _attr(kind, _attr(CTA_TUPLE_IP, ip, True) + _attr(CTA_TUPLE_PROTO, proto, True), True)
+    if len(src) == 4:
+        return _TUPLE4.pack(52, kind | NLA_F_NESTED, 20, CTA_TUPLE_IP | NLA_F_NESTED, 8, CTA_IP_V4_SRC, src,
+                            8, CTA_IP_V4_DST, dst, 28, CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM,
+                            socket.IPPROTO_TCP, 6, CTA_PROTO_SRC_PORT, _htons(sport), 6, CTA_PROTO_DST_PORT,
+                            _htons(dport))
+    return _TUPLE6.pack(76, kind | NLA_F_NESTED, 44, CTA_TUPLE_IP | NLA_F_NESTED, 20, CTA_IP_V6_SRC, src,
+                        20, CTA_IP_V6_DST, dst, 28, CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM,
+                        socket.IPPROTO_TCP, 6, CTA_PROTO_SRC_PORT, _htons(sport), 6, CTA_PROTO_DST_PORT,
+                        _htons(dport))
 
 
 def tuple_attr(key: FlowKey, kind: int = CTA_TUPLE_ORIG) -> bytes:
