@@ -33,7 +33,6 @@ connection or the firewall. The rules:
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from . import ftp
@@ -82,7 +81,9 @@ class Session:
                  "last_verb", "paths", "unrecorded")
 
     def __init__(self) -> None:
-        self.pending: deque[tuple[bytes, int]] = deque(maxlen=MAX_PENDING)
+        # lists, not deques: at most MAX_PENDING / MAX_TRANSFERS short entries, and an empty
+        # list is 56 bytes where an empty deque is ~600 (memory per tracked connection)
+        self.pending: list[tuple[bytes, int]] = []
         self.count = 0  # commands seen
         self.live: int | None = None  # index of the command behind the live pinhole
         self.reply_code = 0  # code of an open multi-line reply, 0 if none
@@ -92,7 +93,7 @@ class Session:
         self.unrecorded = 0  # commands beyond MAX_PENDING: owed replies, after those of ``pending``
         self.user = b""  # the argument of the last USER (ARG_MAX bytes at most)
         self.last_verb = b""  # the last command's verb
-        self.paths: deque[tuple[int, bytes]] = deque(maxlen=MAX_TRANSFERS)  # (index, path) of transfers
+        self.paths: list[tuple[int, bytes]] = []  # (index, path) of the last MAX_TRANSFERS transfers
 
     # ---- client side --------------------------------------------------------------------
     def command(self, line: bytes, follow_replies: bool = True) -> Decision:
@@ -114,6 +115,8 @@ class Session:
                 self.user = arg
             elif follow_replies:
                 self.paths.append((n, arg))
+                if len(self.paths) > MAX_TRANSFERS:
+                    del self.paths[0]
         if verb in HOSTPORT_VERBS:
             try:
                 hp = ftp.parse_hostport(line)
@@ -176,11 +179,11 @@ class Session:
         if not self.pending:  # the reply of a command beyond MAX_PENDING
             self.unrecorded -= 1
             return NOTHING
-        verb, n = self.pending.popleft()
+        verb, n = self.pending.pop(0)
         if verb in TRANSFER_VERBS:
             path = b""
             while self.paths and self.paths[0][0] <= n:
-                i, p = self.paths.popleft()
+                i, p = self.paths.pop(0)
                 path = p if i == n else path
             done = Transfer(n, verb, path, code, line[4:].strip()[:ARG_MAX])
             return self._merge(Decision(done=done), self._after_reply(verb, n, code))

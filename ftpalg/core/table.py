@@ -201,7 +201,7 @@ class Flow:
         self.fin = [False, False]
         self.closed_at: float | None = None
         self.last_seen = now
-        self.logged: set[str] = set()
+        self.logged: tuple[str, ...] = ()  # reasons logged for it (a few; an empty set is 216 bytes)
         self.lookups = 0  # NAT mapping look-ups tried
         self.kadj: list[KernelAdj | None] = [None, None]  # the kernel's adjustment, when known
         self.held: list[list[HeldSeg]] = [[], []]  # segments waiting, per direction
@@ -1064,5 +1064,5 @@ class Alg:
 
     def _log_once(self, flow: Flow, reason: str, detail: str) -> None:
         if reason not in flow.logged:
-            flow.logged.add(reason)
+            flow.logged += (reason,)
             log.warning("%s flow=%s: %s", reason, key_text(flow.key), detail)
