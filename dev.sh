@@ -2,6 +2,7 @@
 # One-stop set-up for a fresh Debian machine (run as root):
 #   ./dev.sh demo   install what is missing, then run the namespace lab demo
 #   ./dev.sh test   install what is missing, then ruff, mypy and the whole test suite
+#   ./dev.sh bench  install what is missing (and matplotlib), then the benchmark suite (~6 min)
 #   ./dev.sh setup  only install (Debian packages + .venv with ftpalg and its test tools)
 # Extra arguments after `test` go to pytest.
 set -euo pipefail
@@ -127,11 +128,19 @@ cmd="${1:-}"
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec .venv/bin/ftpalg demo "$@" ;;
+    bench)
+        setup
+        if ! .venv/bin/python -m pip install -e '.[test,bench]' > .venv/pip-bench.log 2>&1; then
+            tail -n 20 .venv/pip-bench.log >&2
+            echo "dev.sh: pip install of the bench extra failed (the suite runs without its plot)" >&2
+        fi
+        exec .venv/bin/python bench/suite.py "$@"
+        ;;
     test)
         setup
         .venv/bin/ruff check ftpalg tests bench
         .venv/bin/mypy
         exec .venv/bin/pytest "$@"
         ;;
-    *) echo "usage: ./dev.sh demo | test [pytest args] | setup" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [suite args] | setup" >&2; exit 2 ;;
 esac
