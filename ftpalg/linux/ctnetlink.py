@@ -69,6 +69,9 @@ class NoSeqAdjust(CtError):
 
 
 NO_ADJ = KernelAdj()
+# The timeout the kernel gives an expectation of the ``sane`` helper when it is created
+# (nf_conntrack_sane.c: sane_exp_policy.timeout = 5 * 60), whatever CTA_EXPECT_TIMEOUT says.
+HELPER_EXPECT_TIMEOUT = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,11 +348,16 @@ class CtNetlink:
     # ---- expectations -------------------------------------------------------------------
     def expect(self, master: FlowKey, peer: bytes, public: bytes, public_port: int, inside_port: int,
                active: bool, timeout: int) -> None:
-        """Create the expectation (EEXIST/EBUSY: the tuple is taken), then set its timeout
-        (at creation the kernel takes the helper's policy, 300 s)."""
+        """Create the expectation (EEXIST/EBUSY: the tuple is taken). At creation the kernel
+        gives it the helper's timeout (``HELPER_EXPECT_TIMEOUT``); a longer ``timeout`` is set
+        by a second request. A shorter one is not: the caller deletes the expectation when
+        its own timeout passes (one netlink request less per pinhole), and should the caller
+        die first, the kernel's timeout still ends it (or the control connection's end)."""
         body = expect_body(master, peer, public, public_port, inside_port, active)
         fam = _family(peer)
         self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, NLM_F_CREATE | NLM_F_EXCL, fam, body)
+        if timeout <= HELPER_EXPECT_TIMEOUT:
+            return
         full = b"\xff" * len(peer)  # an update must name master, tuple and mask again
         update = (tuple_attr(master, CTA_EXPECT_MASTER) + _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port)
                   + _tuple(CTA_EXPECT_MASK, full, 0, full, 0xFFFF)
