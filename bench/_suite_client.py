@@ -3,6 +3,9 @@ bench/_suite_client.py CMD ...``). Raw sockets, no ftplib: the client's own CPU 
 2 cores with the gateway and the servers. Each command prints one JSON line.
 
     rtt HOST --count N --warmup W             NOOP round trips (ns) on one logged-in connection
+    noops HOST --procs P --depth D --duration S --start-at T
+                                              P connections, each sending D NOOPs (a segment each)
+                                              then reading their replies, in a loop: NOOPs/s
     sessions HOST --mode PORT|PASV --procs P --duration S --start-at T [--source A] [--size B]
                                               P forked workers loop login + PORT/PASV + RETR + QUIT
     download HOST NAME --size B               one PASV download: bytes, seconds
@@ -144,30 +147,7 @@ def worker(args: argparse.Namespace, out: int) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace) -> dict[str, Any]:
-    pids, reads = [], []
-    for _ in range(args.procs):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            code = 0
-            try:
-                worker(args, w)
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        pids.append(pid)
-        reads.append(r)
-    results = []
-    for r in reads:
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        if data.strip():
-            results.append(json.loads(data))
-    for pid in pids:
-        os.waitpid(pid, 0)
+    results = fan_out(args, worker)
     failures: dict[str, int] = {}
     for res in results:
         for k, v in res["failures"].items():
@@ -205,6 +185,70 @@ def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         c.close()
     return {"ns": ns}
+
+
+def noop_worker(args: argparse.Namespace, out: int) -> None:
+    """One logged-in connection: ``depth`` NOOPs sent one segment each, then their replies
+    read, until the window closes; writes the number of NOOPs answered inside it."""
+    c = Control(args.host)
+    c.login()
+    s = c.sock
+    while time.time() < args.start_at:
+        time.sleep(0.001)
+    end = args.start_at + args.duration
+    done = 0
+    buf = b""
+    while time.time() < end:
+        for _ in range(args.depth):
+            s.sendall(b"NOOP\r\n")
+        want = args.depth
+        while want:
+            data = s.recv(4096)
+            if not data:
+                raise FtpError("connection closed")
+            buf += data
+            n = buf.count(b"\n")
+            want -= n
+            buf = buf[buf.rfind(b"\n") + 1:] if n else buf
+        done += args.depth
+    c.cmd("QUIT", 221)
+    c.close()
+    os.write(out, (json.dumps({"noops": done}) + "\n").encode())
+
+
+def cmd_noops(args: argparse.Namespace) -> dict[str, Any]:
+    results = fan_out(args, noop_worker)
+    total = sum(r["noops"] for r in results)
+    return {"noops": total, "procs": len(results), "per_s": total / args.duration}
+
+
+def fan_out(args: argparse.Namespace, fn: Any) -> list[dict[str, Any]]:
+    """Run ``fn(args, fd)`` in ``args.procs`` forked processes; their JSON lines."""
+    pids, reads = [], []
+    for _ in range(args.procs):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            code = 0
+            try:
+                fn(args, w)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        pids.append(pid)
+        reads.append(r)
+    results = []
+    for r in reads:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        if data.strip():
+            results.append(json.loads(data))
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return list(results)
 
 
 def cmd_download(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +303,12 @@ def main() -> int:
     s.add_argument("--source")
     s.add_argument("--name", default="small.txt")
     s.add_argument("--size", type=int, default=1000)
+    n = sub.add_parser("noops")
+    n.add_argument("host")
+    n.add_argument("--procs", type=int, default=8)
+    n.add_argument("--depth", type=int, default=4)
+    n.add_argument("--duration", type=float, required=True)
+    n.add_argument("--start-at", type=float, required=True)
     d = sub.add_parser("download")
     d.add_argument("host")
     d.add_argument("name")
@@ -270,7 +320,7 @@ def main() -> int:
     if args.cmd == "hold":
         cmd_hold(args)
         return 0
-    fn = {"rtt": cmd_rtt, "sessions": cmd_sessions, "download": cmd_download}[args.cmd]
+    fn = {"rtt": cmd_rtt, "sessions": cmd_sessions, "noops": cmd_noops, "download": cmd_download}[args.cmd]
     print(json.dumps(fn(args)))
     return 0
 

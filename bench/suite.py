@@ -74,8 +74,8 @@ CLIENT = str(ROOT / "bench" / "_suite_client.py")
 GWTOOL = str(ROOT / "bench" / "_suite_gw.py")
 CORE = str(ROOT / "bench" / "_suite_core.py")
 HELPER = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
-SECTIONS = ("rtt", "sessions", "throughput", "core", "memory", "lab-memory", "pinholes")
-LAB_SECTIONS = ("rtt", "sessions", "throughput", "lab-memory", "pinholes")
+SECTIONS = ("rtt", "control", "sessions", "throughput", "core", "memory", "lab-memory", "pinholes")
+LAB_SECTIONS = ("rtt", "control", "sessions", "throughput", "lab-memory", "pinholes")
 LABELS = {"none": "none", "kernel": "kernel", "nfq-null": "nfq-null", "ftpalg-w1": "ftpalg w1",
           "ftpalg-w2": "ftpalg w2"}
 TOPOS = ("client-nat", "server-nat")
@@ -88,6 +88,9 @@ class Plan:
     rtt_rounds: int = 5
     rtt_count: int = 2000  # NOOPs per round and variant
     rtt_warmup: int = 200
+    ctl_rounds: int = 3
+    ctl_seconds: float = 4.0  # per cell
+    ctl_procs: int = 8
     sess_rounds: int = 3
     sess_seconds: float = 4.0  # per cell
     sess_procs: int = 8
@@ -100,7 +103,8 @@ class Plan:
     lab_conns: int = 10000  # idle control connections through ftpalg (lab-memory)
 
 
-QUICK = Plan(rtt_rounds=2, rtt_count=500, rtt_warmup=100, sess_rounds=2, sess_seconds=1.5, tp_rounds=2, tp_mib=256,
+QUICK = Plan(rtt_rounds=2, rtt_count=500, rtt_warmup=100, ctl_rounds=1, ctl_seconds=1.5,
+             sess_rounds=2, sess_seconds=1.5, tp_rounds=2, tp_mib=256,
              core_packets=1500, mem_conns=3000, ph_conns=50, ph_rounds=2, lab_conns=2000)
 
 T0 = time.monotonic()
@@ -296,6 +300,38 @@ def section_rtt(lab: Lab, plan: Plan, workers_opt: bool) -> dict[str, Any]:
     summary = {v: {"p50_us": med([x["p50_us"] for x in rs if "p50_us" in x]),
                    "p99_us": med([x["p99_us"] for x in rs if "p99_us" in x])} for v, rs in rounds.items()}
     return {"rounds": rounds, "summary": summary}
+
+
+def section_control(lab: Lab, plan: Plan, workers_opt: bool) -> dict[str, Any]:
+    """Control-plane throughput: 8 logged-in connections send NOOPs (4 in flight each, a
+    segment each) as fast as they are answered, through gw to vsftpd. Cheap for the
+    clients and the server, so the queue handler is what limits: where several workers
+    can show what they add on a machine whose cores the session benchmark fills."""
+    variants = ["none", "kernel", "nfq-null", "ftpalg-w1"] + (["ftpalg-w2"] if workers_opt else [])
+    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r in range(plan.ctl_rounds):
+        for v in rotate(variants, r):
+            try:
+                with running(lab, v, [lab.gw], workers_opt) as runs:
+                    rn = runs[lab.gw]
+                    before = probe(lab, rn) if rn.proc is not None else None
+                    res = client(lab, lab.client, ["noops", SERVERS["vsftpd"], "--procs", str(plan.ctl_procs),
+                                                   "--duration", str(plan.ctl_seconds),
+                                                   "--start-at", f"{time.time() + 1.0:.3f}"],
+                                 timeout=plan.ctl_seconds + 60)
+                    if before is not None:
+                        after = probe(lab, rn)
+                        res["cpu_s"] = after["cpu_s"] - before["cpu_s"]
+                        res["cpu_share"] = res["cpu_s"] / plan.ctl_seconds
+            except LabError as e:
+                say(f"control {v}: {e}")
+                rounds[v].append({"error": str(e)[-500:]})
+                continue
+            rounds[v].append(res)
+            cpu = f"  (handler CPU {res['cpu_share']:.0%} of a core)" if "cpu_share" in res else ""
+            say(f"control round {r + 1}/{plan.ctl_rounds} {v:<9}: {res['per_s']:8.0f} NOOPs/s{cpu}")
+    summary = {v: med([x["per_s"] for x in rs if "per_s" in x]) for v, rs in rounds.items()}
+    return {"variants": variants, "rounds": rounds, "summary": summary}
 
 
 def section_sessions(lab: Lab, plan: Plan, workers_opt: bool, partial: dict[str, Any]) -> dict[str, Any]:
@@ -556,6 +592,13 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             "<= nfq-null + 15 us", verdict(None if math.isnan(d50) else d50 <= 15))
         row("NOOP RTT p99 (us)", {v: x["p99_us"] for v, x in s.items()}, f"w1/null {r99:.2f}x",
             "<= 2x nfq-null", verdict(None if math.isnan(r99) else r99 <= 2))
+    if "control" in res:
+        s = res["control"]["summary"]
+        k, null, w1, w2 = (s.get(v, math.nan) for v in ("kernel", "nfq-null", "ftpalg-w1", "ftpalg-w2"))
+        r2 = w2 / w1 if w1 and not math.isnan(w2) else math.nan
+        row(f"NOOPs/s, {res['plan']['ctl_procs']} connections", s,
+            f"w1/k {w1 / k:.2f}x, w1/null {w1 / null:.2f}x" + ("" if math.isnan(r2) else f", w2/w1 {r2:.2f}x"),
+            "w2 > w1", verdict(None if math.isnan(r2) else r2 > 1), digits=0)
     if "sessions" in res:
         ss = res["sessions"]
         for key, per in ss["summary"].items():
@@ -627,7 +670,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("note: matplotlib is not importable: no PNG (pip install 'ftpalg[bench]' or matplotlib)")
         return False
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     colors = {"none": "#999999", "kernel": "#1f77b4", "nfq-null": "#bcbd22", "ftpalg-w1": "#d62728",
               "ftpalg-w2": "#ff7f0e"}
 
@@ -681,6 +724,14 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         bars(ax, ["fast path", "PORT rewritten"], series, "ftpalg us per control packet", "us")
     else:
         ax.set_axis_off()
+    ax = axes[0][2]
+    if "control" in res:
+        s = res["control"]["summary"]
+        bars(ax, [f"{res['plan']['ctl_procs']} connections"], {v: [x] for v, x in s.items()},
+             "control plane: NOOPs answered per second", "NOOPs/s")
+    else:
+        ax.set_axis_off()
+    axes[1][2].set_axis_off()
     m = res["machine"]
     fig.suptitle(f"ftpalg bench/suite.py  {m['date']}  {m['nproc']} cores  kernel {m['kernel']}  "
                  f"commit {m['commit'][:10]}{' (dirty)' if m['dirty'] else ''}", fontsize=10)
@@ -757,6 +808,8 @@ def main() -> int:
                     continue
                 if name == "rtt":
                     res["rtt"] = section_rtt(lab, plan, workers_opt)
+                elif name == "control":
+                    res["control"] = section_control(lab, plan, workers_opt)
                 elif name == "sessions":
                     res["sessions"] = section_sessions(lab, plan, workers_opt, res.setdefault("partial", {}))
                     res.pop("partial")
