@@ -122,6 +122,16 @@ ACTIVE_SESSION = textwrap.dedent("""
 """)
 
 
+def children(pid: int) -> list[int]:
+    """The worker processes of ``pid`` (its children that are ftpalg workers)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for c in (task / "children").read_text().split():
+            if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text().replace("\0", " "):
+                out.append(int(c))
+    return out
+
+
 def active_transfer_with_pinhole(lab: Lab) -> None:
     """PORT from behind gw's MASQUERADE: while announced, exactly one expectation from the
     server to the gateway's public address; then the file arrives intact."""
@@ -145,12 +155,19 @@ def active_transfer_with_pinhole(lab: Lab) -> None:
     assert "pinhole open" in lab.ftpalg_log(), lab.ftpalg_log()
 
 
-def test_runs_as_nobody_with_only_cap_net_admin(as_nobody):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "two-workers"])
+def test_runs_as_nobody_with_only_cap_net_admin(as_nobody, workers):
+    """Also with workers: they are started by exec (spawn) and keep the ambient capability
+    the unit gives, nothing more."""
     lab = as_nobody
     before = rules(lab)
-    p = lab.start_ftpalg()
+    p = lab.start_ftpalg(*workers)
     try:
         check_only_net_admin(p.pid)  # ip netns exec, setpriv and env exec: the same pid
+        workers_seen = children(p.pid)
+        assert len(workers_seen) == (2 if workers else 0), workers_seen
+        for child in workers_seen:
+            check_only_net_admin(child)
         assert "rules installed" in lab.ftpalg_log()
         assert "table inet ftpalg" in lab.ruleset()
         active_transfer_with_pinhole(lab)
