@@ -126,3 +126,29 @@ def test_rules_loaded_for_one_worker_are_refused_for_two(lab):
             if f"table {family} mangle" not in before:  # created on demand by iptables-nft
                 lab.ns(ns, ["nft", "delete", "table", family, "mangle"], check=False)
     assert lab.ruleset(ns) == before
+
+
+def test_a_worker_that_cannot_bind_its_queue_stops_the_run_cleanly(lab):
+    """Queue 2122 already bound by another process: worker 1 says why and exits, the run
+    exits 1 after removing what it installed (worker 0 stopped, rules gone). In the lab's
+    client namespace, where no ftpalg runs."""
+    import subprocess
+    import sys
+
+    ns = lab.client
+    before = lab.ruleset(ns)
+    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                               "from netfilterqueue import NetfilterQueue as Q; q = Q(); "
+                               "q.bind(2122, lambda p: p.accept()); print('bound', flush=True); input()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        res = lab.ns(ns, [*ftpalg_argv(), "run", "--config", "/dev/null", "--workers", "2",
+                          "--status-socket", "", "--metrics-listen", ""], check=False, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 1, res.stderr
+    assert "worker 1 (queue 2122)" in res.stderr and "worker 1 exited while starting" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "rules removed" in res.stderr
+    assert lab.ruleset(ns) == before

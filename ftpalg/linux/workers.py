@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -62,20 +63,24 @@ def worker_main(cfg: Config, index: int, conn: Any) -> None:
 
     workers = cfg.gateway.workers
     queue = cfg.gateway.queue_num + index
-    with engine(cfg, worker_limits(cfg, workers)) as (alg, latency, verdicts):
-        def answer() -> bool:
-            try:
-                req = conn.recv()
-            except (EOFError, OSError):
-                log.info("parent gone: stopping")
-                return False
-            if req == "state":
-                conn.send(state(alg, latency, verdicts))
-            return True
+    try:
+        with engine(cfg, worker_limits(cfg, workers)) as (alg, latency, verdicts):
+            def answer() -> bool:
+                try:
+                    req = conn.recv()
+                    if req == "state":
+                        conn.send(state(alg, latency, verdicts))
+                except (EOFError, OSError):
+                    log.info("parent gone: stopping")
+                    return False
+                return True
 
-        handler = QueueHandler(alg, queue, latency, verdicts)
-        handler.run(ready=lambda: conn.send(("ready", queue)), extra=[(conn, answer)],
-                    bound_message=f"worker {index} bound to queue {queue}")
+            handler = QueueHandler(alg, queue, latency, verdicts)
+            handler.run(ready=lambda: conn.send(("ready", queue)), extra=[(conn, answer)],
+                        bound_message=f"worker {index} bound to queue {queue}")
+    except OSError as e:  # the queue or netlink socket: said once, the parent reports the exit
+        log.error("worker %d (queue %d): %s", index, queue, e)
+        sys.exit(1)
     with contextlib.suppress(OSError):
         conn.send(("final", dict(alg.counters)))
 
