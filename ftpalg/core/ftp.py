@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from enum import Enum
 
@@ -268,11 +269,15 @@ def format_hostport(hp: HostPort, addr: str | None, port: int) -> bytes:
     d = hp.delim
     if hp.form is Form.EPSV:  # RFC 2428 §3
         return f"{d}{d}{d}{port}{d}".encode()
-    ip = _ip(addr, hp.form)
     if hp.form in (Form.PORT, Form.PASV):  # RFC 959 §4.1.2 / §4.2
-        if ip.version != 4:
-            raise ValueError(f"{hp.form.value} carries only IPv4 addresses")
-        return ",".join(str(n) for n in (*ip.packed, p1, p2)).encode()
+        if addr is None:
+            raise ValueError(f"{hp.form.value} needs an address")
+        try:  # the usual case, once per session: inet_pton is strict and ~20x cheaper than ipaddress
+            packed = socket.inet_pton(socket.AF_INET, addr)
+        except OSError:
+            raise ValueError(f"{hp.form.value} carries only IPv4 addresses, not {addr!r}") from None
+        return ",".join(str(n) for n in (*packed, p1, p2)).encode()
+    ip = _ip(addr, hp.form)
     if hp.form is Form.EPRT:  # RFC 2428 §2
         return f"{d}{1 if ip.version == 4 else 2}{d}{ip}{d}{port}{d}".encode()
     # LPRT / 228, RFC 1639 §2-3
