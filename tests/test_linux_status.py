@@ -86,3 +86,37 @@ def test_metrics_collector_reads_the_core():
     assert metrics.parse_listen("[::1]:9121") == ("::1", 9121)
     with pytest.raises(ValueError):
         metrics.parse_listen("localhost")
+
+
+def test_workers_states_are_summed_for_status_and_metrics(monkeypatch):
+    """What the parent of several workers shows: flows and pinholes of all (each tagged with
+    its worker), counters and gauges summed, a worker that did not answer named as such;
+    the metrics see the same sums, latency buckets added bucket by bucket."""
+    from ftpalg.config import Config, Gateway
+    from ftpalg.linux import workers as w
+
+    one, two = session(), session()
+    lat1, lat2 = metrics.LatencyHistogram(), metrics.LatencyHistogram()
+    lat1.observe(5_000)
+    lat2.observe(40_000)
+    lat2.observe(40_000)
+    states = [w.state(one, lat1, {"accepted": 3}), w.state(two, lat2, {"accepted": 4, "rewritten": 1})]
+    ws = w.WorkerSet(Config(gateway=Gateway(workers=3)))
+    for i, worker in enumerate(ws.workers):
+        worker.proc = type("P", (), {"pid": 100 + i})()
+    monkeypatch.setattr(ws, "states", lambda: [states[0], None, states[1]])
+    doc = ws.snapshot()
+    assert [x["answered"] for x in doc["workers"]] == [True, False, True]
+    assert [x["queue"] for x in doc["workers"]] == [2121, 2122, 2123]
+    assert doc["tracked"] == 2 and len(doc["pinholes"]) == 2
+    assert sorted(f["worker"] for f in doc["flows"]) == [0, 2]
+    assert doc["counters"]["rewrites"] == one.counters["rewrites"] + two.counters["rewrites"] == 2
+    text = render(doc)
+    assert "worker 1 (pid 101, queue 2122): did not answer" in text and "w2#" in text
+    reg = CollectorRegistry()
+    reg.register(metrics.AlgCollector(ws.metrics_view))
+    scrape = generate_latest(reg).decode()
+    for line in ('ftpalg_packets_total{verdict="accepted"} 7.0', "ftpalg_pinholes_open 2.0",
+                 'ftpalg_packet_seconds_bucket{le="1e-05"} 1.0', 'ftpalg_packet_seconds_bucket{le="+Inf"} 3.0',
+                 'ftpalg_rewrites_total{form="PORT"} 2.0', "ftpalg_control_connections 2.0"):
+        assert line in scrape, line
