@@ -158,25 +158,12 @@ def _serve(cfg: Config) -> int:
 
 def _supervise(workers: Any) -> None:
     """The parent's loop while the workers serve: until SIGINT/SIGTERM."""
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    stopped: list[str] = []
+    from .linux.nfqueue import stop_signals
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        stopped.append(signal.Signals(signum).name)
-        with contextlib.suppress(OSError):
-            wake_w.send(b"x")
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        workers.supervise(stopped, wake_r)
+    with stop_signals() as (wake, stopped):
+        workers.supervise(stopped, wake)
         if stopped:
             log.info("stopping on %s", stopped[0])
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        wake_r.close()
-        wake_w.close()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

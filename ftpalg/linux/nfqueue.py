@@ -233,10 +233,9 @@ class QueueHandler:
 
 
 @contextlib.contextmanager
-def queue_selector(nfq: Any) -> Iterator[tuple[selectors.BaseSelector, list[str]]]:
-    """A selector on a bound queue's socket that also wakes on SIGINT/SIGTERM (their names
-    collect in the list); the previous handlers are restored and the sockets closed on exit
-    (the queue stays bound: its owner unbinds it)."""
+def stop_signals() -> Iterator[tuple[socket.socket, list[str]]]:
+    """Until exit, SIGINT/SIGTERM append their name to the list and make the socket
+    readable (a wake-up for a select); the previous handlers are restored on exit."""
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
     stopped: list[str] = []
@@ -247,15 +246,27 @@ def queue_selector(nfq: Any) -> Iterator[tuple[selectors.BaseSelector, list[str]
             wake_w.send(b"x")
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
     try:
-        yield sel, stopped
+        yield wake_r, stopped
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        sel.close()
-        for s_ in (sock, wake_r, wake_w):
-            s_.close()
+        wake_r.close()
+        wake_w.close()
+
+
+@contextlib.contextmanager
+def queue_selector(nfq: Any) -> Iterator[tuple[selectors.BaseSelector, list[str]]]:
+    """A selector on a bound queue's socket that also wakes on SIGINT/SIGTERM (their names
+    collect in the list); the previous handlers are restored and the sockets closed on exit
+    (the queue stays bound: its owner unbinds it)."""
+    with stop_signals() as (wake, stopped):
+        sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        sel.register(wake, selectors.EVENT_READ)
+        try:
+            yield sel, stopped
+        finally:
+            sel.close()
+            sock.close()
