@@ -207,16 +207,15 @@ class WorkerSet:
     # ---- status and metrics ------------------------------------------------------------------
     def states(self) -> list[dict[str, Any] | None]:
         """Each worker's state (None: it did not answer in time)."""
-        out: list[dict[str, Any] | None] = []
+        out: list[dict[str, Any] | None] = [None] * len(self.workers)
         with self.lock:
-            for w in self.workers:
-                try:
+            asked = []
+            for i, w in enumerate(self.workers):  # all at once: they answer in parallel
+                with contextlib.suppress(OSError):
                     w.conn.send("state")
-                except OSError:
-                    out.append(None)
-                    continue
-                out.append(None)
-            for i, w in enumerate(self.workers):
+                    asked.append(i)
+            for i in asked:
+                w = self.workers[i]
                 try:
                     while w.conn.poll(ASK_TIMEOUT):
                         msg = w.conn.recv()
