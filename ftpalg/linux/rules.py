@@ -88,11 +88,15 @@ def _label_rules(ps: str, workers: int) -> list[str]:
             + " ".join(f"ct label set {n}" for n in labels) for b, labels in label_tests(workers)]
 
 
+def _worker_bits(workers: int) -> list[tuple[int, list[tuple[int, bool]]]]:
+    """(queue offset, [(label, set or not)]) for workers 1..N-1: the index's bits."""
+    return [(w, [(LABEL_BASE + j, bool(w >> j & 1)) for j in range(_bits(workers))]) for w in range(1, workers)]
+
+
 def worker_labels(workers: int) -> list[tuple[int, list[str]]]:
     """(queue offset, label tests in iptables connlabel form) for workers 1..N-1: the index's
     bits as labels set and not set."""
-    return [(w, [f"{'' if w >> j & 1 else '! '}--label {LABEL_BASE + j}" for j in range(_bits(workers))])
-            for w in range(1, workers)]
+    return [(w, [f"{'' if on else '! '}--label {n}" for n, on in bits]) for w, bits in _worker_bits(workers)]
 
 
 # tables iptables-nft may create on demand for our queue chains: all our table's comment may name
@@ -269,9 +273,8 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "",
             f"\t\ttcp flags & (syn | rst) != 0 limit rate over {SYN_RATE}/second burst {SYN_RATE} packets return",
         ]
         match = f"meta l4proto tcp ct original proto-dst {{ {ps} }}"
-        for w, tests in worker_labels(workers) if workers > 1 else []:
-            labels = " ".join(f"ct label {t.replace('--label ', '')}".replace("ct label ! ", "ct label != ")
-                              for t in tests)
+        for w, bits in _worker_bits(workers) if workers > 1 else []:
+            labels = " ".join(f"ct label {'' if on else '!= '}{n}" for n, on in bits)
             lines.append(f"\t\t{match} {labels} queue flags bypass to {int(queue) + w}")
         lines.append(f"\t\t{match} queue flags bypass to {int(queue)}")
         lines.append("\t}")
