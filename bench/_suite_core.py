@@ -59,10 +59,8 @@ def summary(ns: list[int]) -> dict[str, Any]:
             "p99_us": s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3}
 
 
-def cmd_cost(args: argparse.Namespace) -> dict[str, Any]:
-    n = args.packets
-    out: dict[str, Any] = {}
-    # fast path: NOOP / 200 on a flow whose streams were never corrected
+def logged_in() -> tuple[Alg, Timed, Any]:
+    """A core with the test fakes, its timer (off), and a control connection past login."""
     nat, holes = helpers.FakeNat(), helpers.FakePinholes()
     alg = Alg(nat, holes)
     timer = Timed(alg)
@@ -70,6 +68,14 @@ def cmd_cost(args: argparse.Namespace) -> dict[str, Any]:
     conn.s(b"220 (vsFTPd 3.0.3)\r\n")
     conn.c(b"USER anonymous\r\n")
     conn.s(b"230 Login successful.\r\n")
+    return alg, timer, conn
+
+
+def cmd_cost(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.packets
+    out: dict[str, Any] = {}
+    # fast path: NOOP / 200 on a flow whose streams were never corrected
+    alg, timer, conn = logged_in()
     for _ in range(200):  # warm-up
         conn.c(b"NOOP\r\n")
         conn.s(b"200 NOOP ok.\r\n")
@@ -85,13 +91,7 @@ def cmd_cost(args: argparse.Namespace) -> dict[str, Any]:
     out["fast_counters"] = {k: alg.counters[k] for k in ("packets", "rewrites")}
     # rewrite path: PORT 10,0,0,2,... rewritten to the public address (longer: seq corrected),
     # a pinhole opened through the fake backend; then the server's 200 on the corrected flow
-    nat, holes = helpers.FakeNat(), helpers.FakePinholes()
-    alg = Alg(nat, holes)
-    timer = Timed(alg)
-    conn = helpers.FastConn(alg, nat)
-    conn.s(b"220 (vsFTPd 3.0.3)\r\n")
-    conn.c(b"USER anonymous\r\n")
-    conn.s(b"230 Login successful.\r\n")
+    alg, timer, conn = logged_in()
     port_ns, corrected_ns = [], []
     for i in range(200 + n):
         timer.on = i >= 200
