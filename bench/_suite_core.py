@@ -1,6 +1,6 @@
 """In-process measurements of ftpalg's pure core for bench/suite.py (no root, no kernel):
-``ftpalg.core.table.Alg`` driven with the test fakes (tests/alg_helpers.py: FastConn,
-FakeNat, FakePinholes). Each command prints one JSON line.
+``ftpalg.core.alg.Alg`` driven as the queue loop drives it (tests/alg_helpers.py: FastConn,
+Driven, FakeKernel — the offline kernel). Each command prints one JSON line.
 
     cost --packets N             µs per Alg.handle call: no-command packets of a flow without
                                  corrections, a PORT rewritten, a reply on a corrected flow
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from ftpalg.core.table import Alg  # noqa: E402
+from ftpalg.core.alg import Alg  # noqa: E402
 
 helpers: Any = importlib.import_module("alg_helpers")  # tests/, untyped
 
@@ -61,8 +61,8 @@ def summary(ns: list[int]) -> dict[str, Any]:
 
 def logged_in() -> tuple[Alg, Timed, Any]:
     """A core with the test fakes, its timer (off), and a control connection past login."""
-    nat, holes = helpers.FakeNat(), helpers.FakePinholes()
-    alg = Alg(nat, holes)
+    nat = helpers.FakeKernel()
+    alg = helpers.Driven(nat)
     timer = Timed(alg)
     conn = helpers.FastConn(alg, nat)
     conn.s(b"220 (vsFTPd 3.0.3)\r\n")
@@ -122,8 +122,8 @@ def cmd_memory(args: argparse.Namespace) -> dict[str, Any]:
         tracemalloc.start()
     before_rss = rss_bytes()
     before_traced = tracemalloc.get_traced_memory()[0] if args.trace else 0
-    nat, holes = helpers.FakeNat(), helpers.FakePinholes()
-    alg = Alg(nat, holes)
+    nat = helpers.FakeKernel()
+    alg = helpers.Driven(nat)
     conns = []
     for i in range(n):
         a = f"10.0.{2 + i // 50000}.{2 + (i // 25000) % 2}"

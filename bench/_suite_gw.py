@@ -70,7 +70,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_pinholes(args: argparse.Namespace) -> int:
-    from ftpalg.core.table import Pinhole
+    from ftpalg.core.kernel import Pinhole
     from ftpalg.linux.conntrack import ExpectationPinholes
     from ftpalg.linux.ctnetlink import CtNetlink
 

@@ -51,11 +51,10 @@ def sessions(lab: Lab, n: int, host: str) -> tuple[float, float, float]:
 
 
 def core_cost() -> float:
-    from alg_helpers import Conn, FakeNat, FakePinholes
-    from ftpalg.core.table import Alg
+    from alg_helpers import Conn, Driven, FakeKernel
 
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)
     conn.c(b"PORT 10,0,0,2,195,80\r\n")
     conn.s(b"200 ok\r\n")

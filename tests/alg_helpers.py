@@ -4,86 +4,139 @@ must come out. Packets are crafted with scapy (tests only)."""
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import struct
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from ftpalg.core import packet
+from ftpalg.core.accounting import Accounting
+from ftpalg.core.addr import FlowKey
+from ftpalg.core.alg import Alg
+from ftpalg.core.events import HELD, PASS, Drop, Event, Replace
+from ftpalg.core.offline import OfflineKernel
 from ftpalg.core.seqadj import KernelAdj
-from ftpalg.core.table import Alg, FlowKey, Held, Pinhole
 
 MASK = 0xFFFFFFFF
 
 
-class FakeNat:
-    """Conntrack as the core sees it, and the kernel's sequence adjustment: ``seq_adjust``
-    records corrections like nf_ct_seqadj_set(); ``kernel`` applies them to a packet leaving
-    the hook like nf_ct_seq_adjust() does at confirm time."""
-
-    def __init__(self) -> None:
-        self.table: dict[FlowKey, FlowKey] = {}
-        self.adj: dict[FlowKey, list[KernelAdj]] = {}
-        self.fail_adjust = False
-        self.reads = 0  # corrections made with the kernel's state read first
-
-    def reply_tuple(self, key: FlowKey) -> FlowKey | None:
-        return self.table.get(key)
-
-    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int) -> KernelAdj:
-        if self.fail_adjust:
-            raise OSError(95, "connection has no sequence-adjustment extension")
-        self.reads += 1
-        a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
-        a[direction] = a[direction].add(seq, delta)
-        return a[direction]
-
-    # The optional short cuts of NatLookup, as ctnetlink does them: the look-up also tells
-    # whether any correction is there; an update from a known state writes it over whatever
-    # the kernel holds (like the real one, which takes absolute values).
-    def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
-        reply = self.table.get(key)
-        return None if reply is None else (reply, key in self.adj)
-
-    def seq_adjust_from(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj) -> KernelAdj:
-        if self.fail_adjust:
-            raise OSError(95, "connection has no sequence-adjustment extension")
-        a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
-        a[direction] = known.add(seq, delta)
-        return a[direction]
+class FakeKernel(OfflineKernel):
+    """The offline kernel, with the other half of seqadj: ``kernel`` applies the recorded
+    corrections to a packet leaving the hook, like nf_ct_seq_adjust() does at confirm time.
+    Written with ``struct`` here, apart from ftpalg's codec: an oracle of its own."""
 
     def kernel(self, raw: bytes, key: FlowKey, direction: int) -> bytes:
         a = self.adj.get(key)
         if a is None or not (a[0].active or a[1].active):
             return raw
-        seg = packet.decode(raw)
-        this, other = a[direction], a[1 - direction]
-        seq = (seg.seq + this.seq_offset(seg.seq)) & MASK
-        if not seg.flags & packet.TcpFlags.ACK:
-            return packet.encode(seg, seg.payload, seq, seg.ack)
-        return packet.encode(seg, seg.payload, seq, (seg.ack - other.ack_offset(seg.ack)) & MASK,
-                             lambda x: (x - other.ack_offset(x)) & MASK)
+        return seqadj_applied(raw, a[direction], a[1 - direction])
 
 
-@dataclass
-class FakePinholes:
-    live: dict[int, Pinhole] = field(default_factory=dict)
-    log: list[tuple[str, int]] = field(default_factory=list)
-    fail: bool = False
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
 
-    def open(self, ph: Pinhole) -> None:
-        if self.fail:
-            raise RuntimeError("iptables-restore: simulated failure")
-        assert ph.id not in self.live
-        self.live[ph.id] = ph
-        self.log.append(("open", ph.id))
 
-    def close(self, ph: Pinhole) -> None:
-        del self.live[ph.id]
-        self.log.append(("close", ph.id))
+def seqadj_applied(raw: bytes, this: KernelAdj, other: KernelAdj) -> bytes:
+    """``raw`` as the kernel sends it after seqadj: seq moved by this direction's correction,
+    ack and SACK edges moved back by the other's (net/netfilter/nf_conntrack_seqadj.c)."""
+    b = bytearray(raw)
+    if b[0] >> 4 == 4:
+        ihl, total = (b[0] & 15) * 4, struct.unpack_from("!H", b, 2)[0]
+        src, dst = bytes(b[12:16]), bytes(b[16:20])
+    else:
+        ihl, total = 40, 40 + struct.unpack_from("!H", b, 4)[0]
+        src, dst = bytes(b[8:24]), bytes(b[24:40])
+    t = ihl
+    seq, ack = struct.unpack_from("!II", b, t + 4)
+    thl, flags = (b[t + 12] >> 4) * 4, b[t + 13]
+    struct.pack_into("!I", b, t + 4, (seq + this.seq_offset(seq)) & MASK)
+    if flags & 0x10:
+        struct.pack_into("!I", b, t + 8, (ack - other.ack_offset(ack)) & MASK)
+        i = t + 20
+        while i < t + thl:  # SACK blocks (kind 5): both edges, like acks
+            kind = b[i]
+            if kind == 0:
+                break
+            if kind == 1:
+                i += 1
+                continue
+            length = b[i + 1]
+            if kind == 5:
+                for j in range(i + 2, i + length, 4):
+                    edge = struct.unpack_from("!I", b, j)[0]
+                    struct.pack_into("!I", b, j, (edge - other.ack_offset(edge)) & MASK)
+            i += max(length, 2)
+    seg = bytes(b[t:total])
+    seg = seg[:16] + b"\0\0" + seg[18:]
+    if len(src) == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, 6, len(seg))
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(seg), 6)
+    struct.pack_into("!H", b, t + 16, _csum(pseudo + seg))
+    return bytes(b)
 
-    def close_used(self, ph: Pinhole) -> None:
-        self.close(ph)
+
+class Driven(Alg):
+    """The core as a caller drives it: after each call, what it decided is drained into
+    an ``Accounting`` (the counters tests read) and kept in ``seen``."""
+
+    def __init__(self, kernel: OfflineKernel, *args, on_transfer=None, **kw) -> None:
+        super().__init__(kernel, *args, audit=on_transfer is not None, **kw)
+        self.accounting = Accounting(self.counters, on_transfer)
+        self.seen: list[Event] = []
+
+    def _account(self) -> None:
+        if self.actions.events:
+            evs = self.drain()
+            self.seen += evs
+            self.accounting.consume(evs)
+
+    def handle(self, raw, now, token=None):
+        out = super().handle(raw, now, token)
+        self._account()
+        return out
+
+    def take_released(self):
+        out = super().take_released()
+        self._account()
+        return out
+
+    def on_timer(self, now):
+        super().on_timer(now)
+        self._account()
+
+    def expire_held(self, now):
+        super().expire_held(now)
+        self._account()
+
+    def tick(self, now):
+        super().tick(now)
+        self._account()
+
+    def release_all(self):
+        super().release_all()
+        self._account()
+
+    def shutdown(self):
+        super().shutdown()
+        self._account()
+
+
+def as_bytes(v) -> bytes | None:
+    """A verdict in the old shape: None unchanged, b'' dropped, the packet, or HELD."""
+    if v is PASS:
+        return None
+    if isinstance(v, Drop):
+        return b""
+    if isinstance(v, Replace):
+        return v.packet
+    assert v is HELD, v
+    return v
 
 
 def packed(a: str) -> bytes:
@@ -98,7 +151,7 @@ class Conn:
     The peers keep their own numbering: acks they send are for what they received.
     """
 
-    def __init__(self, alg: Alg, nat: FakeNat, client=("10.0.0.2", 40000), server=("203.0.113.2", 21),
+    def __init__(self, alg: Alg, nat: FakeKernel, client=("10.0.0.2", 40000), server=("203.0.113.2", 21),
                  public=("203.0.113.1", 61000), cisn=1000, sisn=5000, handshake=True, dest=None) -> None:
         """``dest``: where the client connects (default: the server itself; a public address
         that the gateway DNATs to ``server`` otherwise); ``public``: the client's address
@@ -127,14 +180,14 @@ class Conn:
         if src == self.client and flags == "S":  # conntrack makes a new entry for a new SYN
             self.nat.adj.pop(self.key, None)
         self.sent[(seq, payload)] = raw
-        out = self.alg.handle(raw, self.now, token=(seq, payload))
+        out = as_bytes(self.alg.handle(raw, self.now, token=(seq, payload)))
         d = 0 if src == self.client else 1
         # held packets the core let go meanwhile: what the peer got of them, in order
         self.released = [(tok, None if o == b"" else packet.decode(self.nat.kernel(o or tok_raw, self.key, d)))
-                         for tok, o, tok_raw in ((t, o, self.sent[t]) for t, o in self.alg.take_released())]
+                         for tok, o, tok_raw in ((t, as_bytes(o), self.sent[t]) for t, o in self.alg.take_released())]
         self.last_in = raw
-        self.held_last = isinstance(out, Held)
-        if isinstance(out, Held):
+        self.held_last = out is HELD
+        if out is HELD:
             self.last_raw = b""
             return None
         self.last_core = raw if out is None else out
@@ -232,17 +285,17 @@ class FastConn(Conn):
         if src == self.client and flags == "S":
             self.nat.adj.pop(self.key, None)
         self.sent[(seq, payload)] = raw
-        out = self.alg.handle(raw, self.now, token=(seq, payload))
+        out = as_bytes(self.alg.handle(raw, self.now, token=(seq, payload)))
         self.handled += 1
         d = 0 if src == self.client else 1
-        released = self.alg.take_released()
+        released = [(t, as_bytes(o)) for t, o in self.alg.take_released()]
         for _, o in released:
             assert o is None or o == b"" or checksums_valid(o), o
         self.released = [(tok, None if o == b"" else packet.decode(self.nat.kernel(o or self.sent[tok], self.key, d)))
                          for tok, o in released]
         self.last_in = raw
-        self.held_last = isinstance(out, Held)
-        if isinstance(out, Held):
+        self.held_last = out is HELD
+        if out is HELD:
             self.last_raw = self.last_core = b""
             return None
         assert out is None or out == b"" or checksums_valid(out), out
@@ -254,14 +307,14 @@ class FastConn(Conn):
         return packet.decode(self.last_raw)
 
 
-def pinhole_violations(alg: Alg, holes: FakePinholes) -> list[str]:
+def pinhole_violations(alg: Alg, holes: FakeKernel) -> list[str]:
     """What is wrong with the live pinholes of ``alg`` against the policy: each names the
     real peer of its control connection and the address the policy allows, a port at least
     ``min_port``, one per control connection; and the books (promised, per client, counters)
     agree with the backend."""
     from collections import Counter
 
-    from ftpalg.core.policy import addr_text
+    from ftpalg.core.addr import addr_text
 
     bad: list[str] = []
     per_master: Counter = Counter()

@@ -15,8 +15,7 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
-from alg_helpers import FakeNat, FakePinholes
-from ftpalg.core.table import Alg
+from alg_helpers import Driven, FakeKernel, as_bytes
 
 
 def _norm(raw: bytes, src: tuple[str, int] | None = None, dst: tuple[str, int] | None = None,
@@ -58,21 +57,21 @@ def replay(inside: Path, outside: Path, control_port: int = 21) -> tuple[int, li
     # what left per connection (the client's port: SNAT and DNAT here keep it) and per kind.
     c2s_out = _paired(c2s_in, c2s_out, lambda p: p[TCP].sport)
     s2c_out = _paired(s2c_in, s2c_out, lambda p: p[TCP].dport)
-    nat = FakeNat()
+    nat = FakeKernel()
     for a, b in zip(c2s_in, c2s_out, strict=True):  # NAT mapping, as conntrack would report it
         key = (ipaddress.ip_address(a[IP].src).packed, a[TCP].sport, ipaddress.ip_address(a[IP].dst).packed,
                a[TCP].dport)
         nat.table[key] = (ipaddress.ip_address(b[IP].dst).packed, b[TCP].dport,
                           ipaddress.ip_address(b[IP].src).packed, b[TCP].sport)
     originals = {reply: orig for orig, reply in nat.table.items()}
-    alg = Alg(nat, FakePinholes())
+    alg = Driven(nat)
     events = sorted([(float(p.time), 0, i) for i, p in enumerate(c2s_in)]
                     + [(float(p.time), 1, i) for i, p in enumerate(s2c_in)])
     bad = []
     for t, d, i in events:
         src = c2s_in[i] if d == 0 else s2c_in[i]
         raw = bytes(src[IP])
-        got = alg.handle(raw, t)
+        got = as_bytes(alg.handle(raw, t))
         # then the kernel's sequence adjustment, keyed by the connection's original tuple
         pkt_key = (ipaddress.ip_address(src[IP].src).packed, src[TCP].sport,
                    ipaddress.ip_address(src[IP].dst).packed, src[TCP].dport)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from alg_helpers import FakeNat, FakePinholes
+from alg_helpers import Driven, FakeKernel
 from ftpalg import cli, config
 from ftpalg.config import Config, ConfigError, OptionText, from_toml
+from ftpalg.core.alg import Alg  # noqa: F401
 from ftpalg.core.policy import DEFAULT_LIMITS, Limits
-from ftpalg.core.table import Alg
 from ftpalg.linux.rules import DEFAULT_QUEUE, iptables_queue_rules, nft_rules
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "ftpalg.toml"
@@ -408,11 +408,11 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
 def test_alg_arguments():
     c = parse("run", "--control-port", "21", "--control-port", "2121", "--pinhole-timeout", "30",
               "--min-port", "1", "--max-pinholes-per-client", "5")
-    alg = Alg(FakeNat(), FakePinholes(), **c.alg_kwargs())
+    alg = Driven(FakeKernel(), **c.alg_kwargs())
     assert alg.control_ports == frozenset({21, 2121}) and alg.pinhole_timeout == 30.0
     assert alg.limits == Limits(min_port=1, max_pinholes_per_client=5)
-    default = Alg(FakeNat(), FakePinholes(), **Config().alg_kwargs())
-    plain = Alg(FakeNat(), FakePinholes())
+    default = Driven(FakeKernel(), **Config().alg_kwargs())
+    plain = Driven(FakeKernel())
     assert (default.control_ports, default.pinhole_timeout, default.limits) == (
         plain.control_ports, plain.pinhole_timeout, plain.limits)
 
@@ -451,7 +451,7 @@ def fake_linux(monkeypatch, queue_chains=True):
 
     def alg(nat, holes, **kw):
         Recorder.calls["Alg"] = ((), kw)
-        return real_alg(FakeNat(), FakePinholes(), **kw)
+        return real_alg(FakeKernel(), **kw)
 
     monkeypatch.setattr(ftpalg.core.table, "Alg", alg)
     monkeypatch.setattr(ftpalg.linux.ctnetlink, "CtNetlink", Recorder("CtNetlink"))

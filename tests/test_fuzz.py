@@ -56,9 +56,10 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alg_helpers import MASK, FakeNat, FakePinholes, FastConn, checksums_valid, pinhole_violations, raw_tcp
+from alg_helpers import MASK, Driven, FakeKernel, FastConn, checksums_valid, pinhole_violations, raw_tcp
+from ftpalg.core.alg import Alg
+from ftpalg.core.events import HELD, PASS, Drop, Replace
 from ftpalg.core.policy import Limits
-from ftpalg.core.table import Alg, Held
 
 RANDOM_BYTES = 2000
 BATCH = 24  # packets per example (structured, mutated)
@@ -92,9 +93,9 @@ def topo_addrs(topo: str) -> list[str]:
     return [t["client"][0], t["server"][0], t["public"][0], t.get("dest", t["server"])[0], *THIRD]
 
 
-def _open_conn(topo: str, limits: Limits | None = None) -> tuple[Alg, FakeNat, FakePinholes, FastConn]:
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, rng=random.Random(7), limits=limits or Limits())
+def _open_conn(topo: str, limits: Limits | None = None) -> tuple[Driven, FakeKernel, FakeKernel, FastConn]:
+    nat = holes = FakeKernel()
+    alg = Driven(nat, rng=random.Random(7), limits=limits or Limits())
     conn = FastConn(alg, nat, **TOPOLOGIES[topo])
     conn.s(b"220 hi\r\n")
     conn.c(b"USER a\r\n")
@@ -102,13 +103,14 @@ def _open_conn(topo: str, limits: Limits | None = None) -> tuple[Alg, FakeNat, F
     return alg, nat, holes, conn
 
 
-def _check(alg: Alg, holes: FakePinholes, what: object = "") -> None:
+def _check(alg: Alg, holes: FakeKernel, what: object = "") -> None:
     bad = pinhole_violations(alg, holes)
     assert not bad, (bad, what)
 
 
 def _verdict_ok(out: object) -> bool:
-    return out is None or out == b"" or isinstance(out, Held) or (isinstance(out, bytes) and checksums_valid(out))
+    return out is PASS or out is HELD or isinstance(out, Drop) or (isinstance(out, Replace)
+                                                                   and checksums_valid(out.packet))
 
 
 def test_stated_total():
@@ -413,7 +415,7 @@ def run_session(topo: str, steps: list[tuple], limits: Limits | None = None) -> 
         if wait:
             conn.now += wait
             alg.expire_held(conn.now)
-            settle([(tk, o if o != b"" else None) for tk, o in alg.take_released()])
+            settle([(tk, None if isinstance(o, Drop) else o) for tk, o in alg.take_released()])
             alg.tick(conn.now)
             _check(alg, holes, (n, "tick"))
         while resend:  # the sender's retransmissions of what was dropped, in order

@@ -1,5 +1,5 @@
 """Hostile-input corpus: attacks on an FTP ALG and malformed input, each run through the
-real ``Alg`` (FakeNat, FakePinholes), each with where it comes from and what it tries.
+real ``Alg`` (with the offline kernel, FakeKernel), each with where it comes from and what it tries.
 
 For every entry: the verdict of the attacking segment (passed unchanged, or exactly which
 rewrite), the pinholes left open (none, unless the entry says which legitimate one), the
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from alg_helpers import MASK, Conn, FakeNat, FakePinholes, checksums_valid, pinhole_violations, raw_tcp
+from alg_helpers import MASK, Conn, Driven, FakeKernel, as_bytes, checksums_valid, pinhole_violations, raw_tcp
 from ftpalg.core import packet
+from ftpalg.core.alg import Alg
+from ftpalg.core.events import HELD
 from ftpalg.core.policy import Limits
-from ftpalg.core.table import Alg, Held
 
 TOPO = {
     "nat": dict(client=("10.0.0.2", 40000), server=("203.0.113.2", 21), public=("203.0.113.1", 61000)),
@@ -53,8 +54,8 @@ class Run:
     """One corpus entry being run: the Alg, its fakes, the control connection."""
 
     alg: Alg
-    nat: FakeNat
-    holes: FakePinholes
+    nat: FakeKernel
+    holes: FakeKernel
     conn: Conn
     topo: str
     extra: list = field(default_factory=list)
@@ -159,7 +160,7 @@ def _bad_checksum_line_end(run: Run):
     raw = bytearray(raw_tcp(conn.client[0], conn.dest[0], conn.client[1], conn.dest[1], conn.cseq, conn.c_rcv, "PA",
                             b"y\r\n"))
     raw[-4] ^= 0xFF  # TCP checksum no longer verifies
-    assert run.alg.handle(bytes(raw), conn.now) is None
+    assert as_bytes(run.alg.handle(bytes(raw), conn.now)) is None
     return conn.c(b"yyyPORT 10,0,0,2,195,80\r\n")
 
 
@@ -394,8 +395,8 @@ CASES: list[Case] = [
 
 
 def _run_case(case: Case) -> Run:
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, rng=random.Random(1), limits=case.limits)
+    nat = holes = FakeKernel()
+    alg = Driven(nat, rng=random.Random(1), limits=case.limits)
     conn = Conn(alg, nat, **TOPO[case.topo])
     login(conn)
     run = Run(alg, nat, holes, conn, case.topo)
@@ -577,8 +578,8 @@ BAD: list[Bad] = [
 
 @pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
 def test_malformed_packet(bad: Bad):
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, rng=random.Random(1))
+    nat = holes = FakeKernel()
+    alg = Driven(nat, rng=random.Random(1))
     conn = Conn(alg, nat, **TOPO[bad.topo])
     login(conn)
     if bad.corrected:
@@ -587,7 +588,7 @@ def test_malformed_packet(bad: Bad):
     live = len(holes.live)
     before = alg.counters.copy()
     raw = bad.build(conn)
-    out = alg.handle(raw, conn.now)
+    out = as_bytes(alg.handle(raw, conn.now))
     assert alg.counters["packets"] == before["packets"] + 1
     if bad.want == "none":
         assert out is None
@@ -621,8 +622,8 @@ def test_malformed_packet(bad: Bad):
 def test_random_packets_never_raise_and_open_nothing():
     """500 seeded random byte strings, and 500 random bytes behind a valid IPv4/TCP header to
     port 21, into a tracked session's Alg: None each time, no pinhole, counted."""
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = holes = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)
     login(conn)
     rng = random.Random(2026)
@@ -632,7 +633,7 @@ def test_random_packets_never_raise_and_open_nothing():
         else:
             raw = raw_tcp(C4[0], S4[0], rng.randint(1024, 65535), 21, rng.getrandbits(32), 0, "PA",
                           rng.randbytes(rng.randint(0, 200)))
-        out = alg.handle(raw, conn.now)
+        out = as_bytes(alg.handle(raw, conn.now))
         assert out is None or (isinstance(out, bytes) and checksums_valid(out))
     assert not holes.live
     assert alg.counters["packets"] >= 1000 + 8 and alg.counters["undecodable"] >= 400
@@ -645,10 +646,10 @@ def test_random_packets_never_raise_and_open_nothing():
 def test_syn_flood_costs_only_bounded_syn_entries():
     """A SYN flood to port 21: each SYN costs an ``Alg.syns`` entry (bounded by max_flows),
     no Flow; the oldest are forgotten and counted; a real session still works."""
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, limits=Limits(max_flows=4))
+    nat = FakeKernel()
+    alg = Driven(nat, limits=Limits(max_flows=4))
     for i in range(10):
-        assert alg.handle(raw_tcp(f"198.51.100.{i}", S4[0], 1000 + i, 21, i, 0, "S"), 0.0) is None
+        assert as_bytes(alg.handle(raw_tcp(f"198.51.100.{i}", S4[0], 1000 + i, 21, i, 0, "S"), 0.0)) is None
     assert len(alg.syns) == 4 and alg.counters["syns_forgotten"] == 6 and not alg.flows and alg.tracked == 0
     conn = Conn(alg, nat)
     login(conn)
@@ -658,8 +659,8 @@ def test_syn_flood_costs_only_bounded_syn_entries():
 def test_flow_cap_with_every_flow_holding_a_pinhole_passes_new_ones_untouched():
     """--max-flows 2 and both tracked flows have a live pinhole (not evictable): a third
     connection passes untouched (counted flow_cap), its PORT opens nothing."""
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, limits=Limits(max_flows=2))
+    nat = holes = FakeKernel()
+    alg = Driven(nat, limits=Limits(max_flows=2))
     for i in (2, 3):
         conn = Conn(alg, nat, client=(f"10.0.0.{i}", 40000), public=("203.0.113.1", 61000 + i))
         login(conn)
@@ -688,14 +689,16 @@ def _make_module():
 MAKE = _make_module()
 
 
-class RecordingPinholes(FakePinholes):
+class RecordingPinholes(FakeKernel):
+    """Also keeps what each pinhole opened lets through, as a tuple."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.opened: list = []
+        self.through: list = []
 
-    def open(self, ph) -> None:
-        super().open(ph)
-        self.opened.append((ph.peer, ph.public, ph.public_port, ph.inside, ph.inside_port))
+    def expect(self, ph) -> None:
+        super().expect(ph)
+        self.through.append((ph.peer, ph.public, ph.public_port, ph.inside, ph.inside_port))
 
 
 def replay_hook_pcap(path: Path) -> tuple[Alg, RecordingPinholes, list]:
@@ -711,21 +714,21 @@ def replay_hook_pcap(path: Path) -> tuple[Alg, RecordingPinholes, list]:
         ip = p[IP] if IP in p else p[IPv6]
         return (ipaddress.ip_address(ip.src).packed, p[TCP].sport, ipaddress.ip_address(ip.dst).packed, p[TCP].dport)
 
-    nat, holes = FakeNat(), RecordingPinholes()
+    nat = holes = RecordingPinholes()
     orig = next(tup(p) for p in pkts if p[TCP].dport == 21)
     nat.table[orig] = next(tup(p) for p in pkts if p[TCP].sport == 21)
-    alg = Alg(nat, holes, rng=random.Random(1))
+    alg = Driven(nat, rng=random.Random(1))
     verdicts = []
     for i, p in enumerate(pkts):
         raw = bytes(p[IP] if IP in p else p[IPv6])
-        out = alg.handle(raw, float(p.time), token=i)
-        verdicts += [o for _, o in alg.take_released()]
-        if not isinstance(out, Held):
+        out = as_bytes(alg.handle(raw, float(p.time), token=i))
+        verdicts += [as_bytes(o) for _, o in alg.take_released()]
+        if out is not HELD:
             verdicts.append(out)
-        assert out is None or isinstance(out, Held) or out == b"" or checksums_valid(out)
+        assert out is None or out is HELD or out == b"" or checksums_valid(out)
         assert pinhole_violations(alg, holes) == []
     alg.expire_held(float(pkts[-1].time) + 10)
-    verdicts += [o for _, o in alg.take_released()]
+    verdicts += [as_bytes(o) for _, o in alg.take_released()]
     assert len(verdicts) == len(pkts)  # every packet got its verdict
     return alg, holes, verdicts
 
@@ -741,7 +744,7 @@ def test_hostile_pcaps_are_all_there_and_reproducible(tmp_path):
                                                 if e.xfail else []) for e in MAKE.CORPUS])
 def test_hostile_pcap_replay(entry):
     alg, holes, verdicts = replay_hook_pcap(HOSTILE / f"{entry.name}.pcap")
-    assert holes.opened == list(entry.pinholes), (entry.desc, holes.opened, dict(alg.counters))
+    assert holes.through == list(entry.pinholes), (entry.desc, holes.through, dict(alg.counters))
     assert verdicts.count(b"") == 0  # nothing dropped
     if not entry.pinholes:  # an attack: nothing rewritten either
         assert all(v is None for v in verdicts), dict(alg.counters)

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from alg_helpers import Conn, FakeNat, FakePinholes
+from alg_helpers import Conn, Driven, FakeKernel
 from ftpalg.core.policy import Limits
-from ftpalg.core.table import Alg
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
 PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
 
 
 def make(**kw):
-    nat, holes = FakeNat(), FakePinholes()
-    return Alg(nat, holes, limits=Limits(**kw)), nat, holes
+    nat = holes = FakeKernel()
+    return Driven(nat, limits=Limits(**kw)), nat, holes
 
 
 def login(conn):
@@ -238,7 +237,7 @@ def test_tls_stays_tls_after_a_gap_and_is_recognised_mid_stream():
     assert alg.counters["gap_encrypted"] == 1 and alg.counters["gap"] == 0
     assert not conn.held_last  # no line start is read into it, nothing held
     # a process that starts now meets the connection mid-stream, in TLS
-    fresh = Alg(nat, holes)
+    fresh = Driven(nat)
     conn.alg = fresh
     seg = conn.c(record)
     assert seg.payload == record and fresh.counters["encrypted"] == 1

@@ -1,7 +1,8 @@
 """The NFQUEUE adapter's verdict logic, with a stand-in for netfilterqueue's Packet."""
 
-from alg_helpers import FakeNat, FakePinholes
-from ftpalg.core.table import Alg
+from alg_helpers import Driven, FakeKernel
+from ftpalg.core.alg import Alg
+from ftpalg.core.events import PASS, Drop, DropWhy, Replace
 from ftpalg.linux.nfqueue import QueueHandler
 
 
@@ -30,7 +31,7 @@ class Exploding(Alg):
 
 
 def test_fault_passes_packet_unchanged_and_is_counted(caplog):
-    alg = Exploding(FakeNat(), FakePinholes())
+    alg = Exploding(FakeKernel())
     h = QueueHandler(alg, 1)
     for _ in range(3):
         p = Pkt(b"\x45anything")
@@ -42,17 +43,17 @@ def test_fault_passes_packet_unchanged_and_is_counted(caplog):
 
 
 def test_verdicts_follow_the_core():
-    alg = Alg(FakeNat(), FakePinholes())
+    alg = Driven(FakeKernel())
     h = QueueHandler(alg, 1)
-    alg.handle = lambda raw, now, token=None: None  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: PASS  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert (p.verdict, p.new) == ("accept", None)
-    alg.handle = lambda raw, now, token=None: b""  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: Drop(DropWhy.DUPLICATE)  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert p.verdict == "drop"
-    alg.handle = lambda raw, now, token=None: b"new"  # type: ignore[method-assign]
+    alg.handle = lambda raw, now, token=None: Replace(b"new")  # type: ignore[method-assign]
     p = Pkt(b"x")
     h._on_packet(p)
     assert (p.verdict, p.new) == ("accept", b"new")
@@ -61,10 +62,10 @@ def test_verdicts_follow_the_core():
 def test_held_packets_are_retained_and_get_their_verdict_in_order():
     """A packet the core holds is retained; when the rest of its line comes, the held one
     gets its verdict before the packet that completed it."""
-    from alg_helpers import Conn, FakeNat, FakePinholes
+    from alg_helpers import Conn, Driven, FakeKernel
 
-    nat = FakeNat()
-    alg = Alg(nat, FakePinholes())
+    nat = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)  # handshake and mapping through the core directly
     h = QueueHandler(alg, 1)
     order = []
@@ -105,10 +106,10 @@ def test_verdicts_and_latency_are_counted_when_asked():
         def observe(self, ns):
             self.seen.append(ns)
 
-    alg = Alg(FakeNat(), FakePinholes())
+    alg = Driven(FakeKernel())
     sink, verdicts = Sink(), {}
     h = QueueHandler(alg, 1, sink, verdicts)
-    for out in (None, b"", b"new", None):
+    for out in (PASS, Drop(DropWhy.DUPLICATE), Replace(b"new"), PASS):
         alg.handle = lambda raw, now, token=None, out=out: out  # type: ignore[method-assign]
         h._on_packet(Pkt(b"x"))
     assert verdicts == {"accepted": 2, "dropped": 1, "rewritten": 1}

@@ -7,15 +7,15 @@ import os
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from alg_helpers import Conn, FakeNat, FakePinholes
-from ftpalg.core.table import Alg
+from alg_helpers import Conn, Driven, FakeKernel
+from ftpalg.core.alg import Alg
 from ftpalg.linux import metrics
 from ftpalg.linux.status import StatusServer, fetch, render
 
 
 def session() -> Alg:
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)
     conn.s(b"220 hi\r\n")
     conn.c(b"USER alice\r\n")

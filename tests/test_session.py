@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ftpalg.core.events import Close
 from ftpalg.core.ftp import Form
 from ftpalg.core.session import Decision, Session, Transfer
 
@@ -36,7 +37,7 @@ def test_pasv_reply_announces_and_the_transfer_closes():
     assert (pasv.announce.addr, pasv.announce.port) == ("10.1.0.2", 50069)
     assert pasv.cmd == 3  # the PASV's index: USER, PASS, PASV
     assert out[8] == Decision()  # 150 is preliminary
-    assert out[9].close == "RETR finished (226)"
+    assert str(out[9].close) == "RETR finished (226)" and out[9].close.why is Close.USED
     assert s.live is None
 
 
@@ -44,7 +45,8 @@ def test_epsv_and_lpsv_replies():
     _, out = play([*LOGIN, ("c", b"EPSV\r\n"), ("s", b"229 Entering Extended Passive Mode (|||6446|)\r\n"),
                    ("c", b"LPSV\r\n"), ("s", b"228 Entering Long Passive Mode (4,4,10,1,0,2,2,195,149)\r\n")])
     assert out[6].announce.form is Form.EPSV and out[6].announce.port == 6446
-    assert out[8].announce.form is Form.LPSV and out[8].close == "replaced by a new LPSV"
+    assert out[8].announce.form is Form.LPSV and str(out[8].close) == "replaced by a new LPSV"
+    assert out[8].close.why is Close.REPLACED
 
 
 def test_multi_line_227_announces_the_address_on_a_continuation_line_once():
@@ -83,18 +85,19 @@ def test_pipelined_pasv_and_retr():
     s, out = play([*LOGIN, ("c", b"PASV\r\n"), ("c", b"RETR a\r\n"), ("c", b"PASV\r\n"), ("c", b"RETR b\r\n"),
                    ("s", b"227 (10,1,0,2,4,1)\r\n"), ("s", b"150 a\r\n"), ("s", b"226 a\r\n"),
                    ("s", b"227 (10,1,0,2,4,2)\r\n"), ("s", b"150 b\r\n"), ("s", b"226 b\r\n")])
-    assert out[9].announce.port == 1025 and out[11].close == "RETR finished (226)"
+    assert out[9].announce.port == 1025 and str(out[11].close) == "RETR finished (226)"
     assert out[12].announce.port == 1026 and out[12].close is None
-    assert out[14].close == "RETR finished (226)"
+    assert str(out[14].close) == "RETR finished (226)"
 
 
 def test_port_refused_closes_its_own_pinhole_only():
     _, out = play([*LOGIN, ("c", b"PORT 10,0,0,2,4,1\r\n"), ("s", b"500 Illegal PORT command.\r\n")])
-    assert out[5].announce.form is Form.PORT and out[6].close == "server refused PORT (500)"
+    assert out[5].announce.form is Form.PORT and str(out[6].close) == "server refused PORT (500)"
+    assert out[6].close.why is Close.SERVER_REFUSED
     # a pipelined later PORT replaced the first; the refusal of the first leaves it alone
     _, out = play([*LOGIN, ("c", b"PORT 10,0,0,2,4,1\r\n"), ("c", b"EPRT |1|10.0.0.2|1026|\r\n"),
                    ("s", b"500 no\r\n"), ("s", b"200 ok\r\n")])
-    assert out[6].close == "replaced by a new EPRT"
+    assert str(out[6].close) == "replaced by a new EPRT"
     assert out[7] == Decision() and out[8] == Decision()
 
 
@@ -102,10 +105,10 @@ def test_transfer_sent_before_a_later_port_does_not_close_its_pinhole():
     _, out = play([*LOGIN, ("c", b"PORT 10,0,0,2,4,1\r\n"), ("c", b"RETR a\r\n"), ("c", b"LPRT 4,4,10,0,0,2,2,4,2\r\n"),
                    ("c", b"RETR b\r\n"), ("s", b"200 ok\r\n"), ("s", b"150 a\r\n"), ("s", b"226 a\r\n"),
                    ("s", b"200 ok\r\n"), ("s", b"226 b\r\n")])
-    assert out[7].announce.form is Form.LPRT and out[7].close == "replaced by a new LPRT"
+    assert out[7].announce.form is Form.LPRT and str(out[7].close) == "replaced by a new LPRT"
     assert out[11].close is None  # RETR a (index 4) finished: the LPRT (index 5) pinhole stays
     assert out[11].done == Transfer(4, b"RETR", b"a", 226, b"a")  # (its audit record)
-    assert out[13].close == "RETR finished (226)"
+    assert str(out[13].close) == "RETR finished (226)"
     assert out[13].done == Transfer(6, b"RETR", b"b", 226, b"b")
 
 

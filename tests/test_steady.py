@@ -1,4 +1,4 @@
-"""``Alg._steady``, the short walk for the common segment (the next one of a stream, whole
+"""``Walk.steady``, the short walk for the common segment (the next one of a stream, whole
 lines, nothing held), must decide exactly as the general walk would: the same sessions of
 test_fuzz.py (ordinary and hostile lines, random cuts, flags, seq skews, duplicates, timer
 runs) go through two ALGs, one with the short walk switched off; every verdict, every
@@ -12,24 +12,25 @@ import random
 import pytest
 from test_fuzz import TOPOLOGIES, session_steps, topo_addrs
 
-from alg_helpers import MASK, FakeNat, FakePinholes, FastConn
-from ftpalg.core import table
+from alg_helpers import MASK, Driven, FakeKernel, FastConn
+from ftpalg.core import walk
+from ftpalg.core.events import HELD
 from ftpalg.core.policy import Limits
 
 SESSIONS = 500  # per topology
 
 
-def _alg(topo: str, steady: bool) -> tuple[table.Alg, FakeNat, FakePinholes, FastConn, list]:
-    nat, holes = FakeNat(), FakePinholes()
-    alg = table.Alg(nat, holes, rng=random.Random(7), limits=Limits())
+def _alg(topo: str, steady: bool) -> tuple[Driven, FakeKernel, FakeKernel, FastConn, list]:
+    nat = holes = FakeKernel()
+    alg = Driven(nat, rng=random.Random(7), limits=Limits())
     trace: list = []
     if not steady:
-        alg._steady = lambda *a: table._SLOW  # type: ignore[method-assign]
+        alg.walk.steady = lambda *a: walk._SLOW  # type: ignore[method-assign]
     handle, take = alg.handle, alg.take_released
 
     def traced_handle(raw, now, token=None):
         out = handle(raw, now, token)
-        trace.append(("out", token, out if not isinstance(out, table.Held) else "HELD"))
+        trace.append(("out", token, out if out is not HELD else "HELD"))
         return out
 
     def traced_take():
@@ -47,15 +48,16 @@ def _alg(topo: str, steady: bool) -> tuple[table.Alg, FakeNat, FakePinholes, Fas
     return alg, nat, holes, conn, trace
 
 
-def _state(alg: table.Alg, nat: FakeNat, holes: FakePinholes) -> object:
+def _state(alg: Driven, nat: FakeKernel, holes: FakeKernel) -> object:
     flows = []
     for f, d in alg.flows.values():
         if d:
             continue
         s = f.session
-        flows.append((f.key, f.reply_key, [(st.next_seq, st.at_line_start) for st in f.streams],
-                      [(a.base, [(e.start, e.old_len, e.new) for e in a.edits]) for a in f.adj], f.kadj,
-                      f.fin, f.closed_at, f.last_seen, sorted(f.logged), f.pinhole,
+        flows.append((f.key, f.reply_key, [(d.stream.next_seq, d.stream.at_line_start) for d in f.dirs],
+                      [(dr.adj.base, [(e.start, e.old_len, e.new) for e in dr.adj.edits]) for dr in f.dirs],
+                      [dr.kadj for dr in f.dirs], [dr.fin for dr in f.dirs], f.closed_at, f.last_seen,
+                      sorted(f.logged), f.pinhole,
                       (list(s.pending), s.count, s.live, s.reply_code, s.reply_cmd, s.reply_found, s.encrypted,
                        s.user, s.last_verb, list(s.paths), s.unrecorded)))
     return flows, holes.log, {k: list(v) for k, v in nat.adj.items()}
@@ -99,13 +101,13 @@ def test_steady_walk_is_taken_for_ordinary_lines():
     """Not vacuous: the ordinary lines of a session do take the short walk."""
     alg, nat, holes, conn, trace = _alg("client-nat", True)
     taken = []
-    steady = alg._steady
-    alg._steady = lambda *a: taken.append(steady(*a)) or taken[-1]  # type: ignore[method-assign]
+    steady = alg.walk.steady
+    alg.walk.steady = lambda *a: taken.append(steady(*a)) or taken[-1]  # type: ignore[method-assign]
     conn.c(b"TYPE I\r\n")
     conn.s(b"200 Switching to Binary mode.\r\n")
     conn.c(b"PORT 10,0,0,2,195,80\r\n")
     conn.s(b"200 PORT command successful.\r\n")
     conn.c(b"RETR f\r\n")
     conn.s(b"150 go\r\n226 done\r\n")
-    assert len(taken) == 6 and table._SLOW not in taken
+    assert len(taken) == 6 and walk._SLOW not in taken
     assert holes.log == [("open", 1), ("close", 1)] and alg.counters["rewrites"] == 1

@@ -5,9 +5,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
-from alg_helpers import MASK, Conn, FakeNat, FakePinholes, packed
+from alg_helpers import MASK, Conn, Driven, FakeKernel, as_bytes, packed
 from ftpalg.core import packet
-from ftpalg.core.table import HOLD_SEGMENTS, Alg, Held
+from ftpalg.core.direction import HOLD_SEGMENTS
+from ftpalg.core.events import HELD, PASS, Drop, DropWhy, Replace
+from ftpalg.core.seqadj import KernelAdj
 
 PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
 PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
@@ -15,8 +17,8 @@ PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
 
 @pytest.fixture
 def env():
-    nat, holes = FakeNat(), FakePinholes()
-    return Alg(nat, holes, pinhole_timeout=120.0), nat, holes
+    nat = holes = FakeKernel()
+    return Driven(nat, pinhole_timeout=120.0), nat, holes
 
 
 def login(conn):
@@ -55,8 +57,8 @@ def test_seq_and_ack_shift_for_the_rest_of_the_connection(env):
 
 
 def test_shrinking_rewrite():
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat, client=("192.168.100.200", 40000), public=("1.2.3.4", 61000))
     login(conn)
     line = b"PORT 192,168,100,200,195,80\r\n"
@@ -214,7 +216,7 @@ def test_held_segment_whose_rest_never_comes_is_dropped_once_then_let_go(env):
     start = conn.cseq
     assert conn.c(PORT[:10]) is None
     alg.expire_held(conn.now + 1)
-    assert alg.take_released() == [((start, PORT[:10]), b"")] and alg.counters["held_dropped"] == 1
+    assert alg.take_released() == [((start, PORT[:10]), Drop(DropWhy.REWOUND))] and alg.counters["held_dropped"] == 1
     conn.cseq = start
     assert conn.c(PORT).payload == PORT_OUT  # the retransmission, coalesced
     conn.s(b"200 ok\r\n")
@@ -225,7 +227,7 @@ def test_held_segment_whose_rest_never_comes_is_dropped_once_then_let_go(env):
     conn.cseq = start
     assert conn.c(b"PORT 10,0") is None
     alg.expire_held(conn.now + 1)  # the same line again: let go unchanged
-    assert alg.take_released() == [((start, b"PORT 10,0"), None)]
+    assert alg.take_released() == [((start, b"PORT 10,0"), PASS)]
     assert alg.counters["partial_line"] == 1
 
 
@@ -238,7 +240,7 @@ def test_copy_of_a_held_segment_is_dropped_and_out_of_order_data_releases_it(env
     assert conn.c(PORT[:10], seq=start) is None and alg.counters["held_duplicate"] == 1
     assert conn.c(b"junk", seq=start + 20) is None  # ahead of the stream: kept for the hole
     alg.expire_held(conn.now + 10)  # the hole never fills: the held line goes as it was, then the rest
-    assert alg.take_released() == [((start, PORT[:10]), None), ((start + 20, b"junk"), None)]
+    assert alg.take_released() == [((start, PORT[:10]), PASS), ((start + 20, b"junk"), PASS)]
     assert alg.counters["partial_line"] == 1 and alg.counters["gap"] == 1
 
 
@@ -252,8 +254,8 @@ def test_not_at_line_start_is_ignored(env):
 
 
 def test_busy_port_is_replaced_by_a_random_higher_one():
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes, rng=random.Random(7))
+    nat = holes = FakeKernel()
+    alg = Driven(nat, rng=random.Random(7))
     a = Conn(alg, nat)
     b = Conn(alg, nat, client=("10.0.0.3", 40000), public=("203.0.113.1", 61001))
     login(a)
@@ -266,8 +268,8 @@ def test_busy_port_is_replaced_by_a_random_higher_one():
 
 
 def test_no_free_port_passes_unchanged():
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = holes = FakeKernel()
+    alg = Driven(nat)
     a = Conn(alg, nat)
     b = Conn(alg, nat, client=("10.0.0.3", 40000), public=("203.0.113.1", 61001))
     login(a)
@@ -351,7 +353,7 @@ def test_pinhole_closes_with_control_connection(env, flags):
 
 def test_backend_failure_passes_unchanged(env):
     alg, nat, holes = env
-    holes.fail = True
+    holes.fail_expect = True
     conn = Conn(alg, nat)
     login(conn)
     assert conn.c(PORT).payload == PORT
@@ -428,17 +430,17 @@ def test_truncated_copy_passes_unless_the_flow_has_corrections(env):
     login(conn)
     conn.c(b"NOOP\r\n")
     # the same packet cut short, as netfilterqueue hands over a copy larger than its buffer
-    assert alg.handle(conn.last_in[:-3], 0.0) is None and alg.counters["truncated"] == 1
+    assert alg.handle(conn.last_in[:-3], 0.0) is PASS and alg.counters["truncated"] == 1
     conn.c(PORT)  # from now on the stream is corrected
     conn.c(b"NOOP\r\n")
-    assert alg.handle(conn.last_in[:-3], 0.0) == b""
+    assert alg.handle(conn.last_in[:-3], 0.0) == Drop(DropWhy.TRUNCATED)
     assert alg.counters["dropped_truncated"] == 1
 
 
 def test_server_side_packets_of_unknown_flows_pass():
-    alg = Alg(FakeNat(), FakePinholes())
+    alg = Driven(FakeKernel())
     raw = bytes(IP(src="203.0.113.2", dst="203.0.113.1") / TCP(sport=21, dport=5000, flags="PA") / b"227 x\r\n")
-    assert alg.handle(raw, 0.0) is None
+    assert alg.handle(raw, 0.0) is PASS
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -446,14 +448,14 @@ def test_server_side_packets_of_unknown_flows_pass():
 def test_garbage_packets_never_raise(env, data):
     alg, nat, holes = env
     out = alg.handle(data, 0.0)
-    assert out is None or isinstance(out, bytes)
+    assert out is PASS or isinstance(out, (Replace, Drop))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=60), max_size=6))
 def test_hostile_payloads_never_raise(chunks):
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = holes = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)
     held = 0
     for i, chunk in enumerate(chunks):
@@ -674,7 +676,7 @@ def test_history_is_dropped_when_the_connection_went_by_elsewhere(env):
     conn.s(b"200 ok\r\n")
     # the other gateway: a PORT it rewrote (same growth), the server's reply
     elsewhere = b"PORT 10,0,0,2,195,81\r\n"
-    nat.seq_adjust(conn.key, 0, conn.cseq, grow)
+    nat.seq_adjust(conn.key, 0, conn.cseq, grow, None)
     conn.cseq = (conn.cseq + len(elsewhere)) & MASK
     conn.s_rcv = (conn.s_rcv + len(elsewhere) + grow) & MASK
     conn.sseq = (conn.sseq + 8) & MASK
@@ -682,7 +684,7 @@ def test_history_is_dropped_when_the_connection_went_by_elsewhere(env):
     assert conn.c(b"TYPE I\r\n") is None  # back here: ahead of what we saw, kept for a while ...
     alg.expire_held(conn.now + 10)  # ... the hole does not fill: a gap
     ((token, out),) = alg.take_released()
-    seg = packet.decode(nat.kernel(out or conn.sent[token], conn.key, 0))
+    seg = packet.decode(nat.kernel(as_bytes(out) or conn.sent[token], conn.key, 0))
     assert alg.counters["resync"] >= 1 and alg.counters["gap"] == 1
     assert seg.seq == (conn.cseq - 8 + 2 * grow) & MASK  # the kernel's two corrections
     conn.s(b"200 ok\r\n")
@@ -713,22 +715,18 @@ def test_corrections_this_process_knows_are_not_read_again(env):
     assert alg.counters["pinhole_close_unacked"] == 3 and not holes.live
 
 
-class PlainNat:
-    """A NatLookup with none of the optional short cuts (as ftpalg explain's model)."""
-
-    def __init__(self, nat: FakeNat) -> None:
-        self.reply_tuple, self.seq_adjust = nat.reply_tuple, nat.seq_adjust
-
-
-def test_backends_without_the_short_cuts_read_every_correction():
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(PlainNat(nat), holes)
-    conn = Conn(alg, nat)
+def test_a_connection_the_kernel_corrected_before_is_read_once_before_its_first_rewrite():
+    """Met mid-stream with corrections already in the kernel (an earlier run, the other
+    gateway of a pair): the first rewrite reads the kernel's state; later ones need not."""
+    nat = FakeKernel()
+    alg = Driven(nat)
+    conn = Conn(alg, nat, handshake=False)
+    nat.adj[conn.key] = [KernelAdj(), KernelAdj()]
     login(conn)
     for _ in range(2):
         assert conn.c(PORT).payload == PORT_OUT
         conn.s(b"200 ok\r\n")
-    assert nat.reads == 2 and alg.counters["seqadj_reads_skipped"] == 0
+    assert nat.reads == 1 and alg.counters["seqadj_reads_skipped"] == 1
 
 
 def test_segments_arriving_out_of_order_are_put_back_in_order_and_inspected(env):
@@ -754,8 +752,8 @@ def test_any_segmentation_reordering_and_duplication_gives_the_rewritten_stream(
     """For a session's client byte stream cut into segments at random, delivered with random
     duplicates and local reordering (what TCP repairs), the server reassembles exactly the
     rewritten stream; every segment it gets carries the bytes it carried the first time."""
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = FakeKernel()
+    alg = Driven(nat)
     conn = Conn(alg, nat)
     login(conn)
     cmds = [b"TYPE I\r\n", PORT, b"RETR f\r\n", b"EPRT |1|10.0.0.2|50001|\r\n", b"NOOP\r\n"]
@@ -799,8 +797,8 @@ def test_server_replies_split_lost_duplicated_and_reordered_reassemble_and_acks_
     at random, some lost and resent later (joined with their neighbour, as TCP's
     retransmission may coalesce), some doubled, some swapped. The client reassembles exactly
     the rewritten replies, and its ack of everything maps back to the server's own end."""
-    nat, holes = FakeNat(), FakePinholes()
-    alg = Alg(nat, holes)
+    nat = holes = FakeKernel()
+    alg = Driven(nat)
     conn = dnat_conn(alg, nat)
     login(conn)
     conn.s(b"230 in\r\n")
@@ -835,9 +833,9 @@ def test_server_replies_split_lost_duplicated_and_reordered_reassemble_and_acks_
     for lo, hi in plan:
         raw = bytes(IP(src=INSIDE[0], dst=OUTSIDE[0]) / TCP(sport=21, dport=OUTSIDE[1], seq=(start + lo) & MASK,
                                                             ack=conn.s_rcv, flags="PA") / stream[lo:hi])
-        out = alg.handle(raw, conn.now, token=(lo, hi))
-        done = [(t, o) for t, o in alg.take_released()]
-        if not isinstance(out, Held):
+        out = as_bytes(alg.handle(raw, conn.now, token=(lo, hi)))
+        done = [(t, as_bytes(o)) for t, o in alg.take_released()]
+        if out is not HELD:
             done.append(((lo, hi), out))
         for (tlo, thi), o in done:
             if o == b"":
@@ -859,5 +857,5 @@ def test_server_replies_split_lost_duplicated_and_reordered_reassemble_and_acks_
     del ack
     raw = bytes(IP(src=OUTSIDE[0], dst=PUBLIC[0]) / TCP(sport=OUTSIDE[1], dport=21, seq=conn.cseq,
                                                         ack=(start + len(want)) & MASK, flags="A"))
-    seen = packet.decode(nat.kernel(alg.handle(raw, conn.now) or raw, conn.key, 0))
+    seen = packet.decode(nat.kernel(as_bytes(alg.handle(raw, conn.now)) or raw, conn.key, 0))
     assert seen.ack == (start + len(stream)) & MASK

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ftp
+from .events import Close, Closing, Reason
 
 HOSTPORT_VERBS = frozenset({b"PORT", b"EPRT", b"LPRT"})
 TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
@@ -64,16 +65,18 @@ class Decision:
 
     announce: ftp.HostPort | None = None  # an address to open a pinhole for (and rewrite)
     cmd: int = 0  # index of the command the announcement belongs to
-    close: str | None = None  # close the live pinhole, for this reason (before announcing)
-    problem: tuple[str, str] | None = None  # (reason, detail) to count and log
+    close: Closing | None = None  # close the live pinhole, for this reason (before announcing)
+    problem: tuple[Reason, str] | None = None  # (reason, detail) to count and log
     done: Transfer | None = None  # a transfer command got its final reply
+    tls: str | None = None  # the connection went TLS (AUTH answered 234): what to tell
 
     def __bool__(self) -> bool:
         return (self.announce is not None or self.close is not None or self.problem is not None
-                or self.done is not None)
+                or self.done is not None or self.tls is not None)
 
 
 NOTHING = Decision()
+_ENCRYPTED = Closing(Close.ENCRYPTED, "control connection encrypted (AUTH)")
 
 
 class Session:
@@ -121,12 +124,12 @@ class Session:
             try:
                 hp = ftp.parse_hostport(line)
             except ftp.ParseError as e:
-                return Decision(problem=("malformed", f"{e}: {line[:80]!r}"))
+                return Decision(problem=(Reason.MALFORMED, f"{e}: {line[:80]!r}"))
             if hp is None:
                 return NOTHING
             return Decision(announce=hp, cmd=n, close=self._replacing(hp))
         if verb and 0x30 <= verb[0] <= 0x39 and verb[:3].isdigit() and int(verb[:3]) in ftp.PASSIVE_REPLY_CODES:
-            return Decision(problem=("unsolicited", f"{line[:80]!r} sent by the client: opens nothing"))
+            return Decision(problem=(Reason.UNSOLICITED, f"{line[:80]!r} sent by the client: opens nothing"))
         return NOTHING
 
     # ---- server side --------------------------------------------------------------------
@@ -161,14 +164,14 @@ class Session:
             hp = ftp.parse_passive_reply(line, code)
         except ftp.ParseError as e:
             self.reply_found = True
-            return Decision(problem=("malformed", f"{e}: {line[:80]!r}"))
+            return Decision(problem=(Reason.MALFORMED, f"{e}: {line[:80]!r}"))
         if hp is None:
             return NOTHING
         self.reply_found = True
         asked = self.reply_cmd
         if asked is None or asked[0] != PASSIVE_VERB[form]:
             what = asked[0].decode("ascii", "replace") if asked else "no command"
-            return Decision(problem=("unsolicited", f"{code} answers {what}, not {PASSIVE_VERB[form].decode()}: "
+            return Decision(problem=(Reason.UNSOLICITED, f"{code} answers {what}, not {PASSIVE_VERB[form].decode()}: "
                                                     "opens nothing"))
         return Decision(announce=hp, cmd=asked[1], close=self._replacing(hp))
 
@@ -192,22 +195,22 @@ class Session:
     def _after_reply(self, verb: bytes, n: int, code: int) -> Decision:
         if verb == b"AUTH" and code == 234:
             self.encrypted = True
-            return Decision(close="control connection encrypted (AUTH)" if self.live is not None else None,
-                            problem=("encrypted", "AUTH accepted (234): the control connection is TLS from here on; "
-                                                  "its PORT/EPRT/227/229 cannot be read or rewritten, nothing is "
-                                                  "opened for them (corrections made before stay in force)"))
+            return Decision(close=_ENCRYPTED if self.live is not None else None,
+                            tls=("AUTH accepted (234): the control connection is TLS from here on; its "
+                                 "PORT/EPRT/227/229 cannot be read or rewritten, nothing is opened for them "
+                                 "(corrections made before stay in force)"))
         live = self.live
         if live is None:
             return NOTHING
         if verb in HOSTPORT_VERBS and code >= 400 and n == live:
-            return Decision(close=f"server refused {verb.decode()} ({code})")
+            return Decision(close=Closing(Close.SERVER_REFUSED, f"server refused {verb.decode()} ({code})"))
         if verb in TRANSFER_VERBS and live <= n:
-            return Decision(close=f"{verb.decode()} finished ({code})")
+            return Decision(close=Closing(Close.USED, f"{verb.decode()} finished ({code})"))
         return NOTHING
 
     # ---- the live pinhole ----------------------------------------------------------------
-    def _replacing(self, hp: ftp.HostPort) -> str | None:
-        return f"replaced by a new {hp.form.name}" if self.live is not None else None
+    def _replacing(self, hp: ftp.HostPort) -> Closing | None:
+        return Closing(Close.REPLACED, f"replaced by a new {hp.form.name}") if self.live is not None else None
 
     def opened(self, cmd: int) -> None:
         """The caller opened the pinhole announced by command ``cmd``."""
@@ -228,4 +231,5 @@ class Session:
         if not a:
             return b
         # an announcement and the end of its own reply: the close (if any) came first
-        return Decision(a.announce, a.cmd, a.close or b.close, a.problem or b.problem, a.done or b.done)
+        return Decision(a.announce, a.cmd, a.close or b.close, a.problem or b.problem, a.done or b.done,
+                        a.tls or b.tls)

@@ -31,7 +31,9 @@ from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from ..core.table import HELD, Alg
+from ..core.accounting import Accounting
+from ..core.alg import Alg
+from ..core.events import HELD, PASS, Drop, Replace, Verdict
 
 log = logging.getLogger("ftpalg")
 
@@ -136,8 +138,9 @@ class QueueHandler:
     final verdict (accepted unchanged, rewritten, dropped); both optional (metrics)."""
 
     def __init__(self, alg: Alg, queue_num: int, latency: LatencySink | None = None,
-                 verdicts: dict[str, int] | None = None) -> None:
+                 verdicts: dict[str, int] | None = None, accounting: Accounting | None = None) -> None:
         self.alg = alg
+        self.accounting = accounting or Accounting(alg.counters)  # reads what the core decided
         self.queue_num = queue_num
         self.faults: dict[str, int] = {}
         self.fail_open = False
@@ -148,6 +151,7 @@ class QueueHandler:
         latency = self.latency
         t0 = perf_counter_ns() if latency is not None else 0
         alg = self.alg
+        out: Verdict
         try:
             out = alg.handle(pkt.get_payload(), monotonic(), pkt)
         except Exception as e:  # contain: never let one packet kill the loop
@@ -156,8 +160,8 @@ class QueueHandler:
             alg.counters["faults"] += 1
             if n == 1 or n % 1000 == 0:
                 log.exception("fault #%d (%s) handling a packet; passed unchanged", n, name)
-            out = None
-        if out is None and not alg.released:  # the common case: unchanged, nothing let go
+            out = PASS
+        if out is PASS and not alg.walk.released:  # the common case: unchanged, nothing let go
             pkt.accept()
             if self.verdicts is not None:
                 self.verdicts["accepted"] = self.verdicts.get("accepted", 0) + 1
@@ -166,21 +170,30 @@ class QueueHandler:
             self._released()  # held packets the core let go meanwhile
         else:
             self._released()  # held packets the core let go: they precede this one
-            self._verdict(pkt, out)  # type: ignore[arg-type]
+            self._verdict(pkt, out)
+        if alg.actions.events:
+            self._account()
         if latency is not None:
             latency.observe(perf_counter_ns() - t0)
 
-    def _verdict(self, pkt: Any, out: bytes | None) -> None:
-        if out is None:
+    def _account(self) -> None:
+        try:
+            self.accounting.consume(self.alg.drain())
+        except Exception:  # a report's fault must not take the packet with it
+            self.alg.counters["faults"] += 1
+            log.exception("fault in accounting; events dropped")
+
+    def _verdict(self, pkt: Any, out: Verdict) -> None:
+        if isinstance(out, Replace):
+            pkt.set_payload(out.packet)
             pkt.accept()
-            kind = "accepted"
-        elif not out:
+            kind = "rewritten"
+        elif isinstance(out, Drop):
             pkt.drop()
             kind = "dropped"
         else:
-            pkt.set_payload(out)
             pkt.accept()
-            kind = "rewritten"
+            kind = "accepted"
         if self.verdicts is not None:
             self.verdicts[kind] = self.verdicts.get(kind, 0) + 1
 
@@ -209,10 +222,8 @@ class QueueHandler:
             if ready:
                 ready()
             log.info("%s", bound)
-            next_tick = time.monotonic() + TICK
             while not stopped:
-                hold = self.alg.next_hold_deadline()
-                deadline = next_tick if hold is None else min(next_tick, hold)
+                deadline = self.alg.next_deadline()
                 events = sel.select(max(0.0, deadline - time.monotonic()))
                 for key, _ in events:
                     if key.data is not None and not key.data():
@@ -220,16 +231,15 @@ class QueueHandler:
                 if events:
                     nfq.run(block=False)
                 now = time.monotonic()
-                if hold is not None and now >= hold:
-                    self.alg.expire_held(now)
+                if now >= deadline:
+                    self.alg.on_timer(now)
                     self._released()
-                if now >= next_tick:
-                    self.alg.tick(now)
-                    next_tick = now + TICK
+                    self._account()
             log.info("stopping on %s", stopped[0])
         finally:
             self.alg.release_all()  # no packet stays held when we go
             self._released()
+            self._account()
 
 
 @contextlib.contextmanager

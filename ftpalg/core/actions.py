@@ -1,0 +1,258 @@
+"""What the gateway does about one FTP line: the session's ``Decision`` turned into
+pinholes, a rewritten line and the kernel's sequence correction — and into events, the
+values every report reads (``events.py``).
+
+``Actions`` holds the kernel port, the pinhole book and the outgoing events; it knows
+nothing of segments beyond where a line lies in them (``spans``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from . import ftp, policy
+from .addr import FlowKey, addr_text, hostport
+from .events import (
+    Close,
+    Closing,
+    Encrypted,
+    Event,
+    FlowsEvicted,
+    LineRewritten,
+    PinholeClosed,
+    PinholeOpened,
+    Reason,
+    Refused,
+    Resynced,
+    TransferDone,
+)
+from .flow import C2S, S2C, Flow
+from .kernel import Kernel, Pinhole, PinholeBusy
+from .pinholes import PinholeBook
+from .policy import Limits, Mapping
+from .seqadj import MASK, KernelAdj
+from .session import Decision, Session, Transfer
+
+MAX_LOOKUPS = 3  # NAT mapping look-ups tried per connection before its first announcement
+
+Spans = list[tuple[int, int, int]]  # where a line lies: (segment seq, offset in it, length) per segment
+
+
+class Actions:
+    def __init__(self, kernel: Kernel, book: PinholeBook, flows: dict[FlowKey, tuple[Flow, int]],
+                 counters: Counter[str], limits: Limits, pinhole_timeout: float, rng: random.Random,
+                 audit: bool) -> None:
+        self.kernel = kernel
+        self.book = book
+        self.flows = flows  # the table's index: a flow is indexed under its reply tuple here
+        self.counters = counters  # statistics; decisions leave as events
+        self.limits = limits
+        self.pinhole_timeout = pinhole_timeout
+        self.rng = rng
+        self.audit = audit  # whether transfers are reported (TransferDone)
+        self.events: list[Event] = []
+
+    # ---- reporting ------------------------------------------------------------------------
+    def refuse(self, reason: Reason, detail: str, flow: Flow | None = None, line: bytes | None = None) -> None:
+        key = None if flow is None else flow.key
+        self.events.append(Refused(reason, detail, key, flow is None or flow.first(reason.value), line))
+
+    # ---- one line -------------------------------------------------------------------------
+    def act(self, flow: Flow, d: int, dec: Decision, spans: Spans, line: bytes, now: float) -> bytes:
+        """Act on one line; return the line to send. ``spans``: all but the last keep their
+        length in a rewrite, the last carries the change."""
+        if dec.problem is not None:
+            self.refuse(dec.problem[0], dec.problem[1], flow, line)
+        if dec.tls is not None:
+            self.events.append(Encrypted(flow.key, dec.tls))
+        if dec.done is not None and self.audit:
+            self.events.append(TransferDone(flow.key, self._record(flow, dec.done)))
+        if dec.close is not None:
+            self.close_pinhole(flow, dec.close)
+        if dec.announce is None or flow.closing:
+            return line
+        new = self._announce(flow, dec.announce, dec.cmd, line, now)
+        if new is line:
+            return line
+        kept = sum(n for _, _, n in spans[:-1])
+        if len(new) < kept:  # shorter than the held part: it cannot keep the held lengths
+            self.refuse(Reason.PARTIAL_LINE, "rewritten line shorter than its held part: not rewritten", flow, line)
+            self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))
+            return line
+        seg_seq = spans[-1][0]
+        delta = len(new) - len(line)
+        if delta and not self._correct(flow, d, seg_seq, delta, line):
+            return line
+        at = 0
+        adj = flow.dirs[d].adj
+        for i, (sseq, off, n) in enumerate(spans):  # one edit per segment: replays stay exact
+            piece = new[at:] if i == len(spans) - 1 else new[at : at + n]
+            if piece != line[at : at + n]:
+                adj.add(sseq + off, n, piece)
+            at += n
+        self.events.append(LineRewritten(flow.key, d, line, new))
+        return new
+
+    def _correct(self, flow: Flow, d: int, seg_seq: int, delta: int, line: bytes) -> bool:
+        """Ask the kernel to carry a length change at ``seg_seq``; whether it does. The
+        direction's kernel state, if this process knows it (its own last correction, or what
+        it read since), is not read again: any byte of the connection that went by elsewhere
+        shows as a gap first, and the resync forgets it."""
+        dr = flow.dirs[d]
+        known = dr.kadj
+        try:
+            k = self.kernel.seq_adjust(flow.key, d, seg_seq, delta, known)
+        except Exception as e:  # without it the peer would see shifted bytes: no rewrite
+            self.refuse(Reason.NO_SEQ_ADJUST, f"kernel sequence adjustment refused: {e}", flow, line)
+            self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))
+            return False
+        if known is not None:
+            self.counters["seqadj_reads_skipped"] += 1
+        if not dr.corrected_by_kernel(k, seg_seq):  # someone else corrected this connection meanwhile
+            self.forget_history(flow, d)
+        if not dr.adj.edits:  # what the kernel already shifts this direction by
+            dr.adj.base = k.before if k.pos == seg_seq & MASK else k.after
+        dr.kadj = k
+        return True
+
+    def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, now: float) -> bytes:
+        """Open the pinhole an accepted announcement asks for; return the line to send."""
+        if flow.mapping is None and not self.learn_mapping(flow, force=True):
+            self.refuse(Reason.NO_NAT_MAPPING, "conntrack has no entry for the control connection", flow, line)
+            return line
+        m = flow.mapping
+        assert m is not None
+        why = policy.refuse_reason(hp, m, self.limits)
+        if why:
+            self.refuse(Reason.REFUSED, f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow, line)
+            return line
+        book = self.book
+        if book.full() and not self._make_room(m.client):
+            self.refuse(Reason.PINHOLE_CAP, f"{len(book)} pinholes open (--max-pinholes): {hp.form.name} opens "
+                                            "nothing", flow, line)
+            return line
+        if book.client_full(m.client):
+            self.refuse(Reason.CLIENT_PINHOLE_CAP, f"client {m.client} has {book.per_client[m.client]} pinholes "
+                                                   f"open (--max-pinholes-per-client): {hp.form.name} opens nothing",
+                        flow, line)
+            return line
+        ph = self._open(flow, hp, m, line, now)
+        if ph is None:
+            return line
+        flow.pinhole = flow.last_pinhole = ph
+        flow.session.opened(cmd)
+        book.book(ph, m.client)
+        p_addr = policy.plan(hp, m).announce_addr
+        same = ph.public_port == hp.port and (p_addr is None or p_addr == hp.addr)
+        new = line if same else ftp.rewrite_line(line, hp, p_addr, ph.public_port)
+        self.events.append(PinholeOpened(flow.key, ph, line, new))
+        return new
+
+    def _open(self, flow: Flow, hp: ftp.HostPort, m: Mapping, line: bytes, now: float) -> Pinhole | None:
+        """Expect the data connection at the announced port, or at a free one."""
+        p = policy.plan(hp, m)
+        for port in policy.candidate_ports(p.want_port, self.rng):
+            if self.book.taken(p.peer, p.public, port):
+                continue
+            ph = Pinhole(self.book.next_id, p.peer, p.public, port, p.inside, p.inside_port,
+                         now + self.pinhole_timeout, p.snat, flow.key, not hp.form.is_reply, hp.form.name)
+            try:
+                self.kernel.expect(ph)
+                return ph
+            except PinholeBusy:  # expected by a connection this process does not know of
+                self.counters["pinhole_port_busy"] += 1
+            except Exception as e:  # the kernel's failure must not take the packet with it
+                self.refuse(Reason.PINHOLE_FAILED, f"{ph.describe()}: {e}", flow, line)
+                return None
+        self.refuse(Reason.NO_FREE_PORT, f"no free public port for {p.want_port} in {policy.PORT_TRIES} tries",
+                    flow, line)
+        return None
+
+    def _make_room(self, client: str) -> bool:
+        victim = self.book.victim(client)
+        hit = self.flows.get(victim.master) if victim is not None else None
+        if hit is None or hit[0].pinhole is not victim:
+            return False
+        self.close_pinhole(hit[0], Closing(Close.PREEMPTED, "pinhole cap: room made for a client holding fewer"))
+        return True
+
+    def _record(self, flow: Flow, t: Transfer) -> dict[str, object]:
+        """One audit record: who transferred what, how, with which outcome."""
+        ph = flow.pinhole or flow.last_pinhole
+        c, cport, pub, pport = flow.key
+        srv = flow.reply_key or flow.key[2:] + flow.key[:2]  # the server's real address, if known
+        rec: dict[str, object] = {
+            "client": hostport(addr_text(c), cport),
+            "server": hostport(addr_text(srv[0]), srv[1]),
+            "user": flow.session.user.decode("utf-8", "replace"),
+            "command": t.verb.decode("ascii", "replace"),
+            "path": t.arg.decode("utf-8", "replace"),
+            "mode": ph.form if ph else "",
+            "data": (f"{ph.peer} -> {hostport(ph.public, ph.public_port)}"
+                     + (f" -> {hostport(ph.inside, ph.inside_port)}" if ph.dnat else "")) if ph else "",
+            "code": t.code,
+            "reply": t.text.decode("utf-8", "replace"),
+            "outcome": "ok" if 200 <= t.code < 300 else "failed",
+        }
+        if srv[:2] != (pub, pport):
+            rec["server_public"] = hostport(addr_text(pub), pport)
+        return rec
+
+    # ---- the connection's state -------------------------------------------------------------
+    def learn_mapping(self, flow: Flow, force: bool = False) -> bool:
+        """Ask conntrack for the control connection's reply tuple (a few tries per flow,
+        unless ``force``); index the flow under it for server -> client packets."""
+        if flow.lookups >= MAX_LOOKUPS and not force:
+            return False
+        flow.lookups += 1
+        self.counters["nat_lookups"] += 1
+        found = self.kernel.mapping(flow.key)
+        if found is None:
+            return False
+        reply, corrected = found
+        a, b = flow.dirs
+        if not corrected and a.kadj is None and b.kadj is None:
+            # the kernel holds no correction for it: nothing to read before the first one
+            a.kadj, b.kadj = KernelAdj(), KernelAdj()
+        flow.reply_key = reply
+        flow.mapping = Mapping.from_tuples(flow.key, reply)
+        self.flows[reply] = (flow, S2C)
+        return True
+
+    def close_pinhole(self, flow: Flow, closing: Closing) -> None:
+        ph = flow.pinhole
+        if ph is None:
+            return
+        flow.pinhole = None
+        flow.session.closed()
+        self.book.unbook(ph)
+        used = closing.why is Close.USED
+        try:
+            self.kernel.withdraw(ph, used)
+        except Exception as e:
+            self.refuse(Reason.PINHOLE_CLOSE_FAILED, f"{ph.describe()}: {e}", flow)
+        self.events.append(PinholeClosed(flow.key, ph, closing.why, closing.text))
+
+    def forget_history(self, flow: Flow, d: int) -> None:
+        flow.dirs[d].forget_history()
+        self.counters["resync"] += 1
+
+    def resync(self, flow: Flow, why: str) -> None:
+        """Bytes of this connection went by without us (through another gateway of a
+        failover pair, or while this process was not there): what we remember of it, edits
+        and commands alike, is stale. Start over as for a connection picked up mid-stream;
+        the kernel's corrections stand."""
+        self.close_pinhole(flow, Closing(Close.RESYNC, why))
+        for d in (C2S, S2C):
+            self.forget_history(flow, d)
+        encrypted = flow.session.encrypted
+        flow.session = Session()
+        flow.session.encrypted = encrypted  # TLS stays TLS
+        self.events.append(Resynced(flow.key, why + "; history dropped, picked up again", flow.first("resync")))
+
+    def encrypted(self, flow: Flow, detail: str) -> None:
+        self.events.append(Encrypted(flow.key, detail))
+
+    def evicted(self, count: int) -> None:
+        self.events.append(FlowsEvicted(count, self.limits.max_flows))

@@ -1,0 +1,64 @@
+"""The kernel played offline: conntrack as a table the caller fills, the sequence
+adjustment as the kernel records it (nf_ct_seqadj_set), expectations as a record of what
+was asked. One implementation of ``kernel.Kernel`` for ``ftpalg explain`` (which fills the
+table from a capture), the tests and ``bench/``.
+"""
+
+from __future__ import annotations
+
+from .addr import FlowKey
+from .kernel import Pinhole, PinholeBusy
+from .seqadj import KernelAdj
+
+
+class OfflineKernel:
+    """``table``: original tuple -> reply tuple. ``adj``: per connection, the two directions'
+    corrections. ``live``: pinholes expected now, by id; ``log``: ("open" | "close", id) in
+    order; ``opened``/``closed``: every pinhole, in order. ``fail_adjust`` / ``fail_expect``
+    / ``busy``: the kernel refusing a correction, an expectation, or a port (tests)."""
+
+    def __init__(self) -> None:
+        self.table: dict[FlowKey, FlowKey] = {}
+        self.adj: dict[FlowKey, list[KernelAdj]] = {}
+        self.live: dict[int, Pinhole] = {}
+        self.log: list[tuple[str, int]] = []
+        self.opened: list[Pinhole] = []
+        self.closed: list[Pinhole] = []
+        self.fail_adjust = False
+        self.fail_expect = False
+        self.fail_withdraw = False
+        self.busy: set[int] = set()  # public ports expected by connections the core does not know
+        self.reads = 0  # corrections made with the kernel's state read first
+
+    def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        reply = self.table.get(key)
+        return None if reply is None else (reply, key in self.adj)
+
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
+        """Like the kernel: the new state is written over whatever is held (absolute values),
+        from ``known`` if given, else from what is held (read first)."""
+        if self.fail_adjust:
+            raise OSError(95, "connection has no sequence-adjustment extension")
+        a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
+        if known is None:
+            self.reads += 1
+            known = a[direction]
+        a[direction] = known.add(seq, delta)
+        return a[direction]
+
+    def expect(self, ph: Pinhole) -> None:
+        if self.fail_expect:
+            raise OSError(1, "simulated failure")
+        if ph.public_port in self.busy:
+            raise PinholeBusy(ph.public_port)
+        assert ph.id not in self.live, ph
+        self.live[ph.id] = ph
+        self.opened.append(ph)
+        self.log.append(("open", ph.id))
+
+    def withdraw(self, ph: Pinhole, used: bool) -> None:
+        if self.fail_withdraw:
+            raise OSError(2, "simulated failure")
+        del self.live[ph.id]
+        self.closed.append(ph)
+        self.log.append(("close", ph.id))
