@@ -70,6 +70,12 @@ def _announced(s: Session) -> tuple[list[str], list[str]]:
     return active, passive
 
 
+def _private_behind(seen: str, announced: list[str], fam: int) -> str | None:
+    """The first private address of family ``fam`` among ``announced`` other than the
+    address ``seen`` in the capture: the real one behind a gateway."""
+    return next((a for a in announced if a != seen and is_private(a) and (6 if ":" in a else 4) == fam), None)
+
+
 def infer_mapping(s: Session, public: str | None) -> None:
     """The gateway's view of the control connection (``s.mapping``) and where the capture
     was taken (``s.where``), from its addresses and what it announces."""
@@ -78,30 +84,28 @@ def infer_mapping(s: Session, public: str | None) -> None:
     if public is not None and (6 if ":" in public else 4) != fam:
         public = None
     active, passive = _announced(s)
+    gateway = public or PLACEHOLDER[fam]  # its public address, as the core is told it
+    told = public or "unknown, give it with --public ADDR"
     client, client_seen, server, pub = c, c, sv, sv
     where = []
     if is_private(c) and not is_private(sv):
-        client_seen = public or PLACEHOLDER[fam]
+        client_seen = gateway
         s.public_unknown = public is None
         where.append(f"the client {c} is private and the server {sv} public: captured on the client's side of a "
-                     f"NAT gateway (its public address: {public or 'unknown, give it with --public ADDR'})")
-    elif not is_private(c):
-        other = [a for a in active if a != c and is_private(a) and (6 if ":" in a else 4) == fam]
-        if other:
-            client = other[0]
-            where.append(f"the client appears as {c} but announces {client}: it is behind a NAT gateway, "
-                         "captured outside it")
+                     f"NAT gateway (its public address: {told})")
+    elif not is_private(c) and (inner := _private_behind(c, active, fam)):
+        client = inner
+        where.append(f"the client appears as {c} but announces {client}: it is behind a NAT gateway, "
+                     "captured outside it")
     if is_private(sv) and not is_private(c):
-        pub = public or PLACEHOLDER[fam]
+        pub = gateway
         s.public_unknown = s.public_unknown or public is None
         where.append(f"the server {sv} is private and the client {c} public: captured on the server's side of a "
-                     f"DNAT gateway (its public address: {public or 'unknown, give it with --public ADDR'})")
-    elif not is_private(sv):
-        other = [a for a in passive if a != sv and is_private(a) and (6 if ":" in a else 4) == fam]
-        if other:
-            server = other[0]
-            where.append(f"the client connects to {sv} but the server announces {server}: the server is behind a "
-                         f"DNAT gateway ({hostport(sv, s.sport)} -> {hostport(server, s.sport)}), captured outside it")
+                     f"DNAT gateway (its public address: {told})")
+    elif not is_private(sv) and (inner := _private_behind(sv, passive, fam)):
+        server = inner
+        where.append(f"the client connects to {sv} but the server announces {server}: the server is behind a "
+                     f"DNAT gateway ({hostport(sv, s.sport)} -> {hostport(server, s.sport)}), captured outside it")
     if not where:
         where.append("no address translation visible: client and server addresses as captured")
     s.mapping = Mapping(client, pub, server, client_seen)
