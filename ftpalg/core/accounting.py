@@ -27,7 +27,10 @@ from .events import (
     TransferDone,
 )
 
-log = logging.getLogger("ftpalg")
+_log = logging.getLogger("ftpalg")
+_silent = logging.getLogger("ftpalg.silent")
+_silent.propagate = False
+_silent.addHandler(logging.NullHandler())
 
 ENCRYPTED_ADVICE = (
     "ftpalg cannot help encrypted control connections (FTPS); through NAT they need passive mode with the "
@@ -37,13 +40,14 @@ ENCRYPTED_ADVICE = (
 
 
 class Accounting:
-    def __init__(self, counters: Counter[str],
-                 on_transfer: Callable[[dict[str, object]], None] | None = None) -> None:
+    def __init__(self, counters: Counter[str], on_transfer: Callable[[dict[str, object]], None] | None = None,
+                 logs: bool = True) -> None:
         self.counters = counters
         self.on_transfer = on_transfer  # the audit sink, if any
+        self.log = _log if logs else _silent  # ``explain`` counts without writing log lines
 
     def consume(self, events: Iterable[Event]) -> None:
-        c = self.counters
+        c, log = self.counters, self.log
         for ev in events:
             if isinstance(ev, PinholeOpened):
                 ph = ev.pinhole
@@ -86,16 +90,16 @@ class Accounting:
                             "connections", ev.cap, ev.count)
 
     def _refused(self, ev: Refused) -> None:
-        c = self.counters
+        c, log = self.counters, self.log
         name = ev.reason.value
         c[name] += 1
         if not ev.detail:  # counted only (a drop whose cause was told already)
             return
         if ev.flow is not None:
             if ev.first:
-                log.warning("%s flow=%s: %s", name, key_text(ev.flow), ev.detail)
+                log.warning("%s flow=%s: %s", name, key_text(ev.flow), ev.text())
         elif c[name] == 1 or c[name] % 1000 == 0:
-            log.warning("%s (seen %d times): %s", name, c[name], ev.detail)
+            log.warning("%s (seen %d times): %s", name, c[name], ev.text())
 
     def _transfer(self, ev: TransferDone) -> None:
         if self.on_transfer is None:

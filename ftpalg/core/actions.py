@@ -54,9 +54,10 @@ class Actions:
         self.events: list[Event] = []
 
     # ---- reporting ------------------------------------------------------------------------
-    def refuse(self, reason: Reason, detail: str, flow: Flow | None = None, line: bytes | None = None) -> None:
+    def refuse(self, reason: Reason, detail: str, flow: Flow | None = None, line: bytes | None = None,
+               subject: str = "") -> None:
         key = None if flow is None else flow.key
-        self.events.append(Refused(reason, detail, key, flow is None or flow.first(reason.value), line))
+        self.events.append(Refused(reason, detail, key, flow is None or flow.first(reason.value), line, subject))
 
     # ---- one line -------------------------------------------------------------------------
     def act(self, flow: Flow, d: int, dec: Decision, spans: Spans, line: bytes, now: float) -> bytes:
@@ -125,7 +126,7 @@ class Actions:
         assert m is not None
         why = policy.refuse_reason(hp, m, self.limits)
         if why:
-            self.refuse(Reason.REFUSED, f"{hp.form.name} {hp.addr or ''}:{hp.port}: {why}", flow, line)
+            self.refuse(Reason.REFUSED, why, flow, line, f"{hp.form.name} {hp.addr or ''}:{hp.port}")
             return line
         book = self.book
         if book.full() and not self._make_room(m.client):

@@ -145,14 +145,19 @@ Verdict = Pass | Held | Drop | Replace
 @dataclass(frozen=True, slots=True)
 class Refused:
     """A packet, line or connection not acted on, and why. ``first``: the first time for
-    this reason on this connection (logs say it once per connection); ``line``: the
-    announcing line, when an announcement was refused."""
+    this reason on this connection (logs say it once per connection); ``line``: the line
+    concerned, when there is one; ``subject``: what was refused, in words (the announced
+    form and address: ``PORT 10.0.0.2:50000``), when ``detail`` says only why."""
 
     reason: Reason
     detail: str
     flow: FlowKey | None = None
     first: bool = True
     line: bytes | None = None
+    subject: str = ""
+
+    def text(self) -> str:
+        return f"{self.subject}: {self.detail}" if self.subject else self.detail
 
 
 @dataclass(frozen=True, slots=True)

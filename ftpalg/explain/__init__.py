@@ -62,7 +62,7 @@ def explain(path: Path, public: str | None = None, control_ports: frozenset[int]
         infer_mapping(s, public)
     results = run_core(sessions, segs, limits, control_ports, pinhole_timeout)
     for s in sessions:
-        analyse(s, results, data, limits)
+        analyse(s, results, data)
     return Report(str(path), len(frames), sessions, data)
 
 

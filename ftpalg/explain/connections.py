@@ -10,30 +10,20 @@ skipped and lines joined across segments, until AUTH TLS's 234 encrypts the rest
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import ftp
+from ..core.addr import FlowKey, addr_text, hostport, packed
+from ..core.kernel import Pinhole
 from ..core.packet import DecodeError, Segment, TcpFlags, decode
-from ..core.policy import Mapping, addr_text
+from ..core.policy import Mapping
 from ..core.seqadj import MASK, diff
-from ..core.table import FlowKey, Pinhole
 from .capture import Frame
 
 # ---- addresses and lines as text (the package's one copy of each) ------------------------------
-
-
-def hostport(addr: str, port: int) -> str:
-    """``a:p``, or ``[v6]:p``."""
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def packed(addr: str) -> bytes:
-    """An address in text as the core's flow keys hold it."""
-    return ipaddress.ip_address(addr).packed
 
 
 def line_text(b: bytes) -> str:

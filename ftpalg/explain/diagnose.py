@@ -8,21 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core import ftp, policy
-from ..core.policy import Limits
+from ..core import ftp
+from ..core.addr import hostport
+from ..core.events import ANNOUNCEMENT_PROBLEMS, Encrypted, LineRewritten, PinholeOpened, Refused
+from ..core.kernel import Pinhole
 from ..core.session import TRANSFER_VERBS
-from ..core.table import Pinhole
-from .connections import Announcement, DataConn, Line, Session, hostport, line_text
+from .connections import Announcement, DataConn, Line, Session, line_text
 from .nat import is_private, show
 from .replay import FrameResult
 
 # ---- announcements, replies, transfers ---------------------------------------------------------
 
-_PROBLEMS = ("refused", "unsolicited", "malformed", "partial_line", "no_nat_mapping", "no_free_port",
-             "pinhole_failed", "no_seq_adjust", "pinhole_cap", "client_pinhole_cap", "gap")
 
-
-def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn], limits: Limits) -> None:
+def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn]) -> None:
     """Announcements with the core's decision, the replies to them, the data connections
     they led to, and a diagnosis per failed transfer."""
     m = s.mapping
@@ -48,7 +46,7 @@ def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn], l
                 if hp is not None:
                     last_ann = Announcement(ln, hp, count)
                     s.announcements.append(last_ann)
-                    _core_decision(last_ann, s, results.get(ln.frame), limits)
+                    _core_decision(last_ann, s, results.get(ln.frame))
             continue
         r = ftp.parse_reply(ln.text)
         if multi is not None:
@@ -76,7 +74,7 @@ def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn], l
                 if hp is not None:
                     last_ann = Announcement(b, hp, asked[1] if asked else 0)
                     s.announcements.append(last_ann)
-                    _core_decision(last_ann, s, results.get(b.frame), limits)
+                    _core_decision(last_ann, s, results.get(b.frame))
                     break
         if code < 200 or not cmds:
             continue
@@ -105,36 +103,32 @@ def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn], l
 # ---- the core's decision (the one reader of replay.FrameResult) --------------------------------
 
 
-def _core_decision(a: Announcement, s: Session, res: FrameResult | None, limits: Limits) -> None:
-    """What the core did with the announcement's line (the frame that completed it)."""
-    m = s.mapping
-    assert m is not None
+def _core_decision(a: Announcement, s: Session, res: FrameResult | None) -> None:
+    """What the core decided for the announcement's line (at the frame that completed it),
+    read from its events."""
     if res is None:
         a.action, a.detail = "unseen", "the core did not see this line"
         return
-    if res.opened:
-        ph = res.opened[-1]
+    opened = [ev for ev in res.events if isinstance(ev, PinholeOpened)]
+    if opened:
+        ph = opened[-1].pinhole
         a.pinhole = ph
-        addr = ph.public if a.hp.addr is not None else None
-        new = ftp.rewrite_line(a.line.text, a.hp, addr, ph.public_port)
-        if res.counters.get("rewrites") and new != a.line.text:
-            a.action, a.rewritten = "rewrite", new
+        sent = next((ev.new for ev in res.events if isinstance(ev, LineRewritten) and ev.old == opened[-1].line),
+                    None)
+        if sent is not None:
+            a.action, a.rewritten = "rewrite", sent
             a.detail = f"rewrite to {show(hostport(ph.public, ph.public_port), s)} and open a pinhole"
         else:
             a.action = "open"
             a.detail = "leave it unchanged and open a pinhole"
         a.detail += f": {show(pinhole_text(ph), s)}"
         return
-    for reason in _PROBLEMS:
-        if res.counters.get(reason):
-            a.action = reason
-            if reason == "refused":
-                a.detail = policy.refuse_reason(a.hp, m, limits) or "refused"
-            else:
-                msg = next((x for x in res.messages if x.startswith(reason)), "")
-                a.detail = msg.split(": ", 1)[1] if ": " in msg else reason
+    refused = {ev.reason: ev for ev in res.events if isinstance(ev, Refused)}
+    for reason in ANNOUNCEMENT_PROBLEMS:
+        if reason in refused:
+            a.action, a.detail = reason.value, refused[reason].detail
             return
-    if res.counters.get("encrypted"):
+    if any(isinstance(ev, Encrypted) for ev in res.events):
         a.action, a.detail = "encrypted", "the control connection is encrypted"
         return
     a.action, a.detail = "nothing", "no pinhole, no rewrite"

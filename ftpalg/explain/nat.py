@@ -23,8 +23,9 @@ from __future__ import annotations
 import ipaddress
 
 from ..core import ftp
+from ..core.addr import hostport
 from ..core.policy import Mapping
-from .connections import Session, hostport
+from .connections import Session
 
 _PRIVATE = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "fc00::/7", "fe80::/10")]

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core import ftp
-from .connections import Announcement, hostport, line_text
+from ..core.addr import hostport
+from .connections import Announcement, line_text
 from .diagnose import Report, pinhole_text
 from .nat import PLACEHOLDER, is_private, show
 

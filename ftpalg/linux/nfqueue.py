@@ -37,7 +37,6 @@ from ..core.events import HELD, PASS, Drop, Replace, Verdict
 
 log = logging.getLogger("ftpalg")
 
-TICK = 1.0
 QUEUE_MAXLEN = 4096  # packets the kernel holds for us before it fails open (or drops)
 
 # <linux/netlink.h>, <linux/netfilter/nfnetlink.h>, <linux/netfilter/nfnetlink_queue.h>
@@ -161,17 +160,19 @@ class QueueHandler:
             if n == 1 or n % 1000 == 0:
                 log.exception("fault #%d (%s) handling a packet; passed unchanged", n, name)
             out = PASS
-        if out is PASS and not alg.walk.released:  # the common case: unchanged, nothing let go
+        released = alg.take_released()  # held packets the core let go: they precede this one
+        if out is PASS and not released:  # the common case: unchanged, nothing let go
             pkt.accept()
             if self.verdicts is not None:
                 self.verdicts["accepted"] = self.verdicts.get("accepted", 0) + 1
-        elif out is HELD:
-            pkt.retain()  # keep its payload after this callback; the verdict comes later
-            self._released()  # held packets the core let go meanwhile
         else:
-            self._released()  # held packets the core let go: they precede this one
-            self._verdict(pkt, out)
-        if alg.actions.events:
+            for token, v in released:
+                self._verdict(token, v)
+            if out is HELD:
+                pkt.retain()  # keep its payload after this callback; the verdict comes later
+            else:
+                self._verdict(pkt, out)
+        if alg.events:
             self._account()
         if latency is not None:
             latency.observe(perf_counter_ns() - t0)
