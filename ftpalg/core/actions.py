@@ -138,21 +138,20 @@ class Actions:
                                                    f"open (--max-pinholes-per-client): {hp.form.name} opens nothing",
                         flow, line)
             return line
-        ph = self._open(flow, hp, m, line, now)
+        p = policy.plan(hp, m)
+        ph = self._open(flow, hp, p, line, now)
         if ph is None:
             return line
         flow.pinhole = flow.last_pinhole = ph
         flow.session.opened(cmd)
         book.book(ph, m.client)
-        p_addr = policy.plan(hp, m).announce_addr
-        same = ph.public_port == hp.port and (p_addr is None or p_addr == hp.addr)
-        new = line if same else ftp.rewrite_line(line, hp, p_addr, ph.public_port)
+        same = ph.public_port == hp.port and (p.announce_addr is None or p.announce_addr == hp.addr)
+        new = line if same else ftp.rewrite_line(line, hp, p.announce_addr, ph.public_port)
         self.events.append(PinholeOpened(flow.key, ph, line, new))
         return new
 
-    def _open(self, flow: Flow, hp: ftp.HostPort, m: Mapping, line: bytes, now: float) -> Pinhole | None:
+    def _open(self, flow: Flow, hp: ftp.HostPort, p: policy.Plan, line: bytes, now: float) -> Pinhole | None:
         """Expect the data connection at the announced port, or at a free one."""
-        p = policy.plan(hp, m)
         for port in policy.candidate_ports(p.want_port, self.rng):
             if self.book.taken(p.peer, p.public, port):
                 continue
