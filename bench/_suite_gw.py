@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftpalg.linux.rules import DEFAULT_QUEUE, StaticRules  # noqa: E402
+from ftpalg.config import DEFAULT_QUEUE  # noqa: E402
+from ftpalg.linux.rules import StaticRules  # noqa: E402
 
 
 def cmd_nullq(args: argparse.Namespace) -> int:

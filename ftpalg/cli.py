@@ -15,8 +15,8 @@ from types import FrameType
 from typing import Any
 
 from . import __version__, config, explain, install
-from .config import Config, ConfigError, OptionText
-from .linux.rules import DEFAULT_QUEUE, RuleError
+from .config import DEFAULT_QUEUE, Config, ConfigError, OptionText
+from .linux.rules import RuleError
 
 log = logging.getLogger("ftpalg")
 

@@ -31,7 +31,7 @@ from typing import Any
 from .core.policy import DEFAULT_LIMITS, Limits
 
 DEFAULT_PATH = Path("/etc/ftpalg/ftpalg.toml")
-DEFAULT_QUEUE = 2121  # as ftpalg.linux.rules.DEFAULT_QUEUE (a test keeps them equal)
+DEFAULT_QUEUE = 2121  # the NFQUEUE number (workers: this and the next ones)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_BACKENDS = ("auto", "nft", "iptables")
 MAX_PINHOLE_TIMEOUT = 86400.0

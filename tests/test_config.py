@@ -15,7 +15,7 @@ from ftpalg import cli, config
 from ftpalg.config import Config, ConfigError, OptionText, from_toml
 from ftpalg.core.policy import DEFAULT_LIMITS, Limits
 from ftpalg.core.table import Alg
-from ftpalg.linux.rules import DEFAULT_QUEUE, iptables_queue_rules, nft_rules
+from ftpalg.linux.rules import iptables_queue_rules, nft_rules
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "ftpalg.toml"
 
@@ -42,11 +42,10 @@ def file_error(tmp_path, text: str) -> ConfigError:
 # ---- defaults, and the deploy file ----------------------------------------------------------
 def test_defaults_are_todays_cli_defaults():
     c = Config()
-    assert c.gateway == config.Gateway((21,), DEFAULT_QUEUE, "auto", True, 120.0)
+    assert c.gateway == config.Gateway((21,), 2121, "auto", True, 120.0)
     assert c.limits() == DEFAULT_LIMITS == Limits()
     assert (c.log.level, c.audit.enabled, c.audit.file) == ("info", False, "")
     assert (c.metrics.listen, c.status.socket) == ("127.0.0.1:9121", "@ftpalg-status")
-    assert config.DEFAULT_QUEUE == DEFAULT_QUEUE
 
 
 def test_deploy_file_is_the_defaults_with_every_key():

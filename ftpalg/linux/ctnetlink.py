@@ -31,8 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..core.seqadj import KernelAdj
-
-FlowKey = tuple[bytes, int, bytes, int]
+from ..core.table import FlowKey
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_CTNETLINK_EXP = 1, 2

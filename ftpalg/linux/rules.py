@@ -40,7 +40,6 @@ CHAIN_WORKERS = "FTPALG-WORKERS"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
-DEFAULT_QUEUE = 2121
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)
