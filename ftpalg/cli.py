@@ -69,14 +69,15 @@ def engine(cfg: Config, limits: Any = None) -> Iterator[tuple[Any, Any, Counter[
     from .linux import audit, metrics
     from .linux.conntrack import Conntrack, ExpectationPinholes
     from .linux.ctnetlink import CtNetlink
+    from .linux.kernel import LinuxKernel
 
     nl = CtNetlink()
-    holes = ExpectationPinholes(nl, cfg.gateway.pinhole_timeout)
+    kernel = LinuxKernel(nl, cfg.gateway.pinhole_timeout)
     on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
     kwargs = cfg.alg_kwargs()
     if limits is not None:
         kwargs["limits"] = limits
-    alg = Alg(Conntrack(nl), holes, on_transfer=on_transfer, **kwargs)
+    alg = Alg(Conntrack(kernel), ExpectationPinholes(kernel), on_transfer=on_transfer, **kwargs)
     try:
         yield alg, metrics.LatencyHistogram(), Counter[str]()
     finally:

@@ -442,6 +442,7 @@ def fake_linux(monkeypatch, queue_chains=True):
     import ftpalg.core.table
     import ftpalg.linux.conntrack
     import ftpalg.linux.ctnetlink
+    import ftpalg.linux.kernel
     import ftpalg.linux.nfqueue
     import ftpalg.linux.rules
 
@@ -454,6 +455,7 @@ def fake_linux(monkeypatch, queue_chains=True):
 
     monkeypatch.setattr(ftpalg.core.table, "Alg", alg)
     monkeypatch.setattr(ftpalg.linux.ctnetlink, "CtNetlink", Recorder("CtNetlink"))
+    monkeypatch.setattr(ftpalg.linux.kernel, "LinuxKernel", Recorder("LinuxKernel"))
     monkeypatch.setattr(ftpalg.linux.conntrack, "Conntrack", Recorder("Conntrack"))
     monkeypatch.setattr(ftpalg.linux.conntrack, "ExpectationPinholes", Recorder("ExpectationPinholes"))
     monkeypatch.setattr(ftpalg.linux.nfqueue, "QueueHandler", Recorder("QueueHandler"))
@@ -473,7 +475,7 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
                                "limits": Limits(min_port=1, max_flows=10), "on_transfer": None}
     assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1)
-    assert calls["ExpectationPinholes"][0][1] == 30.0
+    assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 
 
