@@ -15,7 +15,8 @@ from ftpalg import cli, config
 from ftpalg.config import Config, ConfigError, OptionText, from_toml
 from ftpalg.core.policy import DEFAULT_LIMITS, Limits
 from ftpalg.core.table import Alg
-from ftpalg.linux.rules import iptables_queue_rules, nft_rules
+from ftpalg.linux.rules import RuleError, iptables_queue_rules, nft_rules
+from ftpalg.linux.serve import serve
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "ftpalg.toml"
 
@@ -403,7 +404,7 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
     assert cli.main(["rules", "nft", "--control-port", "99999"]) == 2
 
 
-# ---- what _serve is given -----------------------------------------------------------------------
+# ---- what serve is given ------------------------------------------------------------------------
 def test_alg_arguments():
     c = parse("run", "--control-port", "21", "--control-port", "2121", "--pinhole-timeout", "30",
               "--min-port", "1", "--max-pinholes-per-client", "5")
@@ -417,7 +418,7 @@ def test_alg_arguments():
 
 
 class Recorder:
-    """Stands in for the Linux classes _serve builds; records how it was called."""
+    """Stands in for the Linux classes serve and engine build; records how it was called."""
 
     calls: dict[str, tuple] = {}
 
@@ -439,28 +440,20 @@ class Recorder:
 
 
 def fake_linux(monkeypatch, queue_chains=True):
-    import ftpalg.core.table
-    import ftpalg.linux.conntrack
-    import ftpalg.linux.ctnetlink
-    import ftpalg.linux.kernel
-    import ftpalg.linux.nfqueue
-    import ftpalg.linux.rules
+    from ftpalg.linux import engine, serve
 
     Recorder.calls = {}
-    real_alg = ftpalg.core.table.Alg
 
     def alg(nat, holes, **kw):
         Recorder.calls["Alg"] = ((), kw)
-        return real_alg(FakeNat(), FakePinholes(), **kw)
+        return Alg(FakeNat(), FakePinholes(), **kw)
 
-    monkeypatch.setattr(ftpalg.core.table, "Alg", alg)
-    monkeypatch.setattr(ftpalg.linux.ctnetlink, "CtNetlink", Recorder("CtNetlink"))
-    monkeypatch.setattr(ftpalg.linux.kernel, "LinuxKernel", Recorder("LinuxKernel"))
-    monkeypatch.setattr(ftpalg.linux.conntrack, "Conntrack", Recorder("Conntrack"))
-    monkeypatch.setattr(ftpalg.linux.conntrack, "ExpectationPinholes", Recorder("ExpectationPinholes"))
-    monkeypatch.setattr(ftpalg.linux.nfqueue, "QueueHandler", Recorder("QueueHandler"))
-    monkeypatch.setattr(ftpalg.linux.rules, "StaticRules", Recorder("StaticRules"))
-    monkeypatch.setattr(ftpalg.linux.rules, "queue_chains_present", lambda workers=1: queue_chains)
+    monkeypatch.setattr(engine, "Alg", alg)
+    for name in ("CtNetlink", "LinuxKernel", "Conntrack", "ExpectationPinholes"):
+        monkeypatch.setattr(engine, name, Recorder(name))
+    monkeypatch.setattr(serve, "QueueHandler", Recorder("QueueHandler"))
+    monkeypatch.setattr(serve, "StaticRules", Recorder("StaticRules"))
+    monkeypatch.setattr(serve, "queue_chains_present", lambda workers=1: queue_chains)
 
 
 def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
@@ -470,7 +463,7 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
                  "pinhole_timeout = 30\n[policy]\nmax_flows = 10\n")
     # no status socket, no metrics endpoint: this test runs in the host's namespace
     c = parse("run", "--config", str(f), "--min-port", "1", "--status-socket", "", "--metrics-listen", "")
-    assert cli._serve(c) == 0  # the fake queue "runs" until an interrupt
+    assert serve(c) == 0  # the fake queue "runs" until an interrupt
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
                                "limits": Limits(min_port=1, max_flows=10), "on_transfer": None}
@@ -481,18 +474,20 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
 
 def test_serve_without_rules(monkeypatch):
     fake_linux(monkeypatch)
-    assert cli._serve(parse("run", "--no-rules", "--status-socket", "", "--metrics-listen", "")) == 0
+    assert serve(parse("run", "--no-rules", "--status-socket", "", "--metrics-listen", "")) == 0
     assert "StaticRules" not in Recorder.calls and "QueueHandler" in Recorder.calls
     fake_linux(monkeypatch, queue_chains=False)
-    with pytest.raises(cli.RuleError, match=r"install_rules = false \(--no-rules\)"):
-        cli._serve(from_toml("[gateway]\ninstall_rules = false\n"))
+    with pytest.raises(RuleError, match=r"install_rules = false \(--no-rules\)"):
+        serve(from_toml("[gateway]\ninstall_rules = false\n"))
 
 
 def test_run_logs_which_file_and_options_were_used(tmp_path, monkeypatch, caplog):
     served = []
-    monkeypatch.setattr(cli, "_serve", lambda c: served.append(c) or 0)
+    import ftpalg.linux.serve
+
+    monkeypatch.setattr(ftpalg.linux.serve, "serve", lambda c: served.append(c) or 0)
     monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(cli, "single_instance", lambda: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(ftpalg.linux.serve, "single_instance", lambda: __import__("contextlib").nullcontext())
     f = tmp_path / "f.toml"
     f.write_text("[policy]\nmax_flows = 10\n")
     with caplog.at_level(logging.INFO, logger="ftpalg"):
