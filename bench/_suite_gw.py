@@ -10,7 +10,7 @@
     pinholes --rounds R < masters.json
         open and close one expectation per control connection (JSON list of
         [client, sport, server, dport, public, public_port]) with ftpalg's own
-        ExpectationPinholes over CtNetlink, timing each call; prints one JSON line.
+        LinuxKernel (expect, withdraw) over CtNetlink, timing each call; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftpalg.linux.rules import DEFAULT_QUEUE, StaticRules  # noqa: E402
+from ftpalg.config import DEFAULT_QUEUE  # noqa: E402
+from ftpalg.linux.rules import StaticRules  # noqa: E402
 
 
 def cmd_nullq(args: argparse.Namespace) -> int:
@@ -71,13 +72,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_pinholes(args: argparse.Namespace) -> int:
     from ftpalg.core.kernel import Pinhole
-    from ftpalg.linux.conntrack import ExpectationPinholes
     from ftpalg.linux.ctnetlink import CtNetlink
+    from ftpalg.linux.kernel import LinuxKernel
 
     masters = json.load(sys.stdin)
     nl = CtNetlink()
     # time spent in netlink round trips (send, the kernel's work, recv), apart from the
-    # Python around them (message building in ExpectationPinholes/CtNetlink)
+    # Python around them (message building in LinuxKernel/CtNetlink)
     in_requests = [0, 0]  # ns, requests
     real_request = nl._request
 
@@ -90,7 +91,7 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
             in_requests[1] += 1
 
     nl._request = timed_request  # type: ignore[method-assign,assignment]
-    holes = ExpectationPinholes(nl, 120.0)
+    kernel = LinuxKernel(nl, 120.0)
     phs = []
     for i, (client, sport, server, dport, public, public_port) in enumerate(masters):
         key = (ipaddress.ip_address(client).packed, sport, ipaddress.ip_address(server).packed, dport)
@@ -112,7 +113,7 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
                 in_requests[:] = [0, 0]
                 t = clock()
                 try:
-                    holes.open(ph)
+                    kernel.expect(ph)
                 except Exception as e:
                     why = f"{type(e).__name__}: {e}"
                     errors[why] = errors.get(why, 0) + 1
@@ -124,7 +125,7 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
             for ph in opened:
                 in_requests[:] = [0, 0]
                 t = clock()
-                holes.close(ph)
+                kernel.withdraw(ph, used=False)
                 closes.append(clock() - t)
                 close_nl.append(in_requests[0])
                 requests["close"] += in_requests[1]
@@ -133,7 +134,7 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
     print(json.dumps({"open_ns": opens, "close_ns": closes, "open_netlink_ns": open_nl, "close_netlink_ns": close_nl,
                       "requests_per_open": requests["open"] / max(1, len(opens)),
                       "requests_per_close": requests["close"] / max(1, len(closes)),
-                      "errors": errors, "close_failures": holes.close_failures}))
+                      "errors": errors, "close_failures": kernel.close_failures}))
     return 0
 
 

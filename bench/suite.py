@@ -23,7 +23,7 @@ Sections (``--only`` takes their names; default all, ~5 min on a 2-core VM, ``--
               (tracemalloc, and RSS delta in a separate process)
   lab-memory  ftpalg's RSS growth in gw with 10 000 real idle control connections through it
               (bench/floods.py's idle flood, to its flood server)
-  pinholes    ftpalg's ExpectationPinholes over CtNetlink in the gw namespace: open and close
+  pinholes    ftpalg's LinuxKernel (expect/withdraw) over CtNetlink in the gw namespace: open and close
               one expectation on each of N idle control connections that carry the `sane`
               helper, µs per call
 

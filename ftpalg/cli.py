@@ -6,17 +6,16 @@ import argparse
 import contextlib
 import logging
 import signal
-import socket
 import sys
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import __version__, config, explain, install
-from .config import Config, ConfigError, OptionText
-from .linux.rules import DEFAULT_QUEUE, RuleError
+from .config import DEFAULT_QUEUE, Config, ConfigError, OptionText
+from .linux.rules import RuleError
+
+if TYPE_CHECKING:
+    from .lab.lab import Lab
 
 log = logging.getLogger("ftpalg")
 
@@ -25,145 +24,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-LOCK_NAME = b"\0ftpalg-run"  # an abstract unix socket name: one per network namespace
-
-
-@contextlib.contextmanager
-def single_instance() -> Iterator[None]:
-    """One ``ftpalg run`` per network namespace: a second one would remove the first one's
-    rules when it exits. The lock is a socket bound to an abstract name, which lives in the
-    network namespace: no file to create (no root-owned directory needed), and the kernel
-    frees it when the process ends, however it ends."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            sock.bind(LOCK_NAME)
-        except OSError:
-            raise RuleError("another ftpalg run is active in this network namespace "
-                            "(it holds the abstract socket @ftpalg-run)") from None
-        yield
-    finally:
-        sock.close()
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from .linux.serve import run
+
     cfg: Config = args.cfg
     given = sorted({o for o in cfg.origins.values() if o.startswith("--")})
     log.info("configuration: %s%s", cfg.source, f"; overridden by {' '.join(given)}" if given else "")
     # SIGTERM during set-up must still clean up (the loop installs its own handler later).
     signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with single_instance():
-            return _serve(cfg)
-    except (RuleError, OSError) as e:
-        log.error("%s", e)
-        return 1
-
-
-@contextlib.contextmanager
-def engine(cfg: Config, limits: Any = None) -> Iterator[tuple[Any, Any, Counter[str]]]:
-    """The core and its kernel back ends for one queue (the whole run, or one worker):
-    (Alg, latency histogram, verdict counts). On exit the pinholes still open are deleted
-    (corrections stay with the kernel) and the sockets and audit file closed."""
-    from .core.table import Alg
-    from .linux import audit, metrics
-    from .linux.conntrack import Conntrack, ExpectationPinholes
-    from .linux.ctnetlink import CtNetlink
-
-    nl = CtNetlink()
-    holes = ExpectationPinholes(nl, cfg.gateway.pinhole_timeout)
-    on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
-    kwargs = cfg.alg_kwargs()
-    if limits is not None:
-        kwargs["limits"] = limits
-    alg = Alg(Conntrack(nl), holes, on_transfer=on_transfer, **kwargs)
-    try:
-        yield alg, metrics.LatencyHistogram(), Counter[str]()
-    finally:
-        if audit_sink is not None:
-            audit_sink.close()
-        alg.shutdown()
-        nl.close()
-
-
-def _serve(cfg: Config) -> int:
-    from .linux import metrics
-    from .linux.nfqueue import QueueHandler
-    from .linux.rules import StaticRules, queue_chains_present
-    from .linux.status import StatusServer
-
-    gw = cfg.gateway
-    ports = cfg.control_ports
-    if not gw.install_rules and not queue_chains_present(gw.workers):
-        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
-                        + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
-                           f"{gw.workers}` prints them)" if gw.workers > 1 else "")
-                        + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
-                        "or /etc/ftpalg/rules/ first")
-    rules = StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers) if gw.install_rules else None
-    installed = False
-    counters: Counter[str] = Counter()
-    stops: list[Callable[[], None]] = []  # of the status and metrics threads, and the workers
-    alg = None
-    try:
-        with contextlib.ExitStack() as stack:
-            if gw.workers > 1:
-                from .linux.workers import WorkerSet
-
-                workers = WorkerSet(cfg)
-                snapshot: Callable[[], dict[str, Any]] = workers.snapshot
-                view: Callable[[], tuple[Any, Any, dict[str, int]]] = workers.metrics_view
-                alg = None
-            else:
-                alg, latency, verdicts = stack.enter_context(engine(cfg))
-                snapshot = lambda: alg.snapshot(time.monotonic())  # noqa: E731
-                view = lambda: (alg, latency, verdicts)  # noqa: E731
-            if cfg.status.socket:
-                st = StatusServer(cfg.status.socket, snapshot)
-                st.start()
-                stops.append(st.stop)
-            if cfg.metrics.listen:
-                stops.append(metrics.serve(cfg.metrics.listen, view).shutdown)
-            if rules is not None:
-                backend = rules.install()  # a partial install is undone by remove() below all the same
-                installed = True
-                log.info("rules installed: queue via %s, control ports %s, queue %s",
-                         backend, ",".join(map(str, sorted(ports))),
-                         gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
-            if alg is not None:
-                QueueHandler(alg, gw.queue_num, latency, verdicts).run()
-            else:
-                stops.insert(0, lambda: counters.update(workers.counters()))
-                stops.insert(0, workers.stop)
-                workers.start()
-                _supervise(workers)
-    except KeyboardInterrupt:
-        log.info("interrupted")
-    except (RuleError, OSError) as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        for stop in stops:
-            stop()
-        if alg is not None:
-            counters.update(alg.counters)
-        if rules is not None:
-            rules.remove()
-            if installed:
-                log.info("rules removed")
-        stats = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
-        log.info("counters: %s", stats or "none")
-    return 0
-
-
-def _supervise(workers: Any) -> None:
-    """The parent's loop while the workers serve: until SIGINT/SIGTERM."""
-    from .linux.nfqueue import stop_signals
-
-    with stop_signals() as (wake, stopped):
-        workers.supervise(stopped, wake)
-        if stopped:
-            log.info("stopping on %s", stopped[0])
+    return run(cfg)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -214,7 +83,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lab_faults(lab: Any, args: argparse.Namespace) -> int:
+def _lab_faults(lab: Lab, args: argparse.Namespace) -> int:
     """Loss, duplication and reordering on both links of the lab's gateway (in the client's
     and the servers' namespace, both ways) until Ctrl-C or SIGTERM."""
     from .lab.faults import Faults

@@ -31,7 +31,7 @@ from typing import Any
 from .core.policy import DEFAULT_LIMITS, Limits
 
 DEFAULT_PATH = Path("/etc/ftpalg/ftpalg.toml")
-DEFAULT_QUEUE = 2121  # as ftpalg.linux.rules.DEFAULT_QUEUE (a test keeps them equal)
+DEFAULT_QUEUE = 2121  # the NFQUEUE number (workers: this and the next ones)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_BACKENDS = ("auto", "nft", "iptables")
 MAX_PINHOLE_TIMEOUT = 86400.0
@@ -135,7 +135,7 @@ class Config:
         return frozenset(self.gateway.control_ports)
 
     def alg_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``core.table.Alg`` besides its two back ends."""
+        """Keyword arguments of ``core.alg.Alg`` besides its kernel port."""
         return {"control_ports": self.control_ports, "pinhole_timeout": self.gateway.pinhole_timeout,
                 "limits": self.limits()}
 

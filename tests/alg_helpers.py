@@ -98,8 +98,8 @@ class Driven(Alg):
     """The core as a caller drives it: after each call, what it decided is drained into
     an ``Accounting`` (the counters tests read) and kept in ``seen``."""
 
-    def __init__(self, kernel: OfflineKernel, *args, on_transfer=None, **kw) -> None:
-        super().__init__(kernel, *args, audit=on_transfer is not None, **kw)
+    def __init__(self, kernel: OfflineKernel, *args, on_transfer=None, audit=None, **kw) -> None:
+        super().__init__(kernel, *args, audit=on_transfer is not None if audit is None else audit, **kw)
         self.accounting = Accounting(self.counters, on_transfer)
         self.seen: list[Event] = []
 

@@ -15,7 +15,8 @@ from hypothesis import settings
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-STALE = re.compile(r"^(f[abl]\d+)-(c|gw|s|gw2|i)$")  # labs made by tests and bench/, named after their pid
+# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces), named after their pid
+STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$")
 
 
 def pytest_sessionstart(session):

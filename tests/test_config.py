@@ -13,9 +13,9 @@ import pytest
 from alg_helpers import Driven, FakeKernel
 from ftpalg import cli, config
 from ftpalg.config import Config, ConfigError, OptionText, from_toml
-from ftpalg.core.alg import Alg  # noqa: F401
 from ftpalg.core.policy import DEFAULT_LIMITS, Limits
-from ftpalg.linux.rules import DEFAULT_QUEUE, iptables_queue_rules, nft_rules
+from ftpalg.linux.rules import RuleError, iptables_queue_rules, nft_rules
+from ftpalg.linux.serve import serve
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "ftpalg.toml"
 
@@ -42,11 +42,10 @@ def file_error(tmp_path, text: str) -> ConfigError:
 # ---- defaults, and the deploy file ----------------------------------------------------------
 def test_defaults_are_todays_cli_defaults():
     c = Config()
-    assert c.gateway == config.Gateway((21,), DEFAULT_QUEUE, "auto", True, 120.0)
+    assert c.gateway == config.Gateway((21,), 2121, "auto", True, 120.0)
     assert c.limits() == DEFAULT_LIMITS == Limits()
     assert (c.log.level, c.audit.enabled, c.audit.file) == ("info", False, "")
     assert (c.metrics.listen, c.status.socket) == ("127.0.0.1:9121", "@ftpalg-status")
-    assert config.DEFAULT_QUEUE == DEFAULT_QUEUE
 
 
 def test_deploy_file_is_the_defaults_with_every_key():
@@ -404,7 +403,7 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
     assert cli.main(["rules", "nft", "--control-port", "99999"]) == 2
 
 
-# ---- what _serve is given -----------------------------------------------------------------------
+# ---- what serve is given ------------------------------------------------------------------------
 def test_alg_arguments():
     c = parse("run", "--control-port", "21", "--control-port", "2121", "--pinhole-timeout", "30",
               "--min-port", "1", "--max-pinholes-per-client", "5")
@@ -418,7 +417,7 @@ def test_alg_arguments():
 
 
 class Recorder:
-    """Stands in for the Linux classes _serve builds; records how it was called."""
+    """Stands in for the Linux classes serve and engine build; records how it was called."""
 
     calls: dict[str, tuple] = {}
 
@@ -440,26 +439,20 @@ class Recorder:
 
 
 def fake_linux(monkeypatch, queue_chains=True):
-    import ftpalg.core.table
-    import ftpalg.linux.conntrack
-    import ftpalg.linux.ctnetlink
-    import ftpalg.linux.nfqueue
-    import ftpalg.linux.rules
+    from ftpalg.linux import engine, serve
 
     Recorder.calls = {}
-    real_alg = ftpalg.core.table.Alg
 
-    def alg(nat, holes, **kw):
+    def alg(kernel, **kw):
         Recorder.calls["Alg"] = ((), kw)
-        return real_alg(FakeKernel(), **kw)
+        return Driven(FakeKernel(), **kw)
 
-    monkeypatch.setattr(ftpalg.core.table, "Alg", alg)
-    monkeypatch.setattr(ftpalg.linux.ctnetlink, "CtNetlink", Recorder("CtNetlink"))
-    monkeypatch.setattr(ftpalg.linux.conntrack, "Conntrack", Recorder("Conntrack"))
-    monkeypatch.setattr(ftpalg.linux.conntrack, "ExpectationPinholes", Recorder("ExpectationPinholes"))
-    monkeypatch.setattr(ftpalg.linux.nfqueue, "QueueHandler", Recorder("QueueHandler"))
-    monkeypatch.setattr(ftpalg.linux.rules, "StaticRules", Recorder("StaticRules"))
-    monkeypatch.setattr(ftpalg.linux.rules, "queue_chains_present", lambda workers=1: queue_chains)
+    monkeypatch.setattr(engine, "Alg", alg)
+    for name in ("CtNetlink", "LinuxKernel"):
+        monkeypatch.setattr(engine, name, Recorder(name))
+    monkeypatch.setattr(serve, "QueueHandler", Recorder("QueueHandler"))
+    monkeypatch.setattr(serve, "StaticRules", Recorder("StaticRules"))
+    monkeypatch.setattr(serve, "queue_chains_present", lambda workers=1: queue_chains)
 
 
 def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
@@ -469,29 +462,31 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
                  "pinhole_timeout = 30\n[policy]\nmax_flows = 10\n")
     # no status socket, no metrics endpoint: this test runs in the host's namespace
     c = parse("run", "--config", str(f), "--min-port", "1", "--status-socket", "", "--metrics-listen", "")
-    assert cli._serve(c) == 0  # the fake queue "runs" until an interrupt
+    assert serve(c) == 0  # the fake queue "runs" until an interrupt
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
-                               "limits": Limits(min_port=1, max_flows=10), "on_transfer": None}
+                               "limits": Limits(min_port=1, max_flows=10), "audit": False}
     assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1)
-    assert calls["ExpectationPinholes"][0][1] == 30.0
+    assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 
 
 def test_serve_without_rules(monkeypatch):
     fake_linux(monkeypatch)
-    assert cli._serve(parse("run", "--no-rules", "--status-socket", "", "--metrics-listen", "")) == 0
+    assert serve(parse("run", "--no-rules", "--status-socket", "", "--metrics-listen", "")) == 0
     assert "StaticRules" not in Recorder.calls and "QueueHandler" in Recorder.calls
     fake_linux(monkeypatch, queue_chains=False)
-    with pytest.raises(cli.RuleError, match=r"install_rules = false \(--no-rules\)"):
-        cli._serve(from_toml("[gateway]\ninstall_rules = false\n"))
+    with pytest.raises(RuleError, match=r"install_rules = false \(--no-rules\)"):
+        serve(from_toml("[gateway]\ninstall_rules = false\n"))
 
 
 def test_run_logs_which_file_and_options_were_used(tmp_path, monkeypatch, caplog):
     served = []
-    monkeypatch.setattr(cli, "_serve", lambda c: served.append(c) or 0)
+    import ftpalg.linux.serve
+
+    monkeypatch.setattr(ftpalg.linux.serve, "serve", lambda c: served.append(c) or 0)
     monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(cli, "single_instance", lambda: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(ftpalg.linux.serve, "single_instance", lambda: __import__("contextlib").nullcontext())
     f = tmp_path / "f.toml"
     f.write_text("[policy]\nmax_flows = 10\n")
     with caplog.at_level(logging.INFO, logger="ftpalg"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -10,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from alg_helpers import Conn, Driven, FakeKernel
 from ftpalg.core.alg import Alg
 from ftpalg.linux import metrics
+from ftpalg.linux.engine import Engine
 from ftpalg.linux.status import StatusServer, fetch, render
 
 
@@ -76,7 +78,7 @@ def test_metrics_collector_reads_the_core():
     for ns in (5_000, 40_000, 2_000_000_000):
         latency.observe(ns)
     reg = CollectorRegistry()
-    reg.register(metrics.AlgCollector(lambda: (alg, latency, {"accepted": 7, "rewritten": 1})))
+    reg.register(metrics.AlgCollector(Engine(alg, alg.accounting, latency, Counter(accepted=7, rewritten=1)).metrics_view))
     text = generate_latest(reg).decode()
     for line in ('ftpalg_rewrites_total{form="PORT"} 1.0', "ftpalg_pinholes_open 1.0",
                  'ftpalg_packets_total{verdict="rewritten"} 1.0', 'ftpalg_packet_seconds_bucket{le="1e-05"} 1.0',
@@ -100,10 +102,10 @@ def test_workers_states_are_summed_for_status_and_metrics(monkeypatch):
     lat1.observe(5_000)
     lat2.observe(40_000)
     lat2.observe(40_000)
-    states = [w.state(one, lat1, {"accepted": 3}), w.state(two, lat2, {"accepted": 4, "rewritten": 1})]
+    states = [w.state(Engine(one, one.accounting, lat1, Counter(accepted=3))),
+              w.state(Engine(two, two.accounting, lat2, Counter(accepted=4, rewritten=1)))]
     ws = w.WorkerSet(Config(gateway=Gateway(workers=3)))
-    for i, worker in enumerate(ws.workers):
-        worker.proc = type("P", (), {"pid": 100 + i})()
+    ws.workers = [w._Worker(i, type("P", (), {"pid": 100 + i})(), None) for i in range(3)]
     monkeypatch.setattr(ws, "states", lambda: [states[0], None, states[1]])
     doc = ws.snapshot()
     assert [x["answered"] for x in doc["workers"]] == [True, False, True]
@@ -120,3 +122,5 @@ def test_workers_states_are_summed_for_status_and_metrics(monkeypatch):
                  'ftpalg_packet_seconds_bucket{le="1e-05"} 1.0', 'ftpalg_packet_seconds_bucket{le="+Inf"} 3.0',
                  'ftpalg_rewrites_total{form="PORT"} 2.0', "ftpalg_control_connections 2.0"):
         assert line in scrape, line
+    monkeypatch.setattr(ws, "states", lambda: [None, None, None])
+    assert "ftpalg_pinholes_open 0.0" in generate_latest(reg).decode()  # nobody answered: zeros, not an error

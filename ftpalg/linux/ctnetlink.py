@@ -30,9 +30,8 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..core.addr import FlowKey
 from ..core.seqadj import KernelAdj
-
-FlowKey = tuple[bytes, int, bytes, int]
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_CTNETLINK_EXP = 1, 2

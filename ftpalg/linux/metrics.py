@@ -3,18 +3,23 @@
 Nothing is updated per packet for this module except the per-packet latency histogram,
 which the queue loop fills (a few integer additions); everything else is read from the
 core's counters when Prometheus scrapes (a custom collector), so an idle scraper costs
-nothing and a busy one never blocks a packet for longer than a dict copy.
+nothing and a busy one never blocks a packet for longer than a dict copy. What a scrape
+reads is a ``MetricsView``: one process's (``Engine.metrics_view``), or the workers' summed
+by their parent (``MetricsView.total``).
 """
 
 from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("ftpalg")
@@ -46,30 +51,66 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, ns)] += 1  # the first bucket whose bound is >= ns
 
 
-View = Callable[[], tuple[Any, Any, dict[str, int]]]
+_NO_LATENCY = (0,) * (len(BUCKETS) + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsView:
+    """What a scrape shows, read off the core and its queue loop between packets: the core's
+    counters, packets by verdict, control connections tracked, pinholes open, bytes held,
+    and the latency histogram (per-bucket counts as ``LatencyHistogram`` keeps them)."""
+
+    counters: Mapping[str, int] = field(default_factory=dict)
+    verdicts: Mapping[str, int] = field(default_factory=dict)
+    tracked: int = 0
+    pinholes_open: int = 0
+    held_bytes: int = 0
+    latency_counts: tuple[int, ...] = _NO_LATENCY
+    latency_total: int = 0
+    latency_sum_ns: int = 0
+
+    @staticmethod
+    def total(views: Iterable[MetricsView]) -> MetricsView:
+        """The sum of several (workers'): counters and gauges added, latency bucket by bucket."""
+        counters: Counter[str] = Counter()
+        verdicts: Counter[str] = Counter()
+        tracked = pinholes = held = total = sum_ns = 0
+        counts = list(_NO_LATENCY)
+        for v in views:
+            counters.update(v.counters)
+            verdicts.update(v.verdicts)
+            tracked += v.tracked
+            pinholes += v.pinholes_open
+            held += v.held_bytes
+            counts = [a + b for a, b in zip(counts, v.latency_counts, strict=True)]
+            total += v.latency_total
+            sum_ns += v.latency_sum_ns
+        return MetricsView(dict(counters), dict(verdicts), tracked, pinholes, held, tuple(counts), total, sum_ns)
+
+
+View = Callable[[], MetricsView]
 
 
 class AlgCollector(Collector):
-    """``view()`` gives (the core, or its workers' sum: counters, tracked, promised,
-    held_bytes; the latency histogram; verdict counts) at each scrape."""
+    """``view()`` gives what to export at each scrape."""
 
     def __init__(self, view: View) -> None:
         self.view = view
 
-    def collect(self) -> Iterator[Any]:
-        alg, latency, verdicts = self.view()
-        c = dict(alg.counters)
+    def collect(self) -> Iterator[Metric]:
+        v = self.view()
+        c = v.counters
         for name, doc, value in (
-                ("ftpalg_control_connections", "Control connections tracked now", alg.tracked),
-                ("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now", len(alg.promised)),
-                ("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)", alg.held_bytes)):
+                ("ftpalg_control_connections", "Control connections tracked now", v.tracked),
+                ("ftpalg_pinholes_open", "Pinholes (kernel expectations) open now", v.pinholes_open),
+                ("ftpalg_held_bytes", "Bytes of segments held back (split lines, reordering)", v.held_bytes)):
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("ftpalg_control_connections", "Control connections tracked since start",
                                   value=c.get("flows", 0))
         m = CounterMetricFamily("ftpalg_rewrites", "Address-carrying lines rewritten, by form", labels=["form"])
-        for k, v in sorted(c.items()):
+        for k, n in sorted(c.items()):
             if k.startswith("rewritten_") and not k.startswith("rewritten_packets"):
-                m.add_metric([k.removeprefix("rewritten_")], v)
+                m.add_metric([k.removeprefix("rewritten_")], n)
         yield m
         m = CounterMetricFamily("ftpalg_pinholes", "Pinholes by what happened to them", labels=["event"])
         for event, key in (("opened", "pinholes_opened"), ("used", "pinholes_used"),
@@ -77,7 +118,7 @@ class AlgCollector(Collector):
             m.add_metric([event], c.get(key, 0))
         yield m
         m = CounterMetricFamily("ftpalg_packets", "Queued packets by verdict", labels=["verdict"])
-        for verdict, n in sorted(verdicts.items()):
+        for verdict, n in sorted(v.verdicts.items()):
             m.add_metric([verdict], n)
         yield m
         m = CounterMetricFamily("ftpalg_refusals", "Packets or lines not acted on, by reason", labels=["reason"])
@@ -87,17 +128,16 @@ class AlgCollector(Collector):
         yield CounterMetricFamily("ftpalg_faults", "Unexpected exceptions while handling a packet (packet accepted)",
                                   value=c.get("faults", 0))
         m = CounterMetricFamily("ftpalg_events", "Every counter of the core, by name", labels=["event"])
-        for k, v in sorted(c.items()):
-            m.add_metric([k], v)
+        for k, n in sorted(c.items()):
+            m.add_metric([k], n)
         yield m
-        h = latency
         buckets, acc = [], 0
-        for bound, n in zip(BUCKETS, h.counts, strict=False):
+        for bound, n in zip(BUCKETS, v.latency_counts, strict=False):
             acc += n
             buckets.append((repr(bound), acc))
-        buckets.append(("+Inf", h.total))
+        buckets.append(("+Inf", v.latency_total))
         hist = HistogramMetricFamily("ftpalg_packet_seconds", "Time to handle one queued packet")
-        hist.add_metric([], buckets, h.sum_ns / 1e9)
+        hist.add_metric([], buckets, v.latency_sum_ns / 1e9)
         yield hist
 
 
@@ -109,7 +149,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(listen: str, view: View) -> Any:
+def serve(listen: str, view: View) -> WSGIServer:
     """Start the endpoint; return its server (``shutdown()`` on exit)."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry()

@@ -18,7 +18,7 @@
   bound, packets pass unchanged (fail-open; the kernel keeps applying corrections).
 
 No rule of ftpalg's sits in the admin's filter or nat chains: data connections are RELATED
-(expectations, see conntrack.py), so the admin's ``established,related accept`` admits them.
+(expectations, see kernel.py), so the admin's ``established,related accept`` admits them.
 
 Removal leaves the ruleset as found: our table, our chain and its jump, and the tables
 iptables-nft created on demand for them (remembered in our table's comment, so a restart
@@ -40,7 +40,6 @@ CHAIN_WORKERS = "FTPALG-WORKERS"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
-DEFAULT_QUEUE = 2121
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)

@@ -23,6 +23,7 @@ from typing import Any
 
 log = logging.getLogger("ftpalg")
 
+Document = dict[str, Any]  # what ``ftpalg status`` reads: JSON (the core's snapshot, or the workers' merged)
 DEFAULT_SOCKET = "@ftpalg-status"
 TIMEOUT = 5.0
 
@@ -35,7 +36,7 @@ def sockaddr(name: str) -> str | bytes:
 class StatusServer:
     """Answers each connection with ``snapshot()`` as JSON, then closes it."""
 
-    def __init__(self, name: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, name: str, snapshot: Callable[[], Document]) -> None:
         self.name = name
         self.snapshot = snapshot
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,7 +87,7 @@ class StatusServer:
         self._thread.join(timeout=2)
 
 
-def fetch(name: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> dict[str, Any]:
+def fetch(name: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> Document:
     """Ask a running ftpalg (in this network namespace) for its status."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -97,13 +98,13 @@ def fetch(name: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> dict[str, Any
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    doc: dict[str, Any] = json.loads(b"".join(chunks))
+    doc: Document = json.loads(b"".join(chunks))
     if "error" in doc:
         raise OSError(str(doc["error"]))
     return doc
 
 
-def render(doc: dict[str, Any]) -> str:
+def render(doc: Document) -> str:
     """The human view: connections, pinholes, a few counters."""
     lines = [f"ftpalg pid {doc.get('pid')}: {doc['tracked']} control connections tracked, "
              f"{len(doc['pinholes'])} pinholes open, {doc['held_bytes']} bytes held",
@@ -146,7 +147,7 @@ def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in (head, *rows)]
 
 
-def wait_for(name: str, timeout: float = 10.0) -> dict[str, Any]:
+def wait_for(name: str, timeout: float = 10.0) -> Document:
     """Poll until a status answer comes (tests, scripts)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -25,17 +25,20 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
-import signal
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
-from typing import Any
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 
 from ..config import Config
-from .metrics import BUCKETS
+from ..core.policy import Limits
+from .engine import Engine, engine
+from .metrics import MetricsView
+from .status import Document
 
 log = logging.getLogger("ftpalg")
 
@@ -46,7 +49,7 @@ RESTARTS = 5  # worker deaths tolerated within RESTART_WINDOW seconds
 RESTART_WINDOW = 60.0
 
 
-def worker_limits(cfg: Config, workers: int) -> Any:
+def worker_limits(cfg: Config, workers: int) -> Limits:
     """One worker's share of the caps (each at least 1)."""
     lim = cfg.limits()
     return dataclasses.replace(lim, max_flows=max(1, lim.max_flows // workers),
@@ -54,51 +57,55 @@ def worker_limits(cfg: Config, workers: int) -> Any:
                                max_held_bytes=max(1, lim.max_held_bytes // workers))
 
 
-def worker_main(cfg: Config, index: int, conn: Any) -> None:
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A worker's answer to the parent's request: its ``ftpalg status`` document and its
+    metrics (the parent merges the one and sums the other over the workers)."""
+
+    status: Document
+    metrics: MetricsView
+
+
+def state(eng: Engine) -> WorkerState:
+    return WorkerState(eng.snapshot(), eng.metrics_view())
+
+
+def worker_main(cfg: Config, index: int, conn: Connection) -> None:
     """A worker: the same engine as a single-process run, on queue ``queue_num + index``;
     answers the parent's requests on ``conn`` between packets."""
     logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s ftpalg %(levelname)s w{index} %(message)s")
-    from ..cli import engine
     from .nfqueue import QueueHandler
 
     workers = cfg.gateway.workers
     queue = cfg.gateway.queue_num + index
     try:
-        with engine(cfg, worker_limits(cfg, workers)) as (alg, latency, verdicts):
+        with engine(cfg, worker_limits(cfg, workers)) as eng:
             def answer() -> bool:
                 try:
                     req = conn.recv()
                     if req == "state":
-                        conn.send(state(alg, latency, verdicts))
+                        conn.send(state(eng))
                 except (EOFError, OSError):
                     log.info("parent gone: stopping")
                     return False
                 return True
 
-            handler = QueueHandler(alg, queue, latency, verdicts)
+            handler = QueueHandler(eng.alg, queue, eng.latency, eng.verdicts, eng.accounting)
             handler.run(ready=lambda: conn.send(("ready", queue)), extra=[(conn, answer)],
                         bound_message=f"worker {index} bound to queue {queue}")
     except OSError as e:  # the queue or netlink socket: said once, the parent reports the exit
         log.error("worker %d (queue %d): %s", index, queue, e)
         sys.exit(1)
     with contextlib.suppress(OSError):
-        conn.send(("final", dict(alg.counters)))
+        conn.send(("final", dict(eng.alg.counters)))
 
 
-def state(alg: Any, latency: Any, verdicts: dict[str, int]) -> dict[str, Any]:
-    """What the parent merges for ``ftpalg status`` and the metrics."""
-    snap = alg.snapshot(time.monotonic())
-    snap["latency"] = (list(latency.counts), latency.total, latency.sum_ns)
-    snap["verdicts"] = dict(verdicts)
-    return snap
-
-
+@dataclass
 class _Worker:
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.proc: Any = None
-        self.conn: Any = None
-        self.final: dict[str, int] = {}
+    index: int
+    proc: SpawnProcess
+    conn: Connection  # the parent's end of the pipe
+    final: dict[str, int] = dataclasses.field(default_factory=dict)  # its counters when it stopped
 
 
 class WorkerSet:
@@ -108,27 +115,27 @@ class WorkerSet:
         self.cfg = cfg
         self.count = cfg.gateway.workers
         self.ctx = multiprocessing.get_context("spawn")
-        self.workers = [_Worker(i) for i in range(self.count)]
+        self.workers: list[_Worker] = []  # by index, once started
         self.lock = threading.Lock()  # one request at a time on the pipes (status and metrics threads)
         self.deaths: list[float] = []
 
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
-        for w in self.workers:
-            self._spawn(w)
+        for i in range(self.count):
+            self.workers.append(self._spawn(i))
         for w in self.workers:
             self._wait_ready(w)
         q = self.cfg.gateway.queue_num
         log.info("bound to NFQUEUE %d-%d (%d workers, pids %s)", q, q + self.count - 1, self.count,
                  ",".join(str(w.proc.pid) for w in self.workers))
 
-    def _spawn(self, w: _Worker) -> None:
+    def _spawn(self, index: int) -> _Worker:
         parent, child = self.ctx.Pipe()
-        w.conn = parent
-        w.proc = self.ctx.Process(target=worker_main, args=(self.cfg, w.index, child), name=f"ftpalg-w{w.index}",
-                                  daemon=False)
-        w.proc.start()
+        proc = self.ctx.Process(target=worker_main, args=(self.cfg, index, child), name=f"ftpalg-w{index}",
+                                daemon=False)
+        proc.start()
         child.close()
+        return _Worker(index, proc, parent)
 
     def _wait_ready(self, w: _Worker) -> None:
         if not w.conn.poll(START_TIMEOUT):
@@ -143,14 +150,14 @@ class WorkerSet:
         if msg[0] != "ready":
             raise OSError(f"worker {w.index}: unexpected message {msg[0]!r}")
 
-    def supervise(self, stopped: list[str], wake: Any) -> None:
+    def supervise(self, stopped: list[str], wake: socket.socket) -> None:
         """Until ``stopped`` fills (its signal handler also makes ``wake`` readable): restart
         workers that die, or raise OSError when they keep dying."""
         while not stopped:
             sentinels = {w.proc.sentinel: w for w in self.workers}
             ready = multiprocessing.connection.wait([*sentinels, wake], timeout=1.0)
             for s in ready:
-                w = sentinels.get(s)
+                w = sentinels.get(s) if isinstance(s, int) else None
                 if w is None or stopped:
                     continue
                 w.proc.join()
@@ -164,22 +171,19 @@ class WorkerSet:
                           self.cfg.gateway.queue_num + w.index)
                 with self.lock:
                     w.conn.close()
-                    self._spawn(w)
-                    self._wait_ready(w)
+                    self.workers[w.index] = self._spawn(w.index)
+                    self._wait_ready(self.workers[w.index])
 
     def stop(self) -> None:
         """SIGTERM to every worker (each releases what it holds and deletes its pinholes),
         then wait; kill what does not stop. Keeps their final counters."""
         with self.lock:
             for w in self.workers:
-                if w.proc is not None and w.proc.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(w.proc.pid, signal.SIGTERM)
+                if w.proc.is_alive():
+                    w.proc.terminate()
             deadline = time.monotonic() + STOP_TIMEOUT
             for w in self.workers:
-                if w.proc is None:
-                    continue
-                while w.conn is not None and not w.conn.closed:
+                while not w.conn.closed:
                     left = deadline - time.monotonic()
                     if left <= 0 or not w.conn.poll(left):
                         break
@@ -205,9 +209,9 @@ class WorkerSet:
         return total
 
     # ---- status and metrics ------------------------------------------------------------------
-    def states(self) -> list[dict[str, Any] | None]:
+    def states(self) -> list[WorkerState | None]:
         """Each worker's state (None: it did not answer in time)."""
-        out: list[dict[str, Any] | None] = [None] * len(self.workers)
+        out: list[WorkerState | None] = [None] * len(self.workers)
         with self.lock:
             asked = []
             for i, w in enumerate(self.workers):  # all at once: they answer in parallel
@@ -219,18 +223,19 @@ class WorkerSet:
                 try:
                     while w.conn.poll(ASK_TIMEOUT):
                         msg = w.conn.recv()
-                        if isinstance(msg, dict):
+                        if isinstance(msg, WorkerState):
                             out[i] = msg
                             break
                 except (EOFError, OSError):
                     pass
         return out
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Document:
         """``ftpalg status``'s document, merged over the workers."""
-        merged: dict[str, Any] = {"flows": [], "pinholes": [], "counters": Counter(), "tracked": 0, "held_bytes": 0,
+        merged: Document = {"flows": [], "pinholes": [], "counters": Counter(), "tracked": 0, "held_bytes": 0,
                                   "workers": []}
-        for w, st in zip(self.workers, self.states(), strict=True):
+        for w, state in zip(self.workers, self.states(), strict=True):
+            st = None if state is None else state.status
             c = st["counters"] if st is not None else {}
             merged["workers"].append({"index": w.index, "pid": w.proc.pid, "answered": st is not None,
                                       "queue": self.cfg.gateway.queue_num + w.index,
@@ -245,26 +250,6 @@ class WorkerSet:
         merged["counters"] = dict(merged["counters"])
         return merged
 
-    def metrics_view(self) -> tuple[Any, Any, dict[str, int]]:
-        """(alg-like, latency-like, verdicts) summed over the workers, for metrics.AlgCollector."""
-        counters: Counter[str] = Counter()
-        verdicts: Counter[str] = Counter()
-        tracked = held = pinholes = 0
-        counts: list[int] = []
-        total = sum_ns = 0
-        for st in self.states():
-            if st is None:
-                continue
-            counters.update(st["counters"])
-            verdicts.update(st["verdicts"])
-            tracked += st["tracked"]
-            held += st["held_bytes"]
-            pinholes += len(st["pinholes"])
-            c, t, s = st["latency"]
-            counts = [a + b for a, b in zip(counts, c, strict=True)] if counts else list(c)
-            total += t
-            sum_ns += s
-        alg = SimpleNamespace(counters=counters, tracked=tracked, held_bytes=held, promised=range(pinholes))
-        lat = SimpleNamespace(counts=counts or [0] * (len(BUCKETS) + 1), total=total, sum_ns=sum_ns)
-        return alg, lat, dict(verdicts)
-
+    def metrics_view(self) -> MetricsView:
+        """The workers' metrics, summed (those that did not answer count nothing)."""
+        return MetricsView.total(st.metrics for st in self.states() if st is not None)

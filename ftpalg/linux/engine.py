@@ -1,0 +1,64 @@
+"""The core and its kernel back ends for one queue: the whole run (one process), or one
+worker. ``engine(cfg)`` builds them, yields an ``Engine`` and takes them down."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..config import Config
+from ..core.accounting import Accounting
+from ..core.alg import Alg
+from ..core.policy import Limits
+from . import audit
+from .ctnetlink import CtNetlink
+from .kernel import LinuxKernel
+from .metrics import LatencyHistogram, MetricsView
+from .status import Document
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """The core, the reader of its events (counters, log lines, audit records), and what its
+    queue loop fills for the metrics: each packet's handling time and the count of packets by
+    verdict."""
+
+    alg: Alg
+    accounting: Accounting
+    latency: LatencyHistogram
+    verdicts: Counter[str]
+
+    def snapshot(self) -> Document:
+        """``ftpalg status``'s document."""
+        return self.alg.snapshot(time.monotonic())
+
+    def metrics_view(self) -> MetricsView:
+        alg, h = self.alg, self.latency
+        return MetricsView(dict(alg.counters), dict(self.verdicts), alg.tracked, len(alg.book), alg.held_bytes,
+                           tuple(h.counts), h.total, h.sum_ns)
+
+
+@contextlib.contextmanager
+def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
+    """The engine of ``cfg`` (``limits``: a worker's share of the caps). On exit the pinholes
+    still open are deleted (corrections stay with the kernel) and the sockets and audit file
+    closed."""
+    nl = CtNetlink()
+    kernel = LinuxKernel(nl, cfg.gateway.pinhole_timeout)
+    on_transfer, audit_sink = audit.sink(cfg.audit.enabled, cfg.audit.file)
+    kwargs = cfg.alg_kwargs()
+    if limits is not None:
+        kwargs["limits"] = limits
+    alg = Alg(kernel, audit=on_transfer is not None, **kwargs)
+    accounting = Accounting(alg.counters, on_transfer)
+    try:
+        yield Engine(alg, accounting, LatencyHistogram(), Counter())
+    finally:
+        alg.shutdown()
+        accounting.consume(alg.drain())  # the pinholes closed at the end, counted and logged
+        if audit_sink is not None:
+            audit_sink.close()
+        nl.close()

@@ -1,0 +1,94 @@
+"""The core's kernel port on Linux: ``LinuxKernel``, over one ctnetlink socket kept open.
+
+- ``mapping(key)``: the connection's reply tuple (its NAT mapping) and whether the kernel
+  holds a sequence correction for it, in one look-up.
+- ``seq_adjust(...)``: add a length change to the kernel's sequence adjustment of one
+  direction (read first unless the caller knows the kernel's state).
+- ``expect(ph)`` / ``withdraw(ph, used)``: pinholes as conntrack expectations.
+
+Pinholes are expectations with the NAT of ``nat-follow-master``: the data connection is
+RELATED to its control connection (so any firewall accepting related traffic admits it,
+iptables, native nftables or firewalld alike, with no rule of ftpalg's in the admin's
+chains), the kernel NATs it as it NATs the control connection (mirrored), lets one
+connection match it, forgets it after its timeout, and removes it with the control
+connection. The kernel requires a helper on the control connection for this; ftpalg's nft
+table attaches the built-in ``sane`` helper (see rules.py)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from ..core.addr import FlowKey, packed
+from ..core.kernel import Pinhole, PinholeBusy
+from ..core.seqadj import KernelAdj
+from .ctnetlink import CtError, CtNetlink
+
+log = logging.getLogger("ftpalg")
+
+
+class LinuxKernel:
+    """Conntrack entries, sequence adjustment and expectations on ``nl`` (which the caller
+    closes). A pinhole's expectation is created before the line that announces it is let
+    through (pyftpdlib connects as soon as it reads PORT) and deleted when the core
+    withdraws it; removal is a plain netlink request (no nf_tables commit, no waiting).
+    ``pinhole_timeout``: how long the kernel keeps an expectation nobody withdraws."""
+
+    def __init__(self, nl: CtNetlink, pinhole_timeout: float) -> None:
+        self.nl = nl
+        self.timeout = pinhole_timeout
+        self.lookup_failures = 0
+        self.close_failures = 0
+        nl.on_late_error = self._late_error
+
+    # ---- connections --------------------------------------------------------------------
+    def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        """The reply tuple of the connection whose original tuple is ``key``, and whether the
+        kernel holds a sequence correction for it (read in the same look-up); None if
+        conntrack has no such connection, or the look-up failed (logged once)."""
+        try:
+            entry = self.nl.get(key)
+        except OSError as e:  # a broken socket or message: no mapping, said once
+            if not self.lookup_failures:
+                log.warning("conntrack look-up failed: %s", e)
+            self.lookup_failures += 1
+            return None
+        return None if entry is None else (entry.reply, entry.seqadj is not None)
+
+    def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
+        """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq``; return
+        the direction's new correction. ``known``: the kernel's correction as the caller
+        knows it (not read again); None: read it first. Raises NoSeqAdjust if the connection
+        cannot carry one, CtError if it is gone (``CtNetlink.seq_adjust``)."""
+        return self.nl.seq_adjust(key, direction, seq, delta, known)
+
+    # ---- pinholes -----------------------------------------------------------------------
+    def expect(self, ph: Pinhole) -> None:
+        """Create the pinhole's expectation; PinholeBusy if its tuple is taken."""
+        try:
+            self.nl.expect(ph.master, packed(ph.peer), packed(ph.public), ph.public_port, ph.inside_port,
+                           ph.active, int(self.timeout))
+        except CtError as e:
+            if e.errno in (errno.EBUSY, errno.EEXIST):
+                raise PinholeBusy(str(e)) from e
+            raise
+
+    def withdraw(self, ph: Pinhole, used: bool) -> None:
+        """Delete the pinhole's expectation. ``used``: its transfer is over, so the kernel has
+        most likely removed it when the data connection matched it: the delete's answer
+        (ENOENT) is not waited for, and a real failure is logged when it is read
+        (``_late_error``). Otherwise the answer is waited for; a failure is counted and
+        logged, not raised."""
+        peer, public = packed(ph.peer), packed(ph.public)
+        if used:
+            self.nl.unexpect_unacked(peer, public, ph.public_port, f"id={ph.id}")
+            return
+        try:
+            self.nl.unexpect(peer, public, ph.public_port)
+        except CtError as e:
+            self.close_failures += 1
+            log.warning("pinhole_close_failed id=%d: %s", ph.id, e)
+
+    def _late_error(self, what: str, e: CtError) -> None:
+        self.close_failures += 1
+        log.warning("pinhole_close_failed %s: %s", what, e)

@@ -1,0 +1,130 @@
+"""``ftpalg run`` on Linux: the rules, the status socket, the metrics endpoint, and either
+one engine on the queue (``gateway.workers = 1``) or the workers' parent (``workers.py``),
+until SIGINT/SIGTERM; then everything taken down in reverse."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from ..config import Config
+from . import metrics
+from .engine import engine
+from .metrics import MetricsView
+from .nfqueue import QueueHandler, stop_signals
+from .rules import RuleError, StaticRules, queue_chains_present
+from .status import Document, StatusServer
+from .workers import WorkerSet
+
+log = logging.getLogger("ftpalg")
+
+LOCK_NAME = b"\0ftpalg-run"  # an abstract unix socket name: one per network namespace
+
+
+class Served(Protocol):
+    """What the status socket and the metrics endpoint read: one engine, or the workers."""
+
+    def snapshot(self) -> Document: ...
+
+    def metrics_view(self) -> MetricsView: ...
+
+
+@contextlib.contextmanager
+def single_instance() -> Iterator[None]:
+    """One ``ftpalg run`` per network namespace: a second one would remove the first one's
+    rules when it exits. The lock is a socket bound to an abstract name, which lives in the
+    network namespace: no file to create (no root-owned directory needed), and the kernel
+    frees it when the process ends, however it ends."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(LOCK_NAME)
+        except OSError:
+            raise RuleError("another ftpalg run is active in this network namespace "
+                            "(it holds the abstract socket @ftpalg-run)") from None
+        yield
+    finally:
+        sock.close()
+
+
+def run(cfg: Config) -> int:
+    """``ftpalg run``: serve under the namespace's lock; 1 if set-up fails (said in the log)."""
+    try:
+        with single_instance():
+            return serve(cfg)
+    except (RuleError, OSError) as e:
+        log.error("%s", e)
+        return 1
+
+
+def serve(cfg: Config) -> int:
+    """Serve until SIGINT/SIGTERM; 0, or 1 if set-up failed (said in the log). Raises
+    RuleError if the rules are the admin's (``install_rules = false``) and missing."""
+    gw = cfg.gateway
+    ports = cfg.control_ports
+    if not gw.install_rules and not queue_chains_present(gw.workers):
+        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
+                        + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
+                           f"{gw.workers}` prints them)" if gw.workers > 1 else "")
+                        + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
+                        "or /etc/ftpalg/rules/ first")
+    rules = StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers) if gw.install_rules else None
+    installed = False
+    stops: list[Callable[[], None]] = []  # of the workers, and the status and metrics threads
+    final: Callable[[], Counter[str]] | None = None  # the counters to log at the end
+    loop: Callable[[], None]  # until SIGINT/SIGTERM
+    try:
+        with contextlib.ExitStack() as stack:
+            served: Served
+            if gw.workers > 1:
+                served = workers = WorkerSet(cfg)
+                stops.append(workers.stop)  # those started
+                final = workers.counters  # as each said when it stopped
+                loop = functools.partial(run_workers, workers)
+            else:
+                served = eng = stack.enter_context(engine(cfg))
+                final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
+                loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting).run
+            if cfg.status.socket:
+                st = StatusServer(cfg.status.socket, served.snapshot)
+                st.start()
+                stops.append(st.stop)
+            if cfg.metrics.listen:
+                stops.append(metrics.serve(cfg.metrics.listen, served.metrics_view).shutdown)
+            if rules is not None:
+                backend = rules.install()  # a partial install is undone by remove() below all the same
+                installed = True
+                log.info("rules installed: queue via %s, control ports %s, queue %s",
+                         backend, ",".join(map(str, sorted(ports))),
+                         gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
+            loop()
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    except (RuleError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        for stop in stops:
+            stop()
+        counters = final() if final is not None else Counter()
+        if rules is not None:
+            rules.remove()
+            if installed:
+                log.info("rules removed")
+        stats = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+        log.info("counters: %s", stats or "none")
+    return 0
+
+
+def run_workers(workers: WorkerSet) -> None:
+    """Start the workers; supervise them until SIGINT/SIGTERM."""
+    workers.start()
+    with stop_signals() as (wake, stopped):
+        workers.supervise(stopped, wake)
+        if stopped:
+            log.info("stopping on %s", stopped[0])

@@ -1,0 +1,190 @@
+"""``LinuxKernel``, the core's kernel port: against the model of the kernel's netlink side
+(no root), then against a real kernel in two network namespaces (a client, and a host
+with ftpalg's nft table and a listener on port 21: mapping, corrections, expectations)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_ctnetlink import KEY, REPLY, KernelSocket
+
+from ftpalg.core.kernel import Pinhole, PinholeBusy
+from ftpalg.core.seqadj import KernelAdj
+from ftpalg.linux import ctnetlink as ct
+from ftpalg.linux.kernel import LinuxKernel
+
+PH = Pinhole(id=1, peer="203.0.113.2", public="203.0.113.1", public_port=50000, inside="10.0.0.2",
+             inside_port=50000, expires=0.0, master=KEY, active=True, form="PORT")
+
+
+@pytest.fixture
+def kernel():
+    nl = ct.CtNetlink()
+    nl._sock.close()
+    nl._sock = KernelSocket()  # type: ignore[assignment]
+    return LinuxKernel(nl, 120.0)
+
+
+def test_mapping_and_corrections_read_and_known(kernel):
+    assert kernel.mapping(KEY) == (REPLY, False)
+    first = kernel.seq_adjust(KEY, 1, 1000, 5, None)  # read, update, check
+    assert first == KernelAdj(1000, 0, 5) and kernel.mapping(KEY) == (REPLY, True)
+    sock = kernel.nl._sock
+    sock.sends.clear()
+    assert kernel.seq_adjust(KEY, 1, 2000, 3, first) == KernelAdj(2000, 5, 8)
+    assert sock.sends == [[ct.NFNL_SUBSYS_CTNETLINK << 8]]  # known: the update alone
+
+
+def test_a_failed_look_up_is_no_mapping(kernel, caplog):
+    def broken(size):
+        raise OSError(errno.EIO, "broken")
+
+    kernel.nl._sock.recv = broken
+    assert kernel.mapping(KEY) is None and kernel.mapping(KEY) is None
+    assert kernel.lookup_failures == 2 and caplog.text.count("conntrack look-up failed") == 1
+
+
+def test_expect_busy_and_withdraw(kernel, caplog):
+    sock = kernel.nl._sock
+    handle = sock._handle
+    new_exp = ct.NFNL_SUBSYS_CTNETLINK_EXP << 8 | ct.IPCTNL_MSG_EXP_NEW
+    sock._handle = lambda mtype, body, seq: errno.EEXIST if mtype == new_exp else handle(mtype, body, seq)
+    with pytest.raises(PinholeBusy):
+        kernel.expect(PH)
+    sock._handle = handle
+    kernel.expect(PH)
+    kernel.withdraw(PH, used=False)  # gone (the model keeps none): ENOENT is no failure
+    kernel.withdraw(PH, used=True)  # not waited for; its ENOENT read later and ignored
+    assert kernel.mapping(KEY) is not None and kernel.close_failures == 0
+    sock._handle = lambda mtype, body, seq: (errno.EPERM if mtype & 0xFF == ct.IPCTNL_MSG_EXP_DELETE
+                                             else handle(mtype, body, seq))
+    kernel.withdraw(PH, used=False)  # counted and logged, not raised
+    kernel.withdraw(PH, used=True)  # counted when read
+    assert kernel.close_failures == 1
+    kernel.mapping(KEY)
+    assert kernel.close_failures == 2 and "pinhole_close_failed id=1" in caplog.text
+
+
+# ---- a real kernel --------------------------------------------------------------------------
+CLIENT, GW_C, GW_S, SERVER = "10.231.0.1", "10.231.0.2", "10.231.1.2", "10.231.1.1"
+HOLD = "import socket, sys\n{}\nprint(port, flush=True)\nsys.stdin.read()"
+LISTEN = HOLD.format("ls = socket.create_server((sys.argv[1], 21)); port = 21")
+CONNECT = HOLD.format("s = socket.create_connection((sys.argv[1], 21)); port = s.getsockname()[1]")
+IN_GATEWAY = textwrap.dedent("""
+    import json, socket, subprocess, sys
+    from ftpalg.core.kernel import Pinhole, PinholeBusy
+    from ftpalg.linux.ctnetlink import CtNetlink
+    from ftpalg.linux.kernel import LinuxKernel
+
+    client, cport, server, public = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    a = socket.inet_aton
+    key = (a(client), cport, a(server), 21)
+    nl = CtNetlink()
+    k = LinuxKernel(nl, 120.0)
+    (reply, corrected) = k.mapping(key)
+    out = {"none": k.mapping((a(client), cport + 1, a(server), 21)),
+           "mapping": [[socket.inet_ntoa(reply[0]), reply[1], socket.inet_ntoa(reply[2]), reply[3]], corrected]}
+    first = k.seq_adjust(key, 1, 1000, 5, None)
+    then = k.seq_adjust(key, 1, 2000, 3, first)
+    held = nl.get(key).seqadj[1]
+    out["adj"] = [[x.pos, x.before, x.after] for x in (first, then, held)]
+    out["corrected"] = k.mapping(key)[1]
+    ph = Pinhole(id=7, peer=server, public=public, public_port=50000, inside=client, inside_port=50000,
+                 expires=0.0, master=key, active=True, form="PORT")
+
+    def expectations():
+        r = subprocess.run(["conntrack", "-L", "expect"], capture_output=True, text=True)
+        return [line for line in r.stdout.splitlines() if "dport=50000" in line]
+
+    k.expect(ph)
+    out["expected"] = expectations()
+    try:
+        k.expect(ph)
+        out["busy"] = False
+    except PinholeBusy:
+        out["busy"] = True
+    k.withdraw(ph, used=False)
+    out["after_withdraw"] = expectations()
+    k.expect(ph)
+    k.withdraw(ph, used=True)
+    out["after_used"] = expectations()
+    k.withdraw(ph, used=True)  # gone: its ENOENT is read with the next answer, and ignored
+    k.withdraw(ph, used=False)
+    k.mapping(key)
+    out["close_failures"] = k.close_failures
+    print(json.dumps(out))
+""")
+
+
+# the kernel gives a connection with a helper its sequence-adjustment extension when NAT changes it
+MASQUERADE = """
+table ip nat {
+    chain post {
+        type nat hook postrouting priority srcnat;
+        oifname "gs" masquerade
+    }
+}
+"""
+
+
+@pytest.fixture
+def routed():
+    """Client -- gateway (ftpalg's nft table, masquerade) -- server, three namespaces named
+    after the pid."""
+    from ftpalg.linux.rules import nft_rules
+
+    c, g, s = (f"fk{os.getpid()}-{n}" for n in ("c", "gw", "s"))
+
+    def run(*argv, **kw):
+        return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+    try:
+        for ns in (c, g, s):
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        for ns, dev, addr, gw_dev, gw_addr in ((c, "c0", CLIENT, "gc", GW_C), (s, "s0", SERVER, "gs", GW_S)):
+            run("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", gw_dev, "netns", g)
+            run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            run("ip", "-n", g, "addr", "add", f"{gw_addr}/24", "dev", gw_dev)
+            run("ip", "-n", ns, "link", "set", dev, "up")
+            run("ip", "-n", g, "link", "set", gw_dev, "up")
+            run("ip", "-n", ns, "route", "add", "default", "via", gw_addr)
+        run("ip", "netns", "exec", g, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run("ip", "netns", "exec", g, "nft", "-f", "-", input=nft_rules([21]) + MASQUERADE)
+        yield c, g, s
+    finally:
+        for ns in (c, g, s):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.netns
+def test_linux_kernel_on_a_real_connection(routed):
+    c, g, s = routed
+    held = []
+    try:
+        for ns, script in ((s, LISTEN), (c, CONNECT)):
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script, SERVER],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            held.append(p)
+            cport = int(p.stdout.readline())
+        res = subprocess.run(["ip", "netns", "exec", g, sys.executable, "-c", IN_GATEWAY, CLIENT, str(cport), SERVER,
+                              GW_S],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        for p in held:
+            p.stdin.close()
+            p.wait(10)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["none"] is None
+    (reply, corrected) = out["mapping"]
+    assert reply[:3] == [SERVER, 21, GW_S] and not corrected  # masqueraded; no correction yet
+    assert out["adj"] == [[1000, 0, 5], [2000, 5, 8], [2000, 5, 8]] and out["corrected"]
+    assert len(out["expected"]) == 1 and out["busy"]
+    assert out["after_withdraw"] == [] and out["after_used"] == [] and out["close_failures"] == 0
