@@ -78,7 +78,8 @@ def test_metrics_collector_reads_the_core():
     for ns in (5_000, 40_000, 2_000_000_000):
         latency.observe(ns)
     reg = CollectorRegistry()
-    reg.register(metrics.AlgCollector(Engine(alg, alg.accounting, latency, Counter(accepted=7, rewritten=1)).metrics_view))
+    eng = Engine(alg, alg.accounting, latency, Counter(accepted=7, rewritten=1))
+    reg.register(metrics.AlgCollector(eng.metrics_view))
     text = generate_latest(reg).decode()
     for line in ('ftpalg_rewrites_total{form="PORT"} 1.0', "ftpalg_pinholes_open 1.0",
                  'ftpalg_packets_total{verdict="rewritten"} 1.0', 'ftpalg_packet_seconds_bucket{le="1e-05"} 1.0',
