@@ -1,5 +1,6 @@
 """Shared fixtures. Tests marked ``netns`` need root: they build namespace labs with real
-kernel NAT, real FTP servers and clients. They are skipped, loudly, without root."""
+kernel NAT, real FTP servers and clients. Without root they are skipped, loudly, or in CI
+they fail (``needs.need``); in CI no test may skip at all (``_no_skip_in_ci``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 
 import pytest
 from hypothesis import settings
+from needs import in_ci, need
 
 # Shared CI machines are slow and noisy: property tests are bounded by example counts,
 # not by per-example deadlines.
@@ -34,13 +36,35 @@ def pytest_sessionstart(session):
             Lab(prefix).down()
 
 
-def pytest_collection_modifyitems(config, items):
-    if os.geteuid() == 0:
-        return
-    skip = pytest.mark.skip(reason="needs root (network namespaces, iptables, NFQUEUE)")
-    for item in items:
-        if "netns" in item.keywords:
-            item.add_marker(skip)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture (the labs need root to be built)."""
+    if "netns" in item.keywords:
+        need(os.geteuid() == 0, "root (network namespaces, iptables, NFQUEUE)")
+
+
+def _no_skip_in_ci(rep: pytest.TestReport | pytest.CollectReport) -> None:
+    """In CI, a skip that did not come through ``need`` (a bare ``pytest.skip``, a ``skipif``,
+    an empty parametrization, ``pytest.importorskip``) fails too: CI must not pass having run
+    less than the suite. An xfail is not a skip."""
+    if in_ci() and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped in CI ({reason}): no test may skip in CI (tests/needs.py)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    _no_skip_in_ci(rep)
+    return rep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    rep = yield
+    _no_skip_in_ci(rep)
+    return rep
 
 
 @pytest.fixture(scope="module")

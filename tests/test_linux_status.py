@@ -6,6 +6,7 @@ import os
 from collections import Counter
 
 import pytest
+from needs import need
 from prometheus_client import CollectorRegistry, generate_latest
 
 from alg_helpers import Conn, Driven, FakeKernel
@@ -45,8 +46,8 @@ def test_status_socket_answers_a_snapshot_and_renders_it():
         fetch(name)  # gone with stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
 def test_status_socket_turns_other_users_away():
+    need(os.geteuid() == 0, "root (to become another uid)")
     alg = session()
     name = f"@ftpalg-status-test-uid-{os.getpid()}"
     srv = StatusServer(name, lambda: alg.snapshot(10.0))

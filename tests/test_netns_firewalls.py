@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from needs import need
 
 from ftpalg.lab import firewalls
 from ftpalg.lab.lab import (
@@ -189,8 +190,8 @@ TIMINGS: dict[str, dict[str, float]] = {}
 
 @pytest.fixture(scope="module", params=firewalls.KINDS)
 def firewall(request, lab):
-    if firewalls.missing(request.param):
-        pytest.skip(f"{request.param}: not installed: {', '.join(firewalls.missing(request.param))} (./dev.sh setup)")
+    need(not firewalls.missing(request.param),
+         f"{request.param}: {', '.join(firewalls.missing(request.param))} (./dev.sh setup installs it)")
     t0 = time.monotonic()
     with firewalls.swapped(lab, request.param) as sw:
         TIMINGS.setdefault(sw.kind, {}).update(sw.timings)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import netfilterqueue
 import pytest
+from needs import need
 
 import ftpalg
 from ftpalg.lab import lab as lab_module
@@ -49,8 +50,7 @@ def setpriv(caps: str) -> list[str]:
 def nobody_ftpalg() -> list[str]:
     """How uid 65534 starts ftpalg (after ``setpriv``): ``env`` execs it as that user, so
     its path and library are checked with that user's rights."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+    need(shutil.which("setpriv"), "setpriv (util-linux)")
     env = shutil.which("env") or "/usr/bin/env"
     site = str(Path(netfilterqueue.__file__).resolve().parent.parent)
     system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
@@ -58,11 +58,14 @@ def nobody_ftpalg() -> list[str]:
     candidates = [([env, sys.executable], [env, *ftpalg_argv()]),  # (its python, how it runs ftpalg)
                   (system_python, [*system_python, "-m", "ftpalg"])]
     probe = "import ftpalg, netfilterqueue; print(ftpalg.__file__)"
-    for python, argv in candidates:
+
+    def runs_this_tree(python: list[str]) -> bool:
         res = subprocess.run([*setpriv(""), *python, "-c", probe], capture_output=True, text=True, cwd="/")
-        if res.returncode == 0 and res.stdout.strip() == str(Path(ftpalg.__file__).resolve()):
-            return argv
-    pytest.skip("no python that uid 65534 may read runs this tree's ftpalg")
+        return res.returncode == 0 and res.stdout.strip() == str(Path(ftpalg.__file__).resolve())
+
+    found = next((argv for python, argv in candidates if runs_this_tree(python)), None)
+    need(found, "a python that uid 65534 may read, running this tree's ftpalg (a checkout others may read)")
+    return found
 
 
 @pytest.fixture
@@ -206,8 +209,9 @@ def test_without_cap_net_admin_fails_clearly_and_changes_nothing(lab, nobody_ftp
     """No capability at all, or every capability but in a user namespace of its own (the
     network namespace belongs to root's: nfnetlink checks CAP_NET_ADMIN there)."""
     userns = ["unshare", "--user", "--map-root-user"] if how == "user-namespace-root" else []
-    if userns and subprocess.run([*setpriv(""), *userns, "true"], capture_output=True).returncode != 0:
-        pytest.skip("unprivileged user namespaces are not available")
+    if userns:
+        need(subprocess.run([*setpriv(""), *userns, "true"], capture_output=True).returncode == 0,
+             "unprivileged user namespaces (uid 65534 runs unshare --user)")
     before = rules(lab)
     res = lab.ns(lab.gw, [*setpriv(""), *userns, *nobody_ftpalg, "run", *mode], check=False, timeout=30)
     assert res.returncode == 1, res.stderr
