@@ -7,7 +7,10 @@ import sys
 import textwrap
 import time
 
-from ftpalg.lab.lab import OUTSIDE_CLIENTS, PUBLIC_OF, Lab, sha256
+from scapy.layers.inet import IP, TCP
+from scapy.utils import rdpcap
+
+from ftpalg.lab.lab import INSIDE_SERVERS, OUTSIDE_CLIENTS, PUBLIC_OF, Lab, sha256
 
 FILE = "small.txt"
 
@@ -48,6 +51,10 @@ PASV_SESSION = textwrap.dedent("""
         print("no second connection", flush=True)
     ftp.quit()
 """)
+SYN_ONLY = "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
+"""tcpdump's filter for the first segment of a connection (not the SYN-ACK)."""
+
+
 PROBE = textwrap.dedent("""
     import socket, sys
     try:
@@ -62,8 +69,14 @@ PROBE = textwrap.dedent("""
 def check_pasv_pinhole_admits_only_the_announced_client(lab: Lab, note: str = "") -> None:
     """Through gw2's DNAT: the port of the 227 is open to the client of that control
     connection, once; another outside client gets nothing, and neither does the first one
-    after its transfer."""
-    host = PUBLIC_OF["pyftpdlib"]
+    after its transfer.
+
+    What the server's side refuses proves nothing here: pyftpdlib closes its passive
+    listener after one accept, so a second connection that got through the gateway would be
+    refused by the server all the same. A capture on the server's link counts the
+    connection attempts (SYNs) to the server other than to its control port: exactly one,
+    the transfer's, must get through the gateway."""
+    host, inside = PUBLIC_OF["pyftpdlib"], INSIDE_SERVERS["pyftpdlib"]
     assert no_pinholes_soon(lab, lab.gw2), lab.expectations(lab.gw2)
     client = subprocess.Popen(["ip", "netns", "exec", lab.server, sys.executable, "-c", PASV_SESSION, host,
                                OUTSIDE_CLIENTS[0], FILE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -75,12 +88,20 @@ def check_pasv_pinhole_admits_only_the_announced_client(lab: Lab, note: str = ""
         port = int(nums[4]) * 256 + int(nums[5])
         (exp,) = lab.expectations(lab.gw2)
         assert f"src={OUTSIDE_CLIENTS[0]} dst={host} sport=0 dport={port}" in exp, exp
-        probe = lab.ns(lab.server, [sys.executable, "-c", PROBE, host, str(port), OUTSIDE_CLIENTS[1]], check=False)
-        assert probe.stdout.startswith("refused"), f"{note}: {probe.stdout}"
-        client.stdin.write("\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == sha256(lab.files / FILE)
-        assert client.stdout.readline().strip() == "no second connection"
+        path = lab.state / "pasv-pinhole.pcap"
+        cap = lab.capture(lab.inside, "i0", path, f"dst host {inside} and not dst port 21 and {SYN_ONLY}")
+        try:
+            probe = lab.ns(lab.server, [sys.executable, "-c", PROBE, host, str(port), OUTSIDE_CLIENTS[1]],
+                           check=False)
+            assert probe.stdout.startswith("refused"), f"{note}: {probe.stdout}"
+            client.stdin.write("\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == sha256(lab.files / FILE)
+            assert client.stdout.readline().strip() == "no second connection"
+        finally:
+            Lab.stop_capture(cap)
+        reached = [p[IP].src for p in rdpcap(str(path)) if IP in p and TCP in p]
+        assert reached == [OUTSIDE_CLIENTS[0]], f"{note}: connections that reached the server: {reached}"
         assert client.wait(10) == 0
     finally:
         client.kill()

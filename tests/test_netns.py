@@ -3,18 +3,33 @@ firewall on the gateway, real vsftpd/pyftpdlib servers, real curl/lftp/ftplib cl
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import TCP
+from scapy.layers.inet import IP, TCP
+from scapy.packet import Packet
 from scapy.utils import rdpcap
 
-from ftpalg.lab.lab import CLIENT_KINDS, CLIENTS, GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
+from ftpalg.lab.lab import (
+    CLIENT_KINDS,
+    CLIENTS,
+    GW_PUBLIC,
+    OUTSIDE_CLIENTS,
+    PUBLIC_OF,
+    SERVERS,
+    Lab,
+    ftpalg_argv,
+    sha256,
+)
 from netns_checks import no_pinholes_soon
 
 pytestmark = pytest.mark.netns
@@ -50,20 +65,90 @@ def ns_python(lab: Lab, ns: str, code: str, timeout: float = 120) -> subprocess.
     return lab.ns(ns, [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout)
 
 
-class Capture:
-    """tcpdump of the control port on the server's interface (what crossed the wire)."""
+CONTROL_AND_SYNS = "tcp port 21 or tcp[tcpflags] & tcp-syn != 0"
+"""tcpdump's filter for control segments and every connection's SYN and SYN-ACK."""
 
-    def __init__(self, lab: Lab, name: str) -> None:
+
+class Capture:
+    """tcpdump of the control port on the server's interface (what crossed the wire), or
+    on ``dev`` in ``ns`` with ``bpf``."""
+
+    def __init__(self, lab: Lab, name: str, ns: str | None = None, dev: str = "s0",
+                 bpf: str = "tcp port 21") -> None:
         self.path = lab.state / f"{name}.pcap"
-        self.proc = lab.capture(lab.server, "s0", self.path)
+        self.proc = lab.capture(lab.server if ns is None else ns, dev, self.path, bpf)
 
     def stop(self) -> list[bytes]:
         Lab.stop_capture(self.proc)
-        return [bytes(p[TCP].payload) for p in rdpcap(str(self.path)) if TCP in p and bytes(p[TCP].payload)]
+        return [bytes(p[TCP].payload) for p in self.packets() if bytes(p[TCP].payload)]
+
+    def packets(self) -> list[Packet]:
+        return [p for p in rdpcap(str(self.path)) if IP in p and TCP in p]
 
 
 def commands(payloads: list[bytes], verb: bytes) -> list[bytes]:
     return [line.strip() for p in payloads for line in p.splitlines() if line.upper().startswith(verb)]
+
+
+ANNOUNCEMENTS = (b"PORT ", b"EPRT ", b"227 ", b"229 ")
+
+
+def announcements(packets: list[Packet]) -> list[str]:
+    """The PORT and EPRT commands and 227 and 229 replies on the control port, in order (a
+    retransmitted segment counted once)."""
+    out, done = [], set()
+    for p in packets:
+        key = (p[IP].src, p[TCP].sport, p[TCP].seq)
+        if 21 in (p[TCP].sport, p[TCP].dport) and bytes(p[TCP].payload) and key not in done:
+            done.add(key)
+            out += [line.strip().decode() for line in bytes(p[TCP].payload).splitlines()
+                    if line.upper().startswith(ANNOUNCEMENTS)]
+    return out
+
+
+def data_ports(packets: list[Packet]) -> list[int]:
+    """The destination port of each connection other than to port 21 whose SYN was answered
+    (SYN-ACK), in order: the data connections that were let through and got somewhere."""
+    answered = {(p[IP].dst, p[TCP].dport, p[IP].src, p[TCP].sport) for p in packets if p[TCP].flags == "SA"}
+    out, done = [], set()
+    for p in packets:
+        key = (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport)
+        if p[TCP].flags == "S" and p[TCP].dport != 21 and key in answered and key not in done:
+            done.add(key)
+            out.append(p[TCP].dport)
+    return out
+
+
+_PORT_FIELD = re.compile(r"(\d+,\d+,\d+,\d+),(\d+),(\d+)|\|(\d+)\|(?!.*\|)")
+
+
+def split_port(text: str) -> tuple[str, int]:
+    """(the text with its port replaced by ``<port>``, the port) of a PORT, EPRT, 227 or 229."""
+    m = _PORT_FIELD.search(text)
+    assert m is not None, text
+    if m.group(1):
+        return f"{text[:m.start()]}{m.group(1)},<port>{text[m.end():]}", int(m.group(2)) * 256 + int(m.group(3))
+    return f"{text[:m.start()]}|<port>|{text[m.end():]}", int(m.group(4))
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One run of a scenario on the wire: the announcements (PORT, EPRT, 227, 229) as the
+    party behind the gateway sent them and as the other end received them, in order, and the
+    port of each data connection that was answered."""
+
+    sent: list[str]
+    received: list[str]
+    data_ports: list[int]
+
+    @classmethod
+    def of(cls, sent: Capture, received: Capture) -> Seen:
+        return cls(announcements(sent.packets()), announcements(received.packets()), data_ports(received.packets()))
+
+    @classmethod
+    def received_at(cls, received: Capture) -> Seen:
+        """Only what the other end received (nothing of what was sent)."""
+        return cls([], announcements(received.packets()), data_ports(received.packets()))
 
 
 def test_lab_breaks_active_mode_without_ftpalg(lab, tmp_path):
@@ -200,21 +285,22 @@ def collide(lab: Lab) -> subprocess.CompletedProcess[str]:
 
 def test_busy_public_port_is_replaced(lab, alg):
     """Two inside clients announce the same port to the same server at the same time: the
-    second gets the next public port, and both transfers work."""
-    cap = Capture(lab, "collide")
+    second gets another public port, and both transfers work, each over the port announced."""
+    cap = Capture(lab, "collide", bpf=CONTROL_AND_SYNS)
     res = collide(lab)
-    wire = cap.stop()
+    cap.stop()
+    check_collision(Seen.received_at(cap))  # before the transfers' outcome: it says which port failed
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [sha256(lab.files / "small.txt")] * 2
-    check_collision(commands(wire, b"PORT"))
 
 
-def check_collision(announced: list[bytes]) -> None:
-    """One client keeps port 40000; the other gets a random higher one (as nf_nat_ftp)."""
-    assert len(announced) == 2 and b"PORT 203,0,113,1,156,64" in announced, announced
-    (other,) = [a for a in announced if a != b"PORT 203,0,113,1,156,64"]
-    h = [int(x) for x in other.split()[1].split(b",")]
-    assert h[:4] == [203, 0, 113, 1] and 40000 < h[4] * 256 + h[5] <= 65535
+def check_collision(seen: Seen) -> None:
+    """One client keeps port 40000; the other gets another (nf_nat_ftp: a random higher one),
+    at the public address: the port its data connection then really used."""
+    assert len(seen.received) == 2 and seen.received[0] == "PORT 203,0,113,1,156,64", seen
+    text, port = split_port(seen.received[1])
+    assert text == "PORT 203,0,113,1,<port>" and port != 40000, seen
+    assert seen.data_ports == [40000, port], seen  # each over the port announced, in that order
 
 
 def test_fifty_concurrent_sessions(lab, alg):
@@ -277,55 +363,122 @@ def test_control_traffic_passes_when_ftpalg_is_not_running(lab, tmp_path):
     assert "FTPALG" not in lab.ruleset() and "ftpalg" not in lab.ruleset()
 
 
-SEQUENTIAL_CLIENT = r"""
-import sys
+SESSIONS_CLIENT = r"""
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from ftpalg.lab.ftpclient import main
-for eprt, port in ((False, 41000), (True, 41001)):
-    for host in sys.argv[2:]:
-        args = [host, "get", "small.txt", "/dev/null", "--data-port", str(port)]
-        if eprt:
-            args.append("--eprt")
-        assert main(args) == 0
+for args in json.loads(sys.argv[2]):
+    assert main(args) == 0, args
 """
 
 
-def sequential(lab: Lab) -> subprocess.CompletedProcess[str]:
+def sessions(lab: Lab, ns: str, argvs: list[list[str]]) -> subprocess.CompletedProcess[str]:
+    """One ``ftpalg.lab.ftpclient`` session after the other in ``ns``, each with its arguments."""
     root = str(Path(__file__).resolve().parent.parent)
+    return lab.ns(ns, [sys.executable, "-c", SESSIONS_CLIENT, root, json.dumps(argvs)], check=False)
+
+
+def sequential(lab: Lab) -> subprocess.CompletedProcess[str]:
     hosts = (SERVERS["vsftpd"], SERVERS["pyftpdlib"])
-    return lab.ns(lab.client, [sys.executable, "-c", SEQUENTIAL_CLIENT, root, *hosts], check=False)
+    return sessions(lab, lab.client, [[host, "get", "small.txt", "/dev/null", "--mode", mode, "--data-port", str(port)]
+                                      for mode, port in (("PORT", 41000), ("EPRT", 41001)) for host in hosts])
 
 
-def check_sequential(announced: list[bytes]) -> None:
-    assert sorted(announced) == [b"EPRT |1|203.0.113.1|41001|"] * 2 + [b"PORT 203,0,113,1,160,40"] * 2
+def check_sequential(seen: Seen) -> None:
+    assert seen.received == ["PORT 203,0,113,1,160,40"] * 2 + ["EPRT |1|203.0.113.1|41001|"] * 2, seen
 
 
-@pytest.mark.parametrize("scenario, check", [(sequential, check_sequential), (collide, check_collision)],
-                         ids=["sequential", "port-collision"])
-def test_differential_against_kernel_helper(lab, scenario, check):
-    """The PORT/EPRT text the server receives is the same with the kernel's nf_nat_ftp helper
-    and with ftpalg, for the same sessions (fixed data ports)."""
+def passive(lab: Lab) -> subprocess.CompletedProcess[str]:
+    """An outside client of the inside vsftpd and pyftpdlib behind gw2: PASV, then EPSV."""
+    hosts = (PUBLIC_OF["vsftpd"], PUBLIC_OF["pyftpdlib"])
+    return sessions(lab, lab.server, [[host, "get", "small.txt", "/dev/null", "--mode", mode,
+                                       "--source", OUTSIDE_CLIENTS[0]] for mode in ("PASV", "EPSV") for host in hosts])
+
+
+def check_passive(seen: Seen) -> None:
+    publics = [PUBLIC_OF[k].replace(".", ",") for k in ("vsftpd", "pyftpdlib")]
+    assert [t[:4] for t in seen.received] == ["227 "] * 2 + ["229 "] * 2, seen
+    assert all(a in t for a, t in zip(publics, seen.received[:2], strict=True)), seen
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Sessions through one gateway; where the party behind it and the other end are seen."""
+
+    run: Callable[[Lab], subprocess.CompletedProcess[str]]
+    check: Callable[[Seen], None]
+    active: bool  # through gw1 (inside clients, PORT/EPRT), else gw2 (inside servers, 227/229)
+    transfers: int  # how many file checksums the run prints (ftpclient's sessions fail on their own)
+
+    def gateway(self, lab: Lab) -> str:
+        return lab.gw if self.active else lab.gw2
+
+    def captures(self, lab: Lab, mode: str) -> tuple[Capture, Capture]:
+        """(as sent behind the gateway, as received beyond it): the gateway's two links."""
+        behind = (lab.client, "c0") if self.active else (lab.inside, "i0")
+        beyond = "s0" if self.active else "s1"
+        return (Capture(lab, f"diff-{mode}-sent", *behind, bpf=CONTROL_AND_SYNS),
+                Capture(lab, f"diff-{mode}-received", lab.server, beyond, bpf=CONTROL_AND_SYNS))
+
+
+SCENARIOS = {
+    "sequential": Scenario(sequential, check_sequential, active=True, transfers=0),
+    "port-collision": Scenario(collide, check_collision, active=True, transfers=2),
+    "passive": Scenario(passive, check_passive, active=False, transfers=0),
+}
+
+
+def compare_with_kernel(kernel: Seen, alg: Seen) -> None:
+    """ftpalg's announcements as received say what the kernel's do, one by one: the same
+    text (address included) but for the port; the same port where the kernel kept the one
+    announced behind the gateway, another one where the kernel had to pick another one (the
+    port was taken). In both runs each data connection used the port announced."""
+    assert len(kernel.sent) == len(kernel.received) == len(alg.sent) == len(alg.received) > 0, (kernel, alg)
+    for k_sent, k_received, f_sent, f_received in zip(kernel.sent, kernel.received, alg.sent, alg.received,
+                                                      strict=True):
+        (k_text, k_port), (f_text, f_port) = split_port(k_received), split_port(f_received)
+        assert f_text == k_text, (k_received, f_received)
+        kept = k_port == split_port(k_sent)[1]
+        assert (f_port == split_port(f_sent)[1]) == kept, (k_sent, k_received, f_sent, f_received)
+    for seen in (kernel, alg):
+        assert seen.data_ports == [split_port(t)[1] for t in seen.received], seen
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_differential_against_kernel_helper(lab, scenario):
+    """The PORT/EPRT the server receives and the 227/229 the client receives are the same
+    with the kernel's nf_nat_ftp helper and with ftpalg, for the same sessions (fixed data
+    ports where the client chooses them), compared one by one (``compare_with_kernel``):
+    identical where the kernel keeps the announced port, and where it cannot (two clients
+    announce the same port) the same address and a port of its own that the data
+    connection really used."""
+    sc = SCENARIOS[scenario]
+    gw = sc.gateway(lab)
     helper = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
     seen = {}
     for mode in ("kernel", "ftpalg"):
-        cap = Capture(lab, f"diff-{mode}")
+        caps = sc.captures(lab, mode)
         if mode == "kernel":
-            lab.ns(lab.gw, ["iptables", "-t", "raw", "-A", *helper])
+            lab.ns(gw, ["iptables", "-t", "raw", "-A", *helper])
             try:
-                res = scenario(lab)
+                res = sc.run(lab)
             finally:
-                lab.ns(lab.gw, ["iptables", "-t", "raw", "-D", *helper])
-                lab.ns(lab.gw, ["conntrack", "-F"], check=False)
+                lab.ns(gw, ["iptables", "-t", "raw", "-D", *helper])
+                lab.ns(gw, ["conntrack", "-F"], check=False)
+                lab.ns(gw, ["conntrack", "-F", "expect"], check=False)
         else:
-            p = lab.start_ftpalg()
+            p = lab.start_ftpalg(gw=gw)
             try:
-                res = scenario(lab)
+                res = sc.run(lab)
             finally:
                 lab.stop_ftpalg(p)
-        wire = cap.stop()
+        for c in caps:
+            c.stop()
+        seen[mode] = Seen.of(*caps)
+        sc.check(seen[mode])  # the same rules hold for the kernel's text and for ftpalg's
         assert res.returncode == 0, (mode, res.stderr)
-        seen[mode] = commands(wire, b"PORT") + commands(wire, b"EPRT")
-        check(seen[mode])  # the same rules hold for the kernel's text and for ftpalg's
+        assert res.stdout.split() == [sha256(lab.files / "small.txt")] * sc.transfers, (mode, res.stdout)
+    compare_with_kernel(seen["kernel"], seen["ftpalg"])
 
 
 def test_queue_backend_is_detected_at_run_time(lab, tmp_path):

@@ -19,6 +19,12 @@ A segment forged as the other end of the attacker's own control connection (righ
 numbers, sent into the gateway's outside interface) was read like a real one until the queue
 rule gained a strict reverse-path check (the queue sits before the routing decision, where
 rp_filter acts): the last two tests, run with rp_filter 0 and 1, keep it so.
+
+A forged segment that opens nothing proves nothing unless it arrived and could have opened
+something: the forged-segment tests capture the gateway's outside interface (the segment
+arrived) and run the same forgery once more with the queue rule's reverse-path check
+deleted (``alg_without_reverse_path_check``): ftpalg then reads it, and where it answers a
+command it opens the path (the listener records the connection), else ftpalg logs why not.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.utils import rdpcap
 
 from ftpalg.lab import servers
 from ftpalg.lab.hostile import Driver, Listener, ScriptedServer, mac_of, pasv_text
@@ -42,6 +50,7 @@ from ftpalg.lab.lab import (
     sha256,
     stop_processes,
 )
+from ftpalg.linux.rules import CHAIN_CONTROL
 from netns_checks import PROBE, check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon
 
 pytestmark = pytest.mark.netns
@@ -111,15 +120,55 @@ def kernel_helper(lab: Lab, gw: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def alg(lab: Lab, gw: str) -> Iterator[None]:
+def alg(lab: Lab, gw: str, *args: str) -> Iterator[None]:
     """``ftpalg run`` in the gateway (never with the kernel helper)."""
     assert "--helper" not in lab.gw_rules(gw)
-    p = lab.start_ftpalg(gw=gw)
+    p = lab.start_ftpalg(*args, gw=gw)
     try:
         yield
     finally:
         assert lab.stop_ftpalg(p) == 0, lab.ftpalg_log(gw)
     assert "Traceback" not in lab.ftpalg_log(gw)
+
+
+RP_CHECK = ["-m", "rpfilter", "--invert", "-j", "RETURN"]
+"""The queue rule's reverse-path check (iptables), see ``ftpalg.linux.rules``."""
+
+
+@contextlib.contextmanager
+def alg_without_reverse_path_check(lab: Lab, gw: str) -> Iterator[None]:
+    """The positive control of a forged segment: ``ftpalg run`` (iptables queue rules) with
+    the reverse-path check deleted from its queue rule, as before that check existed. A
+    segment forged with an inside address then reaches ftpalg: what ftpalg makes of it shows
+    that the forgery is good enough to be read (right addresses, sequence numbers, frame),
+    so that the deployed gateway's refusal is the check's doing."""
+    with alg(lab, gw, "--queue-backend", "iptables"):
+        lab.ns(gw, ["iptables", "-t", "mangle", "-D", CHAIN_CONTROL, *RP_CHECK])
+        try:
+            yield
+        finally:
+            lab.ns(gw, ["iptables", "-t", "mangle", "-I", CHAIN_CONTROL, "1", *RP_CHECK])
+
+
+@contextlib.contextmanager
+def arrivals(lab: Lab, gw: str, name: str) -> Iterator[list[tuple[str, str, bytes]]]:
+    """A capture of the control port on the gateway's outside interface: once the block is
+    done, (source, destination, payload) of every segment with a payload that crossed it
+    (forged segments keep their inside source addresses: the gateway NATs what it sends)."""
+    path = lab.state / f"{name}.pcap"
+    proc = lab.capture(gw, "go", path)
+    seen: list[tuple[str, str, bytes]] = []
+    try:
+        yield seen
+    finally:
+        Lab.stop_capture(proc)
+    seen += [(p[IP].src, p[IP].dst, bytes(p[TCP].payload)) for p in rdpcap(str(path))
+             if IP in p and TCP in p and bytes(p[TCP].payload)]
+
+
+def arrived(seen: list[tuple[str, str, bytes]], src: str, dst: str, text: str) -> bool:
+    """Whether a segment from ``src`` to ``dst`` carrying the line ``text`` is in ``seen``."""
+    return (src, dst, (text + "\r\n").encode()) in seen
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +274,17 @@ def test_second_outside_client_cannot_use_a_passive_pinhole(lab):
 
 
 # ---- 4. A 227 sent by the client ------------------------------------------------------------
+def server_pasv_opens(lab: Lab, d: Driver, pub: str, port: int, client: str) -> None:
+    """The contrast: the hostile inside server's own answer to PASV names ``port``, which
+    opens it to ``client`` (connected: the listener there records it); then the session's
+    real passive transfer works."""
+    assert f"({port_arg(pub, port)})" in d.step("cmd PASV")
+    (exp,) = lab.expectations(lab.gw2)
+    assert f"src={client} dst={pub} sport=0 dport={port}" in exp, exp
+    assert d.step(f"connect {pub} {port}").startswith("connected")
+    assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+
+
 def test_passive_reply_forged_by_the_client_opens_nothing(lab):
     """An outside client sends ``227 Entering Passive Mode (...)`` as a command, naming the
     inside server's real and public address at a port where a listener waits: nothing is
@@ -241,12 +301,7 @@ def test_passive_reply_forged_by_the_client_opens_nothing(lab):
             assert lab.expectations(lab.gw2) == []
             assert d.step(f"connect {pub} 40007").startswith("failed")
         assert ls.accepted() == []
-        # contrast: the server's own answer to PASV naming that port
-        assert f"({port_arg(pub, 40007)})" in d.step("cmd PASV")
-        (exp,) = lab.expectations(lab.gw2)
-        assert f"src={OUTSIDE_CLIENTS[0]} dst={pub} sport=0 dport=40007" in exp, exp
-        assert d.step(f"connect {pub} 40007").startswith("connected")
-        assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+        server_pasv_opens(lab, d, pub, 40007, OUTSIDE_CLIENTS[0])
         seen = ls.accepted(expect=1)
         log = lab.ftpalg_log(lab.gw2)
     assert len(seen) == 1 and seen[0].startswith(f"accepted {addr}:40007 from {OUTSIDE_CLIENTS[0]}:"), seen
@@ -317,24 +372,45 @@ def forge(lab: Lab, text: str, *specs: str) -> None:
 def test_forged_server_segment_of_no_connection_opens_nothing(lab):
     """An outside attacker sends gw2 segments that look like an inside server's 227 reply
     (naming the server and a port where a listener waits) on connections that do not exist,
-    then connects to that port: nothing is expected, nothing connects."""
-    addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
-    target = (addr, 40010)
-    me = OUTSIDE_CLIENTS[1]
-    with Listener(lab, lab.inside, [target], name="inside-40010") as ls, alg(lab, lab.gw2):
-        forge(lab, pasv_text(*target), f"{addr}:21>{me}:40123", f"{pub}:21>{me}:40124", f"{addr}:21>{me}:21")
-        assert lab.expectations(lab.gw2) == []
-        assert probe(lab, pub, 40010, me).startswith("refused")
-        with Driver(lab, lab.server, pub, me) as d:  # a legitimate session of the same client
-            login(d)
-            assert d.step(f"pasv-retr {FILE}") == want_file(lab)
+    then connects to that port: nothing is expected, nothing connects. The segments reach
+    the gateway (a capture on its outside interface) but not ftpalg: their source is not
+    routed through that interface (the reverse-path check) or their connection's original
+    port is not a control port. With that check deleted, the one to port 21 reaches ftpalg,
+    is read as a 227 sent by a client and still opens nothing. The server's own answer to
+    PASV naming that port opens it (the listener sees what a pinhole admits)."""
+    addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
+    target, me = (addr, 40010), OUTSIDE_CLIENTS[1]
+    text = pasv_text(*target)
+    forged = [(addr, 40123), (pub, 40124), (addr, 21)]  # source (port 21), destination port at ``me``
+    specs = [f"{a}:21>{me}:{port}" for a, port in forged]
+    with (hostile_inside_server(lab, pasv=(text, "real")),
+          Listener(lab, lab.inside, [target], name="inside-40010") as ls):
+        with alg(lab, lab.gw2):
+            with arrivals(lab, lab.gw2, "forged-no-connection") as wire:
+                forge(lab, text, *specs)
+                assert lab.expectations(lab.gw2) == []
+                assert probe(lab, pub, 40010, me).startswith("refused")
+            assert ls.accepted() == []
+            with Driver(lab, lab.server, pub, me) as d:  # a legitimate session of the same client
+                login(d)
+                server_pasv_opens(lab, d, pub, 40010, me)
+            seen = ls.accepted(expect=1)
         log = lab.ftpalg_log(lab.gw2)
-    assert ls.accepted() == []
-    assert "40010" not in log and "pinhole open id=1 " in log and "id=2" not in log, log
-    # Only the segment to port 21 is queued (conntrack's original destination port): read as a
-    # 227 sent by a client, it opens nothing; the others never reach ftpalg.
-    refused = f"unsolicited flow={addr}:21>{me}:21: b'227 Entering Passive Mode"
-    assert refused in log and "sent by the client: opens nothing" in log or "unsolicited" not in log, log
+        assert all(arrived(wire, a, me, text) for a, _ in forged), wire  # they reached the gateway ...
+        assert "unsolicited" not in log and "refused" not in log, log  # ... and not ftpalg
+        assert len(seen) == 1 and seen[0].startswith(f"accepted {addr}:40010 from {me}:"), seen
+        assert f"pinhole open id=1 from={me} to={pub}:40010 " in log and "id=3" not in log, log  # and the transfer's
+        with alg_without_reverse_path_check(lab, lab.gw2):
+            forge(lab, text, *specs)
+            assert lab.expectations(lab.gw2) == []
+            assert probe(lab, pub, 40010, me).startswith("refused")
+        read = lab.ftpalg_log(lab.gw2)
+        assert ls.accepted() == seen
+    # without the check: only the segment to port 21 is queued (conntrack's original
+    # destination port); read as a 227 sent by a client, it opens nothing
+    assert f"unsolicited flow={addr}:21>{me}:21: b'{text}\\r\\n' sent by the client: opens nothing" in read, read
+    assert counters(read)["packets"] == 1 and counters(read)["unsolicited"] == 1, read
+    assert "pinhole open" not in read, read
 
 
 def nmap_session(lab: Lab, pub: str, target: tuple[str, int], after: str = "") -> tuple[str, list[str], str]:
@@ -354,52 +430,100 @@ def nmap_session(lab: Lab, pub: str, target: tuple[str, int], after: str = "") -
 
 def test_nmap_firewall_bypass_unsolicited_227_opens_nothing(lab):
     """nmap firewall-bypass.nse against gw2: the kernel helper takes the forged 227 and the
-    attacker reaches the inside server's port 40011; with ftpalg it answers nothing and opens
-    nothing."""
+    attacker reaches the inside server's port 40011. With ftpalg the segment reaches the
+    gateway (a capture on its outside interface), not ftpalg (its source is not routed
+    through that interface), and nothing opens. With that check deleted it reaches ftpalg,
+    which reads it as a 227 that answers no command and still opens nothing."""
     addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
-    target = (addr, 40011)
+    target, me = (addr, 40011), OUTSIDE_CLIENTS[0]
     with Listener(lab, lab.inside, [target], name="inside-40011") as ls:
         with kernel_helper(lab, lab.gw2):
             exp, _, connect = nmap_session(lab, pub, target)
-        assert f"src={OUTSIDE_CLIENTS[0]} dst={pub} sport=0 dport=40011" in exp and "helper=ftp" in exp, exp
+        assert f"src={me} dst={pub} sport=0 dport=40011" in exp and "helper=ftp" in exp, exp
         assert connect.startswith("connected"), connect
         kernel = ls.accepted(expect=1)
-        assert len(kernel) == 1 and kernel[0].startswith(f"accepted {addr}:40011 from {OUTSIDE_CLIENTS[0]}"), kernel
+        assert len(kernel) == 1 and kernel[0].startswith(f"accepted {addr}:40011 from {me}"), kernel
 
         with alg(lab, lab.gw2):
-            _, exps, connect = nmap_session(lab, pub, target)
+            with arrivals(lab, lab.gw2, "nmap-unsolicited") as wire:
+                _, exps, connect = nmap_session(lab, pub, target)
             assert exps == [] and connect.startswith("failed"), (exps, connect)
-            with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+            with Driver(lab, lab.server, pub, me) as d:
                 login(d)
                 assert d.step(f"pasv-retr {FILE}") == want_file(lab)
-            log = lab.ftpalg_log(lab.gw2)
+        log = lab.ftpalg_log(lab.gw2)
+        assert arrived(wire, addr, me, pasv_text(*target)), wire  # it reached the gateway ...
+        assert "unsolicited" not in log, log  # ... and not ftpalg
+        assert "pinhole open id=1 " in log and "id=2" not in log, log  # the legitimate session's only
+        with alg_without_reverse_path_check(lab, lab.gw2):
+            _, exps, connect = nmap_session(lab, pub, target)
+            assert exps == [] and connect.startswith("failed"), (exps, connect)
+        read = lab.ftpalg_log(lab.gw2)
         assert ls.accepted() == kernel
-    assert "pinhole open id=1 " in log and "id=2" not in log, log  # the legitimate session's only
-    # read as a reply that answers nothing (a gateway that does not queue forged segments never reads it)
-    assert "227 answers no command, not PASV: opens nothing" in log or "unsolicited" not in log, log
+    # without the check ftpalg reads it: a reply that answers nothing
+    (line,) = [line for line in read.splitlines() if " unsolicited " in line]
+    assert f"flow={me}:" in line and f">{pub}:21: 227 answers no command, not PASV: opens nothing" in line, read
+    assert counters(read)["unsolicited"] == 1 and "pinhole open" not in read, read
 
+
+def legitimate_transfer(lab: Lab, ns: str, host: str, source: str, step: str) -> None:
+    """A legitimate session in the same run works (``step``: ``pasv-retr`` or ``port-retr``)."""
+    with Driver(lab, ns, host, source) as d:
+        login(d)
+        require(d.step(f"{step} {FILE}") == want_file(lab), "legitimate transfer")
+
+
+@contextlib.contextmanager
+def rp_filter_set(lab: Lab, gw: str, value: int) -> Iterator[None]:
+    """The kernel's rp_filter of the gateway's outside interface (``all`` and ``go``) set to
+    ``value`` for the block, 0 again (the lab's setting) after it."""
+    names = [f"net.ipv4.conf.{d}.rp_filter" for d in ("all", "go")]
+    lab.ns(gw, ["sysctl", "-qw", *[f"{n}={value}" for n in names]])
+    try:
+        yield
+    finally:
+        lab.ns(gw, ["sysctl", "-qw", *[f"{n}=0" for n in names]])
 
 
 @pytest.mark.parametrize("rp_filter", [0, 1])
 def test_nmap_firewall_bypass_after_the_attackers_own_pasv_opens_nothing(lab, rp_filter):
     """nmap's forged 227, made an answer: the attacker sends PASV itself (with a zero window:
     the real server cannot answer first), then the forged 227 naming the inside server's port
-    40012. Nothing may open: the segment came in from the internet, not from the server."""
+    40012. Nothing may open: the segment came in from the internet, not from the server.
+    Both forged segments reach the gateway (a capture on its outside interface). With the
+    queue rule's reverse-path check deleted, the same forgery opens the port to the attacker
+    (the listener records it), whatever the kernel's rp_filter."""
     addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
-    target = (addr, 40012)
-    keys = [f"net.ipv4.conf.{d}.rp_filter={rp_filter}" for d in ("all", "go")]
-    with Listener(lab, lab.inside, [target], name="inside-40012") as ls, alg(lab, lab.gw2):
-        with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[1]) as d:  # the legitimate session works
-            login(d)
-            require(d.step(f"pasv-retr {FILE}") == want_file(lab), "legitimate transfer")
-        lab.ns(lab.gw2, ["sysctl", "-qw", *keys])
-        try:
+    target, me = (addr, 40012), OUTSIDE_CLIENTS[0]
+    with Listener(lab, lab.inside, [target], name="inside-40012") as ls:
+        with alg(lab, lab.gw2):
+            legitimate_transfer(lab, lab.server, pub, OUTSIDE_CLIENTS[1], "pasv-retr")
+            with rp_filter_set(lab, lab.gw2, rp_filter), arrivals(lab, lab.gw2, f"nmap-pasv-{rp_filter}") as wire:
+                exp, exps, connect = nmap_session(lab, pub, target, after="PASV")
+            log = lab.ftpalg_log(lab.gw2)
+            seen = ls.accepted()
+        assert seen == [] and exps == [] and connect.startswith("failed"), (seen, exp, connect, log)
+        assert arrived(wire, me, pub, "PASV") and arrived(wire, addr, me, pasv_text(*target)), wire
+        assert "40012" not in log, log
+        with alg_without_reverse_path_check(lab, lab.gw2), rp_filter_set(lab, lab.gw2, rp_filter):
             exp, exps, connect = nmap_session(lab, pub, target, after="PASV")
-        finally:
-            lab.ns(lab.gw2, ["sysctl", "-qw", *[k[:-1] + "0" for k in keys]])
-        log = lab.ftpalg_log(lab.gw2)
-        seen = ls.accepted()
-    assert seen == [] and exps == [] and connect.startswith("failed"), (seen, exp, connect, log)
+        opened = ls.accepted(expect=1)
+    assert f"src={me} dst={pub} sport=0 dport=40012" in exp and connect.startswith("connected"), (exp, connect)
+    assert len(opened) == 1 and opened[0].startswith(f"accepted {addr}:40012 from {me}:"), opened
+
+
+def forge_clients_port(lab: Lab, srv: ScriptedServer, port: int) -> str:
+    """A session of the inside client with the outside scripted server, which forges the
+    client's ``PORT 10,0,0,2,...`` naming ``port`` and connects there: what it said."""
+    with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
+        login(d)
+        # not waited for at the client: the server then acknowledges bytes the client never sent
+        require(d.step(f"send SITE FORGE {port}") == "sent", "SITE FORGE")
+        return server_said(srv, f"200 forged {forged_port(port)}; connect")
+
+
+def forged_port(port: int) -> str:
+    return f"PORT {port_arg(CLIENTS[0], port)}"
 
 
 @pytest.mark.parametrize("rp_filter", [0, 1])
@@ -408,22 +532,23 @@ def test_server_forging_its_clients_port_reaches_nothing(lab, evil_outside, rp_f
     next segment (source 10.0.0.2 and the client's port, exact sequence numbers) carrying
     ``PORT 10,0,0,2,156,77`` into gw1's outside interface, then connects to the gateway's
     public address at port 40013, where a service of the client listens. Nothing may open:
-    the segment came in from the internet, not from the client."""
+    the segment came in from the internet, not from the client. The forged segment reaches
+    the gateway (a capture on its outside interface); with the queue rule's reverse-path
+    check deleted, the same forgery opens the port to the server, whatever the kernel's
+    rp_filter."""
     target = (CLIENTS[0], 40013)
-    keys = [f"net.ipv4.conf.{d}.rp_filter={rp_filter}" for d in ("all", "go")]
-    with Listener(lab, lab.client, [target], name="client-40013") as ls, alg(lab, lab.gw):
-        with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:  # the legitimate session works
-            login(d)
-            require(d.step(f"port-retr {FILE}") == want_file(lab), "legitimate transfer")
-        lab.ns(lab.gw, ["sysctl", "-qw", *keys])
-        try:
-            with Driver(lab, lab.client, EVIL, CLIENTS[0]) as d:
-                login(d)
-                # not waited for at the client: the server then acknowledges bytes the client never sent
-                require(d.step("send SITE FORGE 40013") == "sent", "SITE FORGE")
-                r = server_said(evil_outside, "200 forged PORT 10,0,0,2,156,77; connect")
-        finally:
-            lab.ns(lab.gw, ["sysctl", "-qw", *[k[:-1] + "0" for k in keys]])
-        log = lab.ftpalg_log(lab.gw)
-        seen = ls.accepted()
-    assert f"connect {GW_PUBLIC}:40013 failed" in r and seen == [], (seen, r, log)
+    with Listener(lab, lab.client, [target], name="client-40013") as ls:
+        with alg(lab, lab.gw):
+            legitimate_transfer(lab, lab.client, EVIL, CLIENTS[0], "port-retr")
+            with rp_filter_set(lab, lab.gw, rp_filter), arrivals(lab, lab.gw, f"forge-port-{rp_filter}") as wire:
+                r = forge_clients_port(lab, evil_outside, 40013)
+            log = lab.ftpalg_log(lab.gw)
+            seen = ls.accepted()
+        assert f"connect {GW_PUBLIC}:40013 failed" in r and seen == [], (seen, r, log)
+        assert arrived(wire, CLIENTS[0], EVIL, forged_port(40013)), wire
+        assert "40013" not in log, log
+        with alg_without_reverse_path_check(lab, lab.gw), rp_filter_set(lab, lab.gw, rp_filter):
+            r = forge_clients_port(lab, evil_outside, 40013)
+        opened = ls.accepted(expect=1)
+    assert f"connect {GW_PUBLIC}:40013 ok b'hello\\n'" in r, r
+    assert len(opened) == 1 and opened[0].startswith(f"accepted {CLIENTS[0]}:40013 from {EVIL}:"), opened
