@@ -115,12 +115,12 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from .linux.rules import iptables_queue_rules, nft_rules
 
     gw = args.cfg.gateway
-    ports, queue, workers = gw.control_ports, gw.queue_num, gw.workers
+    ports, queue, workers, sel = gw.control_ports, gw.queue_num, gw.workers, args.cfg.queue_selected
     text = {
         "nft": lambda: nft_rules(ports, workers=workers),
         "nft-queue": lambda: nft_rules(ports, queue, workers=workers),
-        "queue-iptables": lambda: iptables_queue_rules(ports, queue, 4, workers),
-        "queue-ip6tables": lambda: iptables_queue_rules(ports, queue, 6, workers),
+        "queue-iptables": lambda: iptables_queue_rules(ports, queue, 4, workers, sel),
+        "queue-ip6tables": lambda: iptables_queue_rules(ports, queue, 6, workers, sel),
     }[args.part]()
     sys.stdout.write(text)
     return 0
@@ -132,6 +132,7 @@ OPTION_KEYS = {
     "control_port": "gateway.control_ports",
     "queue_num": "gateway.queue_num",
     "queue_backend": "gateway.queue_backend",
+    "queue": "gateway.queue",
     "workers": "gateway.workers",
     "install_rules": "gateway.install_rules",
     "pinhole_timeout": "gateway.pinhole_timeout",
@@ -193,6 +194,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", metavar="N",
                        help="worker processes, one queue each (queue-num, queue-num + 1, ...; default 1); "
                             "one per core the gateway can spare")
+        p.add_argument("--queue", metavar="selected|all",
+                       help="which control segments leave the kernel (default selected: only those that may "
+                            "carry an address; all: every one with payload, SYN, FIN, RST); gateway.queue")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)

@@ -34,6 +34,7 @@ DEFAULT_PATH = Path("/etc/ftpalg/ftpalg.toml")
 DEFAULT_QUEUE = 2121  # the NFQUEUE number (workers: this and the next ones)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_BACKENDS = ("auto", "nft", "iptables")
+QUEUE_MODES = ("selected", "all")
 MAX_PINHOLE_TIMEOUT = 86400.0
 MAX_WORKERS = 64
 SUN_PATH_MAX = 107  # bytes of a unix socket address, without the final (or, abstract: leading) NUL
@@ -65,6 +66,7 @@ class Gateway:
     install_rules: bool = True
     pinhole_timeout: float = 120.0
     workers: int = 1  # processes, each on its own queue (queue_num, queue_num + 1, ...)
+    queue: str = "selected"  # which control segments are queued: see rules.py
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,17 @@ class Config:
     def control_ports(self) -> frozenset[int]:
         return frozenset(self.gateway.control_ports)
 
+    @property
+    def queue_selected(self) -> bool:
+        """Whether only the segments that may carry an address are queued: ``gateway.queue``,
+        unless the audit log is on (it records every transfer's command and reply, so it
+        needs every line)."""
+        return self.gateway.queue == "selected" and not self.audit.enabled
+
     def alg_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``core.alg.Alg`` besides its kernel port."""
         return {"control_ports": self.control_ports, "pinhole_timeout": self.gateway.pinhole_timeout,
-                "limits": self.limits()}
+                "limits": self.limits(), "selected": self.queue_selected}
 
     def override(self, values: Mapping[str, tuple[object, str]]) -> Config:
         """A copy with ``values`` (key -> (value, origin)) checked and set."""
@@ -331,6 +340,8 @@ KEYS: dict[str, Key] = {
     "gateway.control_ports": Key(_port_list, "FTP control ports (1..65535; duplicates merged)"),
     "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number (0..65535)"),
     "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), "auto | nft | iptables"),
+    "gateway.queue": Key(_enum(QUEUE_MODES), "selected | all (selected: only segments that may carry an "
+                         "address; all: every segment with payload, SYN, FIN, RST)"),
     "gateway.workers": Key(_ranged(1, MAX_WORKERS), f"worker processes, one queue each (1..{MAX_WORKERS})"),
     "gateway.install_rules": Key(_bool, "false: load deploy/ rules yourself (--no-rules)"),
     "gateway.pinhole_timeout": Key(_pinhole_timeout, "seconds, > 0 and <= 86400"),

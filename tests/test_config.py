@@ -86,6 +86,7 @@ GOOD = [
     ("gateway", "workers", "64", 64),
     ("gateway", "queue_backend", '"nft"', "nft"),
     ("gateway", "queue_backend", '"IPTables"', "iptables"),
+    ("gateway", "queue", '"all"', "all"),
     ("gateway", "install_rules", "false", False),
     ("gateway", "pinhole_timeout", "30", 30.0),
     ("gateway", "pinhole_timeout", "0.5", 0.5),
@@ -126,6 +127,7 @@ BAD = [
     ("gateway", "queue_num", "true", "must be an integer, not a boolean (true)"),
     ("gateway", "queue_num", "1.0", "must be an integer, not a float (1.0)"),
     ("gateway", "queue_backend", "1", "must be a string, not an integer (1)"),
+    ("gateway", "queue", '"some"', 'must be one of selected, all, not "some"'),
     ("gateway", "workers", "2.0", "must be an integer, not a float (2.0)"),
     ("gateway", "install_rules", "1", "must be true or false, not an integer (1)"),
     ("gateway", "install_rules", '"no"', 'must be true or false, not a string ("no")'),
@@ -396,7 +398,9 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
     assert cli.main(["rules", "nft-queue", "--config", str(f)]) == 0
     assert capsys.readouterr().out == nft_rules([21, 2121], 7)
     assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue-num", "8"]) == 0
-    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4)
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4, selected=True)
+    assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue", "all"]) == 0
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 7, 4)
     config.DEFAULT_PATH.write_text("[gateway]\nqueue_num = 9\n")
     assert cli.main(["rules", "nft-queue"]) == 0
     assert capsys.readouterr().out == nft_rules([21], 9)
@@ -452,7 +456,7 @@ def fake_linux(monkeypatch, queue_chains=True):
         monkeypatch.setattr(engine, name, Recorder(name))
     monkeypatch.setattr(serve, "QueueHandler", Recorder("QueueHandler"))
     monkeypatch.setattr(serve, "StaticRules", Recorder("StaticRules"))
-    monkeypatch.setattr(serve, "queue_chains_present", lambda workers=1: queue_chains)
+    monkeypatch.setattr(serve, "queue_chains_present", lambda workers=1, selected=False: queue_chains)
 
 
 def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
@@ -465,8 +469,8 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     assert serve(c) == 0  # the fake queue "runs" until an interrupt
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
-                               "limits": Limits(min_port=1, max_flows=10), "audit": False}
-    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1)
+                               "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False}
+    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, True)
     assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 

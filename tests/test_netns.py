@@ -496,7 +496,8 @@ def test_queue_backend_is_detected_at_run_time(lab, tmp_path):
     finally:
         assert lab.stop_ftpalg(p) == 0
     if not has_nft_queue:
-        res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--queue-backend", "nft"], check=False, timeout=30)
+        res = lab.ns(lab.gw, [*ftpalg_argv(), "run", "--queue-backend", "nft", "--queue", "all"], check=False,
+                     timeout=30)
         assert res.returncode == 1
         assert "queue" in res.stderr and "Error" in res.stderr
     assert "FTPALG" not in lab.ruleset()

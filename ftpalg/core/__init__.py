@@ -1,6 +1,10 @@
 """The pure core: no I/O, no clock, no netfilterqueue/socket/subprocess/scapy imports.
 
-packet (IP/TCP codec), stream (a direction's byte stream), seqadj (edits and seq mapping),
-ftp (grammar), policy (what may open a pinhole), session (the FTP state machine of one control
-connection), table (the connection table and the per-packet walk).
+packet (IP/TCP codec), addr (keys and addresses), stream (a direction's byte stream), seqadj
+(edits and seq mapping), ftp (grammar), policy (what may open a pinhole), session (the FTP state
+machine of one control connection), events (verdicts and decisions as values), kernel (the
+port to conntrack), direction / flow (one connection), pinholes (the book), actions (a line's
+decision carried out), walk (one segment through its connection), alg (the table and the
+entry of each packet), accounting (counters and logs from events), offline (the kernel played
+offline).
 """

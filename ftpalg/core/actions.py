@@ -220,16 +220,18 @@ class Actions:
         self.flows[reply] = (flow, S2C)
         return True
 
-    def close_pinhole(self, flow: Flow, closing: Closing) -> None:
+    def close_pinhole(self, flow: Flow, closing: Closing, withdraw: bool = True) -> None:
+        """Close the live pinhole; ``withdraw``: remove it from the kernel (unless the kernel
+        told us it is gone)."""
         ph = flow.pinhole
         if ph is None:
             return
         flow.pinhole = None
         flow.session.closed()
         self.book.unbook(ph)
-        used = closing.why is Close.USED
         try:
-            self.kernel.withdraw(ph, used)
+            if withdraw:
+                self.kernel.withdraw(ph, closing.why is Close.USED)
         except Exception as e:
             self.refuse(Reason.PINHOLE_CLOSE_FAILED, f"{ph.describe()}: {e}", flow)
         self.events.append(PinholeClosed(flow.key, ph, closing.why, closing.text))
@@ -247,12 +249,23 @@ class Actions:
         for d in (C2S, S2C):
             self.forget_history(flow, d)
         encrypted = flow.session.encrypted
-        flow.session = Session()
+        flow.session = Session(flow.session.selected)
         flow.session.encrypted = encrypted  # TLS stays TLS
         self.events.append(Resynced(flow.key, why + "; history dropped, picked up again", flow.first("resync")))
 
     def encrypted(self, flow: Flow, detail: str) -> None:
         self.events.append(Encrypted(flow.key, detail))
+
+    def follow(self, flow: Flow) -> None:
+        """Selected mode: tell the kernel whether to queue the whole stream of ``flow``."""
+        want = flow.wants_whole_stream
+        if want == flow.following:
+            return
+        try:
+            self.kernel.follow(flow.key, want)
+            flow.following = want
+        except Exception as e:  # then only the selected segments come: a split line may pass unread
+            self.refuse(Reason.FOLLOW_FAILED, f"kernel label not {'set' if want else 'cleared'}: {e}", flow)
 
     def evicted(self, count: int) -> None:
         self.events.append(FlowsEvicted(count, self.limits.max_flows))

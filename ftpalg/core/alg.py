@@ -33,6 +33,9 @@ from .walk import _SLOW, Walk
 
 CLOSE_GRACE = 60.0  # keep corrections this long after both FINs (late retransmissions)
 IDLE_CHECK = 600.0  # idle flows older than this are dropped once conntrack forgot them
+# Selected mode: a connection's FIN is not queued, so its end is learnt from conntrack: a flow
+# idle this long is looked up (one netlink request) at each sweep, and forgotten once gone.
+IDLE_CHECK_SELECTED = 30.0
 TICK = 1.0  # seconds between sweeps of the table (pinhole expiry, ended connections)
 REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
@@ -40,6 +43,7 @@ _CTL = SYN | FIN | RST | ACK
 _RESET = Closing(Close.CONTROL_RESET, "control connection reset")
 _FIN = Closing(Close.CONTROL_CLOSING, "control connection closing")
 _EXPIRED = Closing(Close.EXPIRED, "timeout")
+_GONE = Closing(Close.USED, "used (the kernel removed it)")
 
 
 class Alg:
@@ -47,7 +51,7 @@ class Alg:
 
     def __init__(self, kernel: Kernel, control_ports: frozenset[int] = frozenset({21}),
                  pinhole_timeout: float = 120.0, rng: random.Random | None = None,
-                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False) -> None:
+                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False, selected: bool = False) -> None:
         self.kernel = kernel
         self.limits = limits
         self.control_ports = control_ports
@@ -57,7 +61,8 @@ class Alg:
         self.book = PinholeBook(limits)
         self.actions = Actions(kernel, self.book, self.flows, self.counters, limits, pinhole_timeout,
                                rng or random.SystemRandom(), audit)
-        self.walk = Walk(self.actions, self, self.counters, limits)
+        self.selected = selected  # the kernel queues only segments that may matter (rules.py)
+        self.walk = Walk(self.actions, self, self.counters, limits, selected)
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
         # (a SYN flood fills this bounded FIFO and nothing else).
         self.syns: OrderedDict[FlowKey, int] = OrderedDict()
@@ -174,7 +179,7 @@ class Alg:
             self.actions.refuse(Reason.FLOW_CAP, f"{self.tracked} control connections tracked (--max-flows): "
                                                  "a new one passes untouched, without pinholes")
             return None
-        flow = Flow(key, now)
+        flow = Flow(key, now, self.selected)
         where = self.evicted.pop(key, None)
         if where is not None and seq is not None:
             # Forgotten at the flow cap, seen again at a client segment: if it is the very next
@@ -256,13 +261,21 @@ class Alg:
                 self.actions.close_pinhole(flow, _EXPIRED)
             if flow.closed_at is not None and now - flow.closed_at >= CLOSE_GRACE:
                 self.end(flow, "closed")
-            elif now - flow.last_seen >= IDLE_CHECK:
-                if not flow.corrected:
+            elif now - flow.last_seen >= (IDLE_CHECK_SELECTED if self.selected else IDLE_CHECK):
+                if not flow.corrected and not self.selected:
                     self.end(flow, "idle")
                 elif self.kernel.mapping(flow.key) is None:
                     self.end(flow, "gone from conntrack")
                 else:
                     flow.last_seen = now
+
+    def pinhole_gone(self, pinhole_id: int) -> None:
+        """The kernel no longer holds the pinhole (its data connection used it, or its
+        control connection ended): closed as used, nothing withdrawn."""
+        ph = self.book.by_id(pinhole_id)
+        hit = self.flows.get(ph.master) if ph is not None else None
+        if hit is not None and hit[0].pinhole is ph:
+            self.actions.close_pinhole(hit[0], _GONE, withdraw=False)
 
     def release_all(self) -> None:
         """Let every waiting segment go as decided so far (on shutdown)."""

@@ -52,6 +52,7 @@ class Reason(StrEnum):
     HELD_CAP = "held_cap"
     AUDIT_FAILED = "audit_failed"
     PINHOLE_CLOSE_FAILED = "pinhole_close_failed"
+    FOLLOW_FAILED = "follow_failed"  # the kernel's mark for queueing a whole stream not changed
 
 
 # What the metric ftpalg_refusals exports, by reason (its label set, unchanged since issue 7).

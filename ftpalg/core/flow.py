@@ -22,20 +22,21 @@ C2S, S2C = 0, 1
 
 class Flow:
     __slots__ = ("key", "reply_key", "mapping", "dirs", "session", "pinhole", "last_pinhole", "closed_at",
-                 "last_seen", "logged", "lookups")
+                 "last_seen", "logged", "lookups", "following")
 
-    def __init__(self, key: FlowKey, now: float) -> None:
+    def __init__(self, key: FlowKey, now: float, selected: bool = False) -> None:
         self.key = key
         self.reply_key: FlowKey | None = None  # the server's side, once conntrack told
         self.mapping: Mapping | None = None
         self.dirs = (Direction(), Direction())
-        self.session = Session()
+        self.session = Session(selected)
         self.pinhole: Pinhole | None = None  # the live one
         self.last_pinhole: Pinhole | None = None  # the latest opened, open or not (audit)
         self.closed_at: float | None = None  # both FINs, or a RST
         self.last_seen = now
         self.logged: tuple[str, ...] = ()  # reasons reported for it (a few; an empty set is 216 bytes)
         self.lookups = 0  # NAT mapping look-ups tried
+        self.following = False  # the kernel was asked to queue its whole stream (selected mode)
 
     @property
     def corrected(self) -> bool:
@@ -51,6 +52,15 @@ class Flow:
         """Whether segments of it wait (held or kept ahead)."""
         a, b = self.dirs
         return bool(a.held or a.ahead or b.held or b.ahead)
+
+    @property
+    def wants_whole_stream(self) -> bool:
+        """Selected mode: whether the kernel must queue every segment of it for now — a line
+        is held for its rest, or a multi-line passive reply is open without its address yet
+        (their next segments may carry no word the kernel selects by)."""
+        s = self.session
+        return (bool(self.dirs[0].held or self.dirs[1].held)
+                or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted))
 
     def first(self, reason: str) -> bool:
         """Whether ``reason`` is news for this connection (reported once per connection)."""

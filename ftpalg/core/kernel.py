@@ -72,6 +72,10 @@ class Kernel(Protocol):
         """Let the data connection ``ph`` describes in, once; raise PinholeBusy if its public
         port is expected already, anything else on failure."""
 
+    def follow(self, key: FlowKey, on: bool) -> None:
+        """Queue every segment of the connection (``on``), or only the selected ones again
+        (the connection's mark in the kernel that the queue rules test)."""
+
     def withdraw(self, ph: Pinhole, used: bool) -> None:
         """Remove ``ph``, and only it (never another pinhole with the same tuple). ``used``:
         its transfer is over, so the kernel has most likely consumed it already (do not wait

@@ -29,6 +29,8 @@ class OfflineKernel:
         self.fail_withdraw = False
         self.busy: set[int] = set()  # public ports expected by connections the core does not know
         self.reads = 0  # corrections made with the kernel's state read first
+        self.following: set[FlowKey] = set()  # connections whose whole stream is queued
+        self.follow_log: list[tuple[FlowKey, bool]] = []
 
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         reply = self.table.get(key)
@@ -55,6 +57,10 @@ class OfflineKernel:
         self.live[ph.id] = ph
         self.opened.append(ph)
         self.log.append(("open", ph.id))
+
+    def follow(self, key: FlowKey, on: bool) -> None:
+        (self.following.add if on else self.following.discard)(key)
+        self.follow_log.append((key, on))
 
     def withdraw(self, ph: Pinhole, used: bool) -> None:
         if self.fail_withdraw:

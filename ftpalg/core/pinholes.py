@@ -19,13 +19,14 @@ from .policy import Limits
 
 
 class PinholeBook:
-    __slots__ = ("limits", "promised", "per_client", "next_id")
+    __slots__ = ("limits", "promised", "per_client", "next_id", "ids")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.promised: dict[tuple[str, str, int], Pinhole] = {}  # (peer, public, port)
         self.per_client: Counter[str] = Counter()  # live pinholes per FTP client address
         self.next_id = 1
+        self.ids: dict[int, Pinhole] = {}
 
     def __len__(self) -> int:
         return len(self.promised)
@@ -53,14 +54,19 @@ class PinholeBook:
         """``ph`` is open for ``client``."""
         self.next_id = max(self.next_id, ph.id + 1)
         self.promised[(ph.peer, ph.public, ph.public_port)] = ph
+        self.ids[ph.id] = ph
         self.per_client[client] += 1
 
     def unbook(self, ph: Pinhole) -> None:
         self.promised.pop((ph.peer, ph.public, ph.public_port), None)
+        self.ids.pop(ph.id, None)
         client = addr_text(ph.master[0])
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
+
+    def by_id(self, pinhole_id: int) -> Pinhole | None:
+        return self.ids.get(pinhole_id)
 
     def expired(self, now: float) -> list[Pinhole]:
         return [ph for ph in self.promised.values() if ph.expires <= now]

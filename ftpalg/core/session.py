@@ -24,7 +24,13 @@ connection or the firewall. The rules:
    announcement replaces it, when the server refuses the PORT/EPRT/LPRT that announced it
    (4xx/5xx), and when a transfer command sent at or after that index gets its final reply.
    The caller closes it too on timeout and at the end of the connection (``closed()``).
-5. ``AUTH`` (RFC 4217 ``AUTH TLS``, RFC 2228 ``AUTH SSL``) answered by ``234`` turns the
+5. SELECTED (``Session(selected=True)``): the kernel lets through without queueing every
+   segment that carries no address verb or passive reply, so most commands and replies are
+   never seen. Only PASV/EPSV/LPSV/PORT/EPRT/LPRT/AUTH wait for replies, and a 227/228/229
+   or 234 answers the newest of them if it is the command that asks for it (replies come in
+   order: everything older is answered too); other replies answer nothing. A transfer's end
+   is not seen: its pinhole closes when the kernel has used it (``Alg.pinhole_gone``).
+6. ``AUTH`` (RFC 4217 ``AUTH TLS``, RFC 2228 ``AUTH SSL``) answered by ``234`` turns the
    control connection into TLS: from the byte after the 234 line on, both directions are
    opaque (``encrypted``) and the caller must stop reading lines; the live pinhole closes.
    RFC 4217 §4: the client sends nothing after AUTH until its reply, so no plain command
@@ -42,6 +48,9 @@ HOSTPORT_VERBS = frozenset({b"PORT", b"EPRT", b"LPRT"})
 TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST", b"MLSD"})
 # the command each passive reply answers
 PASSIVE_VERB = {ftp.Form.PASV: b"PASV", ftp.Form.EPSV: b"EPSV", ftp.Form.LPSV: b"LPSV"}
+# SELECTED: the commands whose replies matter, the only ones remembered when not every line
+# is seen (their replies, 227/228/229/234, are queued by the kernel whatever else is not).
+SELECTED_VERBS = frozenset({b"PASV", b"EPSV", b"LPSV", b"PORT", b"EPRT", b"LPRT", b"AUTH"})
 MAX_PENDING = 64
 ARG_MAX = 256  # bytes of a transfer's path (or a user name) kept for the audit record
 MAX_TRANSFERS = 4  # transfer commands whose path is remembered until their reply
@@ -81,9 +90,12 @@ _ENCRYPTED = Closing(Close.ENCRYPTED, "control connection encrypted (AUTH)")
 
 class Session:
     __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted", "user",
-                 "last_verb", "paths", "unrecorded")
+                 "last_verb", "paths", "unrecorded", "selected")
 
-    def __init__(self) -> None:
+    def __init__(self, selected: bool = False) -> None:
+        # ``selected``: only the lines that may carry an address reach the session (the
+        # kernel queues nothing else, see rules.py): see SELECTED below.
+        self.selected = selected
         # lists, not deques: at most MAX_PENDING / MAX_TRANSFERS short entries, and an empty
         # list is 56 bytes where an empty deque is ~600 (memory per tracked connection)
         self.pending: list[tuple[bytes, int]] = []
@@ -106,7 +118,12 @@ class Session:
         n = self.count
         verb = ftp.command_verb(line)
         self.last_verb = verb
-        if follow_replies:
+        if self.selected:
+            if verb in SELECTED_VERBS:  # others are lines seen by chance: their replies are not
+                if len(self.pending) >= MAX_PENDING:
+                    del self.pending[0]  # replies pair with the newest: the oldest can go
+                self.pending.append((verb, n))
+        elif follow_replies:
             if self.unrecorded or len(self.pending) >= MAX_PENDING:
                 self.unrecorded += 1  # never forget the oldest: replies would shift onto later commands
             else:
@@ -116,7 +133,7 @@ class Session:
             arg = parts[1].strip()[:ARG_MAX] if len(parts) > 1 else b""
             if verb == b"USER":
                 self.user = arg
-            elif follow_replies:
+            elif follow_replies and not self.selected:
                 self.paths.append((n, arg))
                 if len(self.paths) > MAX_TRANSFERS:
                     del self.paths[0]
@@ -148,7 +165,10 @@ class Session:
         if n < 3 or not head.isdigit() or (n > 3 and line[3] not in _REPLY_SEPARATORS):
             return NOTHING
         code = int(head)
-        self.reply_cmd = self.pending[0] if self.pending else ((b"", 0) if self.unrecorded else None)
+        if self.selected:
+            self.reply_cmd = self.pending[-1] if self.pending else None
+        else:
+            self.reply_cmd = self.pending[0] if self.pending else ((b"", 0) if self.unrecorded else None)
         self.reply_found = False
         found = self._passive(line, code) if code in ftp.PASSIVE_REPLY_CODES else NOTHING
         if n > 3 and line[3] == 0x2D:  # "NNN-": opens a multi-line reply
@@ -177,6 +197,8 @@ class Session:
 
     def _answered(self, code: int, line: bytes) -> Decision:
         """The final line of a reply: it answers the oldest pending command."""
+        if self.selected:
+            return self._answered_selected(code)
         if code < 200 or not (self.pending or self.unrecorded):
             return NOTHING  # preliminary, or the greeting / an unsolicited 421
         if not self.pending:  # the reply of a command beyond MAX_PENDING
@@ -207,6 +229,19 @@ class Session:
         if verb in TRANSFER_VERBS and live <= n:
             return Decision(close=Closing(Close.USED, f"{verb.decode()} finished ({code})"))
         return NOTHING
+
+    def _answered_selected(self, code: int) -> Decision:
+        """SELECTED: a 227/228/229 or 234 answers the newest address command if it is the one
+        that asks for it (PASV/LPSV/EPSV, AUTH); it and everything older are answered then."""
+        asked = self.reply_cmd
+        if asked is None or asked not in self.pending:
+            return NOTHING
+        verb, n = asked
+        form = ftp.PASSIVE_REPLY_CODES.get(code)
+        if not ((form is not None and verb == PASSIVE_VERB[form]) or (code == 234 and verb == b"AUTH")):
+            return NOTHING
+        del self.pending[: self.pending.index(asked) + 1]
+        return self._after_reply(verb, n, code)
 
     # ---- the live pinhole ----------------------------------------------------------------
     def _replacing(self, hp: ftp.HostPort) -> Closing | None:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from . import ftp
 from .actions import Actions, Spans
-from .direction import AHEAD_TIME, HOLD_BYTES, HOLD_SEGMENTS, HOLD_TIME, HeldSeg
+from .direction import AHEAD_TIME, HOLD_BYTES, HOLD_SEGMENTS, HOLD_TIME, Direction, HeldSeg
 from .events import DROPS, HELD, PASS, DropWhy, Held, Reason, Replace, Verdict
 from .flow import C2S, Flow
 from .packet import ACK, FIN, RST, SYN, DecodeError, Segment, encode
@@ -64,8 +64,10 @@ class Table(Protocol):
 
 
 class Walk:
-    def __init__(self, actions: Actions, table: Table, counters: Counter[str], limits: Limits) -> None:
+    def __init__(self, actions: Actions, table: Table, counters: Counter[str], limits: Limits,
+                 selected: bool = False) -> None:
         self.actions = actions
+        self.selected = selected  # only segments that may matter are queued: see ``jump``
         self.table = table
         self.counters = counters
         self.limits = limits
@@ -86,6 +88,8 @@ class Walk:
         st = dr.stream
         seq = seg.seq
         session = flow.session
+        if self.selected and seq != st.next_seq and payload and not dr.held:
+            self.jump(dr, seq)
         if (not payload or payload[-1] != 0x0A or seq != st.next_seq or not st.at_line_start
                 or dr.held or dr.ahead or flow.closed_at is not None or flow.dirs[0].fin or flow.dirs[1].fin
                 or session.encrypted or (d == C2S and flow.reply_key is None)
@@ -116,14 +120,34 @@ class Walk:
             res = b"".join(parts)
             if res != payload:
                 out = res
+        if self.selected and (flow.following or session.reply_code):
+            self.actions.follow(flow)
         if out is payload and not dr.adj.edits:
             return PASS
         return self.finish(flow, d, seg, out)
+
+    def jump(self, dr: Direction, seq: int) -> None:
+        """Selected mode: the segments between the last one seen and this one stayed in the
+        kernel, and each of them ended with a line end (a segment that does not is queued):
+        ``seq`` is a line start. Bytes older than what was seen are a retransmission: no
+        jump."""
+        if dr.ahead_of_stream(seq):
+            dr.follow_from(seq, True)
+            self.counters["lines_skipped"] += 1
 
     # ---- ordering ------------------------------------------------------------------------------
     def segment(self, flow: Flow, d: int, seg: Segment, now: float, token: object = None,
                 draining: bool = False) -> Decided:
         dr = flow.dirs[d]
+        if self.selected and not draining:
+            if seg.payload:
+                if dr.held and diff(seg.seq, dr.held_end()) > 0:  # the rest went by unqueued
+                    self.release_held(flow, d, "the stream went on without the rest of the line")
+                if not dr.held:
+                    self.jump(dr, seg.seq)
+            out = self._in_order(flow, d, seg, now, token)
+            self.actions.follow(flow)
+            return out
         if not draining and seg.payload and not seg.flags & (SYN | RST) and dr.ahead_of_stream(seg.seq):
             # a hole before it
             if dr.has_ahead(seg.seq):
@@ -361,6 +385,8 @@ class Walk:
                     self.released.extend((h.token, DROPS[DropWhy.REWOUND]) for h in held)
                 else:
                     self.release_held(flow, d, "the rest of the line did not come")
+            if self.selected:
+                self.actions.follow(flow)
         self.prune()
 
     def prune(self) -> None:

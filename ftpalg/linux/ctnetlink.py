@@ -44,6 +44,7 @@ NLA_TYPE_MASK = 0x3FFF
 # enum ctattr_type
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_HELP = 1, 2, 5
 CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY = 15, 16
+CTA_LABELS, CTA_LABELS_MASK = 22, 23
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -344,6 +345,18 @@ class CtNetlink:
             raise NoSeqAdjust(errno.EOPNOTSUPP, "connection has no sequence-adjustment extension")
         return new
 
+    def label(self, key: FlowKey, bit: int, on: bool) -> None:
+        """Set or clear conntrack label ``bit`` (0..127) of the entry, the others untouched
+        (CTA_LABELS under CTA_LABELS_MASK: 128 bits as four host-order words). The entry must
+        have the labels extension: the kernel adds it to new connections while any rule
+        matches labels."""
+        words = [0, 0, 0, 0]
+        words[bit // 32] = 1 << (bit % 32)
+        mask = struct.pack("=4I", *words)
+        value = mask if on else bytes(16)
+        self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, _family(key[0]),
+                      tuple_attr(key) + _attr(CTA_LABELS, value) + _attr(CTA_LABELS_MASK, mask))
+
     # ---- expectations -------------------------------------------------------------------
     def expect(self, master: FlowKey, peer: bytes, public: bytes, public_port: int, inside_port: int,
                active: bool, timeout: int) -> None:
@@ -380,6 +393,61 @@ class CtNetlink:
                 return False
             raise
         return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+# ---- expectation events -------------------------------------------------------------------
+NFNLGRP_CONNTRACK_EXP_DESTROY = 6
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+
+
+def parse_expect_tuples(data: bytes) -> list[FlowKey]:
+    """The CTA_EXPECT_TUPLE of each expectation message in a netlink datagram."""
+    out = []
+    off = 0
+    while off + 16 <= len(data):
+        n, kind = struct.unpack_from("=IH", data, off)
+        if n < 16 or off + n > len(data):
+            break
+        if kind & 0xFF == IPCTNL_MSG_EXP_DELETE and kind >> 8 == NFNL_SUBSYS_CTNETLINK_EXP:
+            for k, v in _attrs(data, off + 20, off + n):
+                if k == CTA_EXPECT_TUPLE:
+                    out.append(_parse_tuple(v))
+        off += (n + 3) & ~3
+    return out
+
+
+class ExpectationEvents:
+    """A netlink socket that hears the kernel remove expectations (used by their data
+    connection, timed out, or gone with their master): one message per expectation, only
+    expectations, so it stays quiet on a busy gateway. Non-blocking: ``read()`` returns the
+    tuples of what was removed since the last call."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.setblocking(False)
+        self._sock.bind((0, 0))
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_EXP_DESTROY)
+        self.overruns = 0  # the kernel dropped events (socket buffer full): pinholes expire instead
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> list[FlowKey]:
+        out: list[FlowKey] = []
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise
+            out += parse_expect_tuples(data)
 
     def close(self) -> None:
         self._sock.close()

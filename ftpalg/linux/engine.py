@@ -6,15 +6,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Config
 from ..core.accounting import Accounting
 from ..core.alg import Alg
 from ..core.policy import Limits
 from . import audit
-from .ctnetlink import CtNetlink
+from .ctnetlink import CtNetlink, ExpectationEvents
 from .kernel import LinuxKernel
 from .metrics import LatencyHistogram, MetricsView
 from .status import Document
@@ -30,6 +31,9 @@ class Engine:
     accounting: Accounting
     latency: LatencyHistogram
     verdicts: Counter[str]
+    # what the queue loop also watches between packets: (file, callback), the callback
+    # returning False to stop the loop (the kernel's expectation events, selected mode)
+    watch: tuple[tuple[Any, Callable[[], bool]], ...] = ()
 
     def snapshot(self) -> Document:
         """``ftpalg status``'s document."""
@@ -54,11 +58,25 @@ def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
         kwargs["limits"] = limits
     alg = Alg(kernel, audit=on_transfer is not None, **kwargs)
     accounting = Accounting(alg.counters, on_transfer)
+    events = ExpectationEvents() if alg.selected else None
+    watch: tuple[tuple[Any, Callable[[], bool]], ...] = ()
+    if events is not None:
+        def gone() -> bool:
+            """Pinholes the kernel removed (used, or gone with their master): in selected mode
+            the replies that end a transfer are not queued, so this is how ftpalg learns it."""
+            for pid in kernel.gone(events.read()):
+                alg.pinhole_gone(pid)
+            accounting.consume(alg.drain())
+            return True
+
+        watch = ((events, gone),)
     try:
-        yield Engine(alg, accounting, LatencyHistogram(), Counter())
+        yield Engine(alg, accounting, LatencyHistogram(), Counter(), watch)
     finally:
         alg.shutdown()
         accounting.consume(alg.drain())  # the pinholes closed at the end, counted and logged
         if audit_sink is not None:
             audit_sink.close()
+        if events is not None:
+            events.close()
         nl.close()

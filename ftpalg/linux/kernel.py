@@ -26,6 +26,8 @@ from .ctnetlink import CtError, CtNetlink
 
 log = logging.getLogger("ftpalg")
 
+FOLLOW_LABEL = 127  # conntrack label: queue the whole stream of this control connection (rules.py)
+
 
 class LinuxKernel:
     """Conntrack entries, sequence adjustment and expectations on ``nl`` (which the caller
@@ -37,6 +39,9 @@ class LinuxKernel:
     def __init__(self, nl: CtNetlink, pinhole_timeout: float) -> None:
         self.nl = nl
         self.timeout = pinhole_timeout
+        # (peer, public, public port) of each pinhole expected, packed -> its id: what the
+        # kernel's expectation events are matched against (``gone``)
+        self.expected: dict[tuple[bytes, bytes, int], int] = {}
         self.lookup_failures = 0
         self.close_failures = 0
         nl.on_late_error = self._late_error
@@ -62,16 +67,22 @@ class LinuxKernel:
         cannot carry one, CtError if it is gone (``CtNetlink.seq_adjust``)."""
         return self.nl.seq_adjust(key, direction, seq, delta, known)
 
+    def follow(self, key: FlowKey, on: bool) -> None:
+        """Mark the connection for the queue rules: every segment of it is queued while
+        label FOLLOW_LABEL is set (rules.py), only the selected ones otherwise."""
+        self.nl.label(key, FOLLOW_LABEL, on)
+
     # ---- pinholes -----------------------------------------------------------------------
     def expect(self, ph: Pinhole) -> None:
         """Create the pinhole's expectation; PinholeBusy if its tuple is taken."""
+        peer, public = packed(ph.peer), packed(ph.public)
         try:
-            self.nl.expect(ph.master, packed(ph.peer), packed(ph.public), ph.public_port, ph.inside_port,
-                           ph.active, int(self.timeout))
+            self.nl.expect(ph.master, peer, public, ph.public_port, ph.inside_port, ph.active, int(self.timeout))
         except CtError as e:
             if e.errno in (errno.EBUSY, errno.EEXIST):
                 raise PinholeBusy(str(e)) from e
             raise
+        self.expected[(peer, public, ph.public_port)] = ph.id
 
     def withdraw(self, ph: Pinhole, used: bool) -> None:
         """Delete the pinhole's expectation. ``used``: its transfer is over, so the kernel has
@@ -80,6 +91,8 @@ class LinuxKernel:
         (``_late_error``). Otherwise the answer is waited for; a failure is counted and
         logged, not raised."""
         peer, public = packed(ph.peer), packed(ph.public)
+        if self.expected.get((peer, public, ph.public_port)) == ph.id:
+            del self.expected[(peer, public, ph.public_port)]
         if used:
             self.nl.unexpect_unacked(peer, public, ph.public_port, f"id={ph.id}")
             return
@@ -88,6 +101,16 @@ class LinuxKernel:
         except CtError as e:
             self.close_failures += 1
             log.warning("pinhole_close_failed id=%d: %s", ph.id, e)
+
+    def gone(self, tuples: list[FlowKey]) -> list[int]:
+        """The ids of our pinholes among expectations the kernel removed (``tuples``: their
+        CTA_EXPECT_TUPLE, peer -> public:port, from ``ExpectationEvents``)."""
+        out = []
+        for peer, _, public, port in tuples:
+            pid = self.expected.pop((peer, public, port), None)
+            if pid is not None:
+                out.append(pid)
+        return out
 
     def _late_error(self, what: str, e: CtError) -> None:
         self.close_failures += 1

@@ -137,8 +137,10 @@ class QueueHandler:
     final verdict (accepted unchanged, rewritten, dropped); both optional (metrics)."""
 
     def __init__(self, alg: Alg, queue_num: int, latency: LatencySink | None = None,
-                 verdicts: dict[str, int] | None = None, accounting: Accounting | None = None) -> None:
+                 verdicts: dict[str, int] | None = None, accounting: Accounting | None = None,
+                 watch: Iterable[tuple[Any, Callable[[], bool]]] = ()) -> None:
         self.alg = alg
+        self.watch = tuple(watch)  # (file, callback) pairs served like ``run``'s ``extra``
         self.accounting = accounting or Accounting(alg.counters)  # reads what the core decided
         self.queue_num = queue_num
         self.faults: dict[str, int] = {}
@@ -212,7 +214,7 @@ class QueueHandler:
         self.fail_open = enable_fail_open(nfq, self.queue_num)
         try:
             with queue_selector(nfq) as (sel, stopped):
-                for f, callback in extra:
+                for f, callback in (*self.watch, *extra):
                     sel.register(f, selectors.EVENT_READ, callback)
                 self._loop(nfq, sel, stopped, ready, bound_message or f"bound to NFQUEUE {self.queue_num}")
         finally:

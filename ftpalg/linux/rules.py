@@ -37,13 +37,14 @@ log = logging.getLogger("ftpalg")
 CHAIN_QUEUE = "FTPALG-QUEUE"
 CHAIN_CONTROL = "FTPALG-CONTROL"
 CHAIN_WORKERS = "FTPALG-WORKERS"
+CHAIN_SELECT = "FTPALG-SELECT"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)
-SUBCHAINS = (("mangle", CHAIN_CONTROL), ("mangle", CHAIN_WORKERS))  # jumped to only from our own chains
+SUBCHAINS = (("mangle", CHAIN_CONTROL), ("mangle", CHAIN_WORKERS), ("mangle", CHAIN_SELECT))  # from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -169,6 +170,36 @@ def _restore(text: str, family: int = 4) -> None:
     _run([f"{iptables(family)}-restore", "--noflush", "--wait"], text)
 
 
+# ---- which segments leave the kernel (queue = "selected") -------------------------------------
+# A segment of a control connection is queued only if it may carry, or continue, something
+# ftpalg acts on: from the client, a verb that announces or asks for a data address or changes
+# the session's mode, anywhere in the segment and in any case; from the server, a passive reply
+# or the answer to AUTH; from either, a segment that does not end with a line end (it may hold
+# the first part of such a line, even part of its verb); and every segment of a connection
+# ftpalg has marked (conntrack label FOLLOW_LABEL: a line held for its rest, a multi-line
+# passive reply still open). Everything else (USER, 331, TYPE, 200, RETR, 150, 226, NOOP, ...,
+# pure ACKs, SYN, FIN) stays in the kernel, which applies ftpalg's corrections to it itself.
+SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH")
+SELECT_REPLIES = ("227", "228", "229", "234")
+FOLLOW_LABEL = 127  # as ftpalg.linux.kernel.FOLLOW_LABEL
+# Classic BPF (xt_bpf runs it on the packet from its IP header): true when the last byte is
+# not LF. ld len; sub #1; tax; ldb [x + 0]; jeq #10 -> ret 0 (ends a line); ret 1.
+NO_LINE_END_BPF = "7,128 0 0 0,20 0 0 1,7 0 0 0,80 0 0 0,21 1 0 10,6 0 0 1,6 0 0 0"
+
+
+def _select_rules(verdict: str) -> list[str]:
+    """The chain that picks, among a control connection's segments with payload, those to
+    queue (``verdict``); the others return to PREROUTING."""
+    c = CHAIN_SELECT
+    lines = [f"-A {c} -m connlabel --label {FOLLOW_LABEL} {verdict}",
+             f'-A {c} -m bpf --bytecode "{NO_LINE_END_BPF}" {verdict}']
+    lines += [f'-A {c} -m conntrack --ctdir ORIGINAL -m string --algo bm --icase --string "{v}" {verdict}'
+              for v in SELECT_VERBS]
+    lines += [f'-A {c} -m conntrack --ctdir REPLY -m string --algo bm --string "{r}" {verdict}'
+              for r in SELECT_REPLIES]
+    return lines
+
+
 # ---- rule text ------------------------------------------------------------------------------
 def _payload_tests(family: int) -> list[str]:
     """u32 tests that hold for a TCP segment carrying payload (IP total length beyond the
@@ -186,7 +217,8 @@ def _payload_tests(family: int) -> list[str]:
     return out
 
 
-def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, workers: int = 1) -> str:
+def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, workers: int = 1,
+                         selected: bool = False) -> str:
     """The queue rule for iptables-restore (``family`` 4) or ip6tables-restore (6).
 
     Which packets: both directions of connections whose original destination port is a
@@ -204,7 +236,11 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
     no conntrack entry and never match ``--ctorigdstport``.
 
     With several ``workers``, a packet goes to chain FTPALG-WORKERS instead, which picks the
-    worker's queue by the connection's conntrack labels (``label_tests``)."""
+    worker's queue by the connection's conntrack labels (``label_tests``).
+
+    ``selected``: only the segments with payload that chain FTPALG-SELECT picks (see
+    SELECT_VERBS above), no SYN, FIN or RST: a connection is followed from its first
+    selected segment, and its end is learnt from conntrack."""
     first_header = "0>>22&0x3C=20" if family == 4 else "4>>8&0xFF=6"
     lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]"]
     if workers > 1:
@@ -216,6 +252,14 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
     for p in sorted(set(ports)):
         lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
     lines.append(f"-A {CHAIN_CONTROL} -m rpfilter --invert -j RETURN")
+    if selected:
+        lines.insert(3, f":{CHAIN_SELECT} - [0:0]")
+        jump = f"-j {CHAIN_SELECT}"
+        lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {jump}')
+        lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {jump}' for t in _payload_tests(family)]
+        lines += _select_rules(verdict)
+        lines += _worker_rules(queue, workers)
+        return "\n".join(lines + ["COMMIT", ""])
     # The server's SYN-ACK tells the core nothing; SYNs and RSTs are worth a queue slot up to
     # a rate (a SYN flood would otherwise fill the queue and crowd out the lines that need
     # rewriting: a connection whose SYN is not queued is picked up at its first line).
@@ -227,12 +271,20 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
     lines.append(f"-A {CHAIN_CONTROL} -p tcp ! --tcp-flags SYN,FIN,RST NONE {verdict}")
     lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {verdict}')
     lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {verdict}' for t in _payload_tests(family)]
-    if workers > 1:
-        for w, tests in worker_labels(workers):
-            match = " ".join(f"-m connlabel {t}" for t in tests)
-            lines.append(f"-A {CHAIN_WORKERS} {match} -j NFQUEUE --queue-num {int(queue) + w} --queue-bypass")
-        lines.append(f"-A {CHAIN_WORKERS} -j NFQUEUE --queue-num {int(queue)} --queue-bypass")
+    lines += _worker_rules(queue, workers)
     return "\n".join(lines + ["COMMIT", ""])
+
+
+def _worker_rules(queue: int, workers: int) -> list[str]:
+    """Chain FTPALG-WORKERS: the worker's queue by the connection's labels."""
+    if workers <= 1:
+        return []
+    lines = []
+    for w, tests in worker_labels(workers):
+        match = " ".join(f"-m connlabel {t}" for t in tests)
+        lines.append(f"-A {CHAIN_WORKERS} {match} -j NFQUEUE --queue-num {int(queue) + w} --queue-bypass")
+    lines.append(f"-A {CHAIN_WORKERS} -j NFQUEUE --queue-num {int(queue)} --queue-bypass")
+    return lines
 
 
 def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "", workers: int = 1) -> str:
@@ -330,9 +382,10 @@ def _created(comment: str) -> list[str]:
     return [t for t in comment.split(",") if t in ON_DEMAND]
 
 
-def queue_chains_present(workers: int = 1) -> bool:
+def queue_chains_present(workers: int = 1, selected: bool = False) -> bool:
     """What ``--no-rules`` expects the admin to have loaded: our nft table and a queue rule
-    (written for several workers if there are several: the labels and the dispatch)."""
+    (written for several workers if there are several: the labels and the dispatch; with the
+    selection chain if only selected segments are to be queued)."""
     check_access()  # else a table we may not read would look missing
     if not nft_table_exists("inet", NFT_TABLE):
         return False
@@ -341,17 +394,19 @@ def queue_chains_present(workers: int = 1) -> bool:
         return False
     if "queue" in text:
         return True
-    chains = [CHAIN_QUEUE] + ([CHAIN_WORKERS] if workers > 1 else [])
+    chains = [CHAIN_QUEUE] + ([CHAIN_WORKERS] if workers > 1 else []) + ([CHAIN_SELECT] if selected else [])
     return all(_quiet([iptables(f), "-w", "-t", "mangle", "-S", c]) for f in FAMILIES for c in chains)
 
 
 class StaticRules:
     """Our nft table and the queue rule, IPv4 and IPv6, installed by ``ftpalg run``."""
 
-    def __init__(self, ports: Iterable[int], queue: int, backend: str = "auto", workers: int = 1) -> None:
+    def __init__(self, ports: Iterable[int], queue: int, backend: str = "auto", workers: int = 1,
+                 selected: bool = False) -> None:
         self.ports = sorted(set(ports))
         self.queue = queue
         self.workers = workers
+        self.selected = selected
         self.backend = backend
         self.created: list[str] = []  # "ip mangle" etc.: tables that exist because of us
 
@@ -362,6 +417,9 @@ class StaticRules:
         self._remove_queue_jumps()
         if self.backend == "auto":
             self.backend = "nft" if nft_queue_available() else "iptables"
+        if self.backend == "nft" and self.selected:
+            raise RuleError('queue = "selected" needs the iptables backend (nft has no match for text anywhere '
+                            'in a segment): --queue-backend iptables, or --queue all')
         if self.backend == "iptables":
             for f in FAMILIES:
                 name = f"{NFT_FAMILY[f]} mangle"
@@ -374,7 +432,7 @@ class StaticRules:
         _run(["nft", "-f", "-"], text)
         if self.backend == "iptables":
             for f in FAMILIES:
-                _restore(iptables_queue_rules(self.ports, self.queue, f, self.workers), f)
+                _restore(iptables_queue_rules(self.ports, self.queue, f, self.workers, self.selected), f)
         return self.backend
 
     def _remove_queue_jumps(self) -> None:

@@ -67,13 +67,14 @@ def serve(cfg: Config) -> int:
     RuleError if the rules are the admin's (``install_rules = false``) and missing."""
     gw = cfg.gateway
     ports = cfg.control_ports
-    if not gw.install_rules and not queue_chains_present(gw.workers):
+    if not gw.install_rules and not queue_chains_present(gw.workers, cfg.queue_selected):
         raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
                         + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
                            f"{gw.workers}` prints them)" if gw.workers > 1 else "")
                         + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
                         "or /etc/ftpalg/rules/ first")
-    rules = StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers) if gw.install_rules else None
+    rules = (StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers, cfg.queue_selected)
+             if gw.install_rules else None)
     installed = False
     stops: list[Callable[[], None]] = []  # of the workers, and the status and metrics threads
     final: Callable[[], Counter[str]] | None = None  # the counters to log at the end
@@ -89,7 +90,7 @@ def serve(cfg: Config) -> int:
             else:
                 served = eng = stack.enter_context(engine(cfg))
                 final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
-                loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting).run
+                loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting, eng.watch).run
             if cfg.status.socket:
                 st = StatusServer(cfg.status.socket, served.snapshot)
                 st.start()

@@ -90,7 +90,7 @@ def worker_main(cfg: Config, index: int, conn: Connection) -> None:
                     return False
                 return True
 
-            handler = QueueHandler(eng.alg, queue, eng.latency, eng.verdicts, eng.accounting)
+            handler = QueueHandler(eng.alg, queue, eng.latency, eng.verdicts, eng.accounting, eng.watch)
             handler.run(ready=lambda: conn.send(("ready", queue)), extra=[(conn, answer)],
                         bound_message=f"worker {index} bound to queue {queue}")
     except OSError as e:  # the queue or netlink socket: said once, the parent reports the exit
