@@ -29,7 +29,10 @@ from .policy import Limits
 from .seqadj import MASK, Unreplayable, diff
 from .session import NOTHING
 
-_PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT")
+# A partial line is held for its rest if it may become one of these: an announcement, or a
+# command whose reply announces (a PASV split from its 227 would make the 227 unsolicited)
+# or changes the session (AUTH).
+_PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH")
 _PARTIAL_CODES = (b"227", b"228", b"229")
 _SLOW = Held()  # ``steady``: not a segment it takes; nothing done, the general walk follows
 
