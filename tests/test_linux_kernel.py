@@ -41,6 +41,14 @@ def test_mapping_and_corrections_read_and_known(kernel):
     assert sock.sends == [[ct.NFNL_SUBSYS_CTNETLINK << 8]]  # known: the update alone
 
 
+def test_corrections_read(kernel):
+    sock = kernel.nl._sock
+    assert kernel.seq_state(KEY, 0) == KernelAdj() and sock.sends[-1] == [ct.NFNL_SUBSYS_CTNETLINK << 8
+                                                                          | ct.IPCTNL_MSG_CT_GET]
+    first = kernel.seq_adjust(KEY, 1, 1000, 5, None)
+    assert kernel.seq_state(KEY, 1) == first and kernel.seq_state(KEY, 0) == KernelAdj()
+
+
 def test_a_failed_look_up_is_no_mapping(kernel, caplog):
     def broken(size):
         raise OSError(errno.EIO, "broken")
@@ -93,7 +101,7 @@ IN_GATEWAY = textwrap.dedent("""
     first = k.seq_adjust(key, 1, 1000, 5, None)
     then = k.seq_adjust(key, 1, 2000, 3, first)
     held = nl.get(key).seqadj[1]
-    out["adj"] = [[x.pos, x.before, x.after] for x in (first, then, held)]
+    out["adj"] = [[x.pos, x.before, x.after] for x in (first, then, held, k.seq_state(key, 1), k.seq_state(key, 0))]
     out["corrected"] = k.mapping(key)[1]
     ph = Pinhole(id=7, peer=server, public=public, public_port=50000, inside=client, inside_port=50000,
                  expires=0.0, master=key, active=True, form="PORT")
@@ -185,6 +193,6 @@ def test_linux_kernel_on_a_real_connection(routed):
     assert out["none"] is None
     (reply, corrected) = out["mapping"]
     assert reply[:3] == [SERVER, 21, GW_S] and not corrected  # masqueraded; no correction yet
-    assert out["adj"] == [[1000, 0, 5], [2000, 5, 8], [2000, 5, 8]] and out["corrected"]
+    assert out["adj"] == [[1000, 0, 5], [2000, 5, 8], [2000, 5, 8], [2000, 5, 8], [0, 0, 0]] and out["corrected"]
     assert len(out["expected"]) == 1 and out["busy"]
     assert out["after_withdraw"] == [] and out["after_used"] == [] and out["close_failures"] == 0

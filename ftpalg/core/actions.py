@@ -99,11 +99,20 @@ class Actions:
         """Ask the kernel to carry a length change at ``seg_seq``; whether it does. The
         direction's kernel state, if this process knows it (its own last correction, or what
         it read since), is not read again: any byte of the connection that went by elsewhere
-        shows as a gap first, and the resync forgets it."""
+        shows as a gap first, and the resync forgets it. Read, it may show this very
+        correction already made (``KernelAdj.corrects``): the line is a retransmission of one
+        rewritten before, by the other gateway of a pair or before a restart, whose first copy
+        may never have reached the peer; it goes out rewritten again and the correction stands
+        as it is (added again, the peer's acks would map back short of the line's end)."""
         dr = flow.dirs[d]
         known = dr.kadj
         try:
-            k = self.kernel.seq_adjust(flow.key, d, seg_seq, delta, known)
+            held = known if known is not None else self.kernel.seq_state(flow.key, d)
+            if known is None and held.corrects(seg_seq, delta):
+                self.counters["seqadj_already_corrected"] += 1
+                k = held
+            else:
+                k = self.kernel.seq_adjust(flow.key, d, seg_seq, delta, held)
         except Exception as e:  # without it the peer would see shifted bytes: no rewrite
             self.refuse(Reason.NO_SEQ_ADJUST, f"kernel sequence adjustment refused: {e}", flow, line)
             self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))

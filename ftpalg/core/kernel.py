@@ -1,11 +1,11 @@
-"""The kernel, as far as the core needs it: one port with four methods.
+"""The kernel, as far as the core needs it: one port with five methods.
 
 The core never talks to the kernel itself. What it needs of it — the NAT mapping of a
 control connection, the sequence adjustment (seqadj) that carries a rewrite's length
-change, and data connections let in as expectations — goes through an object with these
-methods, given to ``Alg``. ``ftpalg.linux.kernel.LinuxKernel`` is the one that talks
-netlink; ``offline.OfflineKernel`` plays the kernel for ``explain``, the tests and the
-benchmarks.
+change (read, and added to), and data connections let in as expectations — goes through
+an object with these methods, given to ``Alg``. ``ftpalg.linux.kernel.LinuxKernel`` is the
+one that talks netlink; ``offline.OfflineKernel`` plays the kernel for ``explain``, the
+tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class Kernel(Protocol):
         """The reply tuple (src, sport, dst, dport) of the connection whose original tuple
         is ``key``, and whether the kernel holds any sequence correction for it; None if
         conntrack has no such connection."""
+
+    def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
+        """The sequence adjustment the kernel holds for ``direction`` of the connection whose
+        original tuple is ``key`` (``KernelAdj()`` if none). Raise if it cannot be read (the
+        connection is gone)."""
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` (0 = client -> server)

@@ -28,13 +28,17 @@ class OfflineKernel:
         self.fail_expect = False
         self.fail_withdraw = False
         self.busy: set[int] = set()  # public ports expected by connections the core does not know
-        self.reads = 0  # corrections made with the kernel's state read first
+        self.reads = 0  # reads of the kernel's sequence adjustment
         self.following: set[FlowKey] = set()  # connections whose whole stream is queued
         self.follow_log: list[tuple[FlowKey, bool]] = []
 
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         reply = self.table.get(key)
         return None if reply is None else (reply, key in self.adj)
+
+    def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
+        self.reads += 1
+        return self.adj.get(key, [KernelAdj(), KernelAdj()])[direction]
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Like the kernel: the new state is written over whatever is held (absolute values),
@@ -43,8 +47,7 @@ class OfflineKernel:
             raise OSError(95, "connection has no sequence-adjustment extension")
         a = self.adj.setdefault(key, [KernelAdj(), KernelAdj()])
         if known is None:
-            self.reads += 1
-            known = a[direction]
+            known = self.seq_state(key, direction)
         a[direction] = known.add(seq, delta)
         return a[direction]
 

@@ -136,14 +136,25 @@ class KernelAdj:
 
     def add(self, seq: int, delta: int) -> KernelAdj:
         """After the segment starting at ``seq`` grew by ``delta``, as nf_ct_seqadj_set()
-        records it: a segment past the point moves the point; another change in the segment
-        that set the point adds to ``after``; an older segment changes nothing."""
+        records it: a segment past the point moves the point; an older segment changes
+        nothing. Another change in the segment that set the point adds to ``after``: the
+        kernel's function would ignore it, ftpalg writes the sum itself (two announcements
+        in one segment)."""
         seq &= MASK
         if self.before == self.after or diff(seq, self.pos) > 0:
             return KernelAdj(seq, self.after, self.after + delta)
         if seq == self.pos:
             return KernelAdj(self.pos, self.before, self.after + delta)
         return self
+
+    def corrects(self, seq: int, delta: int) -> bool:
+        """Whether this state holds the very correction that the segment starting at ``seq``
+        growing by ``delta`` would add: its point at exactly ``seq``, later segments moved
+        ``delta`` more. Read from the kernel by a process that did not make it, that is the
+        segment's line rewritten before, by the other gateway of a pair or by this gateway
+        before a restart, and now retransmitted: to add it again would count its change
+        twice (``add`` at the same point adds)."""
+        return seq & MASK == self.pos and self.after - self.before == delta
 
     def seq_offset(self, seq: int) -> int:
         """What the kernel adds to the seq of a segment of this direction."""

@@ -46,11 +46,14 @@ Everything lives in namespaces named ``<prefix>-<suffix>`` (veths created inside
 
 ``python -m ftpalg.lab.failover session HOST`` is the client side of ``FtpSession``: one
 control connection kept open, driven by commands on stdin, one JSON answer per line.
+``python -m ftpalg.lab.failover load HOST SHA256`` is load to fail over under
+(``FailoverLab.load``): clients looping whole sessions for a while, lost ones counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ftplib
 import functools
 import hashlib
 import json
@@ -346,6 +349,12 @@ class FailoverLab:
         path = self.ftpalg_log_path(gw)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def ftpalg_counters(self, gw: str) -> dict[str, int]:
+        """The counters of ``gw``'s running ftpalg (its status socket)."""
+        code = "import json; from ftpalg.linux.status import fetch; print(json.dumps(fetch()['counters']))"
+        counters: dict[str, int] = json.loads(self.ns(gw, [sys.executable, "-c", code]).stdout)
+        return counters
+
     def start_ftpalg(self, gw: str, timeout: float = 15.0) -> subprocess.Popen[bytes]:
         log = self.ftpalg_log_path(gw)
         log.write_bytes(b"")
@@ -441,6 +450,15 @@ class FailoverLab:
         s = FtpSession(self, SERVERS[server], timeout)
         self.procs.append(s.p)
         return s
+
+    def load(self, server: str, seconds: float, modes: str, timeout: float = 5.0) -> subprocess.Popen[str]:
+        """Clients looping whole sessions (login, RETR small.txt checked by SHA-256, QUIT) at
+        ``server`` for ``seconds`` (``modes``: clients per mode, ``PORT*8,PASV*2``); its
+        stdout, once it exits, is one JSON line: per mode, sessions, lost, first failures."""
+        want = hashlib.sha256((self.files / "small.txt").read_bytes()).hexdigest()
+        return subprocess.Popen(["ip", "netns", "exec", self.name("c"), sys.executable, "-m", "ftpalg.lab.failover",
+                                 "load", SERVERS[server], want, "--seconds", str(seconds), "--modes", modes,
+                                 "--timeout", str(timeout)], stdout=subprocess.PIPE, text=True)
 
     def close_session(self, s: FtpSession) -> None:
         s.close()
@@ -542,6 +560,63 @@ def _session_main(host: str, timeout: float) -> int:
     return 0
 
 
+def _one_session(host: str, mode: str, want: str, timeout: float) -> tuple[int, str]:
+    """Login, RETR small.txt in ``mode`` (checked by SHA-256), QUIT. A transfer the server
+    fails with a 4xx reply (425: the data connection did not come through) is tried again,
+    once, on the same control connection. Returns the transfers failed that way and why the
+    session was lost ('' if it was not)."""
+    from .ftpclient import LabFTP
+
+    ftp = LabFTP(mode, timeout=timeout)
+    failed = 0
+    try:
+        ftp.connect(host, 21)
+        ftp.login()
+        while True:
+            h = hashlib.sha256()
+            try:
+                ftp.retrbinary("RETR small.txt", h.update)
+                break
+            except ftplib.error_temp:
+                failed += 1
+                if failed > 1:
+                    raise
+        if h.hexdigest() != want:
+            return failed, "checksum mismatch"
+        ftp.quit()
+    except Exception as e:
+        local = ftp.sock.getsockname()[1] if ftp.sock is not None else 0
+        return failed, f"port {local}: {type(e).__name__}: {e}"
+    return failed, ""
+
+
+def _load_main(host: str, seconds: float, modes: list[str], want: str, timeout: float) -> int:
+    """One thread per entry of ``modes`` loops sessions until ``seconds`` have passed; one
+    JSON line, per mode: sessions, sessions lost, transfers failed (and tried again), the
+    first reasons."""
+    import threading
+
+    stop = time.monotonic() + seconds
+    done: dict[str, list[tuple[int, str]]] = {m: [] for m in modes}
+    lock = threading.Lock()
+
+    def loop(mode: str) -> None:
+        while time.monotonic() < stop:
+            res = _one_session(host, mode, want, timeout)
+            with lock:
+                done[mode].append(res)
+
+    threads = [threading.Thread(target=loop, args=(m,)) for m in modes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({m: {"sessions": len(r), "lost": sum(1 for _, w in r if w),
+                          "transfers_failed": sum(n for n, _ in r), "failures": [w for _, w in r if w][:10]}
+                      for m, r in done.items()}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -550,7 +625,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("session", help="one FTP control connection driven on stdin (see FtpSession)")
     s.add_argument("host")
     s.add_argument("--timeout", type=float, default=10.0)
+    ld = sub.add_parser("load", help="clients looping sessions (login, RETR small.txt, QUIT) for a while")
+    ld.add_argument("host")
+    ld.add_argument("sha256", help="of small.txt")
+    ld.add_argument("--seconds", type=float, default=10.0)
+    ld.add_argument("--modes", default="PORT*8", help="clients per mode, e.g. PORT*8,PASV*2")
+    ld.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
+    if args.cmd == "load":
+        modes = [m for part in args.modes.split(",") for m, _, n in [part.partition("*")] for _ in range(int(n or 1))]
+        return _load_main(args.host, args.seconds, modes, args.sha256, args.timeout)
     return _session_main(args.host, args.timeout)
 
 

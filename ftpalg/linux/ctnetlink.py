@@ -5,6 +5,7 @@ What ftpalg asks of the kernel:
 
 - ``get(key)``: a connection's entry by its original tuple: the reply tuple (the NAT mapping),
   its helper, and its sequence adjustment per direction (IPCTNL_MSG_CT_GET).
+- ``seq_state(key, direction)``: the kernel's sequence adjustment of one direction.
 - ``seq_adjust(key, direction, seq, delta)``: add a length change to the kernel's sequence
   adjustment of one direction (IPCTNL_MSG_CT_NEW updating CTA_SEQ_ADJ_ORIG/REPLY), the way
   nf_nat_mangle_tcp_packet does in the kernel: one correction point per direction,
@@ -306,6 +307,14 @@ class CtNetlink:
         if not bodies:
             return None
         return parse_entry(bodies[0])
+
+    def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
+        """The correction the kernel holds for ``direction`` (0 original, 1 reply) of the
+        connection (none: ``KernelAdj()``); CtError if it is gone."""
+        entry = self.get(key)
+        if entry is None:
+            raise CtError(errno.ENOENT, "control connection gone from conntrack")
+        return (entry.seqadj or (NO_ADJ, NO_ADJ))[direction]
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int,
                    known: KernelAdj | None = None) -> KernelAdj:

@@ -2,8 +2,8 @@
 
 - ``mapping(key)``: the connection's reply tuple (its NAT mapping) and whether the kernel
   holds a sequence correction for it, in one look-up.
-- ``seq_adjust(...)``: add a length change to the kernel's sequence adjustment of one
-  direction (read first unless the caller knows the kernel's state).
+- ``seq_state(key, direction)`` / ``seq_adjust(...)``: read the kernel's sequence adjustment
+  of one direction; add a length change to it (read first unless the caller knows it).
 - ``expect(ph)`` / ``withdraw(ph, used)``: pinholes as conntrack expectations.
 
 Pinholes are expectations with the NAT of ``nat-follow-master``: the data connection is
@@ -59,6 +59,11 @@ class LinuxKernel:
             self.lookup_failures += 1
             return None
         return None if entry is None else (entry.reply, entry.seqadj is not None)
+
+    def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
+        """The direction's correction as the kernel holds it (one look-up); CtError if the
+        connection is gone."""
+        return self.nl.seq_state(key, direction)
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq``; return
