@@ -100,7 +100,8 @@ def script(rng: random.Random, topo: str) -> list[tuple[str, bytes]]:
             fam, a = (b"2", t["client"][0].encode()) if v6 else (b"1", t["client"][0].encode())
             out += [("c", b"EPRT |%s|%s|%d|\r\n" % (fam, a, port)), ("s", b"200 EPRT command successful.\r\n")]
         elif mode == "epsv":
-            out += [("c", rng.choice([b"EPSV\r\n", b"epsv\r\n"])), ("s", b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port)]
+            reply = b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port
+            out += [("c", rng.choice([b"EPSV\r\n", b"epsv\r\n"])), ("s", reply)]
         else:
             h = t["server"][0].replace(".", ",").encode()
             reply = b"227 Entering Passive Mode (%s,%d,%d).\r\n" % (h, p1, p2)
