@@ -86,7 +86,7 @@ GOOD = [
     ("gateway", "workers", "64", 64),
     ("gateway", "queue_backend", '"nft"', "nft"),
     ("gateway", "queue_backend", '"IPTables"', "iptables"),
-    ("gateway", "queue", '"all"', "all"),
+    ("gateway", "queue", '"selected"', "selected"),
     ("gateway", "install_rules", "false", False),
     ("gateway", "pinhole_timeout", "30", 30.0),
     ("gateway", "pinhole_timeout", "0.5", 0.5),
@@ -398,9 +398,9 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
     assert cli.main(["rules", "nft-queue", "--config", str(f)]) == 0
     assert capsys.readouterr().out == nft_rules([21, 2121], 7)
     assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue-num", "8"]) == 0
-    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4, selected=True)
-    assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue", "all"]) == 0
-    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 7, 4)
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4)
+    assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue", "selected"]) == 0
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 7, 4, selected=True)
     config.DEFAULT_PATH.write_text("[gateway]\nqueue_num = 9\n")
     assert cli.main(["rules", "nft-queue"]) == 0
     assert capsys.readouterr().out == nft_rules([21], 9)
@@ -469,8 +469,8 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     assert serve(c) == 0  # the fake queue "runs" until an interrupt
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
-                               "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False}
-    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, True)
+                               "limits": Limits(min_port=1, max_flows=10), "selected": False, "audit": False}
+    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, False)
     assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 
