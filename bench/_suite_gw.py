@@ -79,18 +79,20 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
     nl = CtNetlink()
     # time spent in netlink round trips (send, the kernel's work, recv), apart from the
     # Python around them (message building in LinuxKernel/CtNetlink)
-    in_requests = [0, 0]  # ns, requests
-    real_request = nl._request
+    # (every request waited for goes through _requests, alone or with others in one sendmsg)
+    in_requests = [0, 0, 0]  # ns, requests (messages), waits (sendmsgs waited for)
+    real_requests = nl._requests
 
-    def timed_request(*a: Any) -> list[bytes]:
+    def timed_requests(reqs: Any, *args: Any, **kw: Any) -> Any:
         t = time.perf_counter_ns()
         try:
-            return real_request(*a)
+            return real_requests(reqs, *args, **kw)
         finally:
             in_requests[0] += time.perf_counter_ns() - t
-            in_requests[1] += 1
+            in_requests[1] += len(reqs)
+            in_requests[2] += 1
 
-    nl._request = timed_request  # type: ignore[method-assign,assignment]
+    nl._requests = timed_requests  # type: ignore[method-assign]
     kernel = LinuxKernel(nl, 120.0)
     phs = []
     for i, (client, sport, server, dport, public, public_port) in enumerate(masters):
@@ -104,13 +106,14 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
     open_nl: list[int] = []  # of each open: ns inside netlink requests
     close_nl: list[int] = []
     requests = {"open": 0, "close": 0}
+    waits = {"open": 0, "close": 0}
     errors: dict[str, int] = {}
     clock = time.perf_counter_ns
     try:
         for _ in range(args.rounds):
             opened = []
             for ph in phs:
-                in_requests[:] = [0, 0]
+                in_requests[:] = [0, 0, 0]
                 t = clock()
                 try:
                     kernel.expect(ph)
@@ -121,19 +124,23 @@ def cmd_pinholes(args: argparse.Namespace) -> int:
                 opens.append(clock() - t)
                 open_nl.append(in_requests[0])
                 requests["open"] += in_requests[1]
+                waits["open"] += in_requests[2]
                 opened.append(ph)
             for ph in opened:
-                in_requests[:] = [0, 0]
+                in_requests[:] = [0, 0, 0]
                 t = clock()
                 kernel.withdraw(ph, used=False)
                 closes.append(clock() - t)
                 close_nl.append(in_requests[0])
                 requests["close"] += in_requests[1]
+                waits["close"] += in_requests[2]
     finally:
         nl.close()
     print(json.dumps({"open_ns": opens, "close_ns": closes, "open_netlink_ns": open_nl, "close_netlink_ns": close_nl,
                       "requests_per_open": requests["open"] / max(1, len(opens)),
                       "requests_per_close": requests["close"] / max(1, len(closes)),
+                      "waits_per_open": waits["open"] / max(1, len(opens)),
+                      "waits_per_close": waits["close"] / max(1, len(closes)),
                       "errors": errors, "close_failures": kernel.close_failures}))
     return 0
 

@@ -551,11 +551,13 @@ def section_pinholes(lab: Lab, plan: Plan) -> dict[str, Any]:
         ns, nl = out[f"{k}_ns"], out[f"{k}_netlink_ns"]
         out[k] = {"n": len(ns), "p50_us": pct(ns, 50) / 1e3, "p99_us": pct(ns, 99) / 1e3,
                   "mean_us": statistics.fmean(ns) / 1e3 if ns else math.nan,
-                  "netlink_p50_us": pct(nl, 50) / 1e3, "requests": out[f"requests_per_{k}"]}
+                  "netlink_p50_us": pct(nl, 50) / 1e3, "requests": out[f"requests_per_{k}"],
+                  "waits": out.get(f"waits_per_{k}", out[f"requests_per_{k}"])}
     o, c = out["open"], out["close"]
     say(f"pinholes on {plan.ph_conns} control connections x {plan.ph_rounds}: open p50 {o['p50_us']:.1f} "
-        f"p99 {o['p99_us']:.1f} us ({o['requests']:.0f} netlink requests: {o['netlink_p50_us']:.1f} us), "
-        f"close p50 {c['p50_us']:.1f} p99 {c['p99_us']:.1f} us ({c['requests']:.0f}: {c['netlink_p50_us']:.1f} us)"
+        f"p99 {o['p99_us']:.1f} us ({o['requests']:.0f} netlink requests in {o['waits']:.0f} waits: "
+        f"{o['netlink_p50_us']:.1f} us), close p50 {c['p50_us']:.1f} p99 {c['p99_us']:.1f} us "
+        f"({c['requests']:.0f} in {c['waits']:.0f}: {c['netlink_p50_us']:.1f} us)"
         + (f", errors {out['errors']}" if out["errors"] else ""))
     return out
 

@@ -220,7 +220,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--rules", dest="install_rules", action="store_const", const=True,
                        help="install the rules even if the file says install_rules = false")
         r.add_argument("--queue-backend", metavar="auto|nft|iptables",
-                       help="how to queue control packets (default auto: nft queue if the kernel has it)")
+                       help="how to queue control packets (default auto: iptables' NFQUEUE, the tested path; "
+                            "nft: nft's queue statement, opt-in, untested with traffic)")
         r.add_argument("--log-level", default=argparse.SUPPRESS, metavar="LEVEL",
                        help="debug | info | warning | error (default info)")
         r.add_argument("--metrics-listen", metavar="HOST:PORT",
@@ -276,8 +277,8 @@ def parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("rules", help="print the static rules `ftpalg run` installs (deploy/ files)")
     ru.add_argument("part", choices=["nft", "nft-queue", "queue-iptables", "queue-ip6tables"],
                     help="nft: table inet ftpalg (helper, nat chains; nft -f); nft-queue: the same with the "
-                         "queue rule, for kernels with nft queue; queue-iptables / queue-ip6tables: the queue rule "
-                         "for iptables-restore / ip6tables-restore")
+                         "queue rule (as --queue-backend nft: opt-in, untested with traffic); "
+                         "queue-iptables / queue-ip6tables: the queue rule for iptables-restore / ip6tables-restore")
     config_file(ru)
     ports_and_queue(ru)
     ru.set_defaults(func=cmd_rules, configured=True)

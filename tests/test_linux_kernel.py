@@ -4,6 +4,7 @@ with ftpalg's nft table and a listener on port 21: mapping, corrections, expecta
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from test_ctnetlink import KEY, REPLY, KernelSocket
+from test_ctnetlink import KEY, KEY2, REPLY, KernelSocket
 
 from ftpalg.core.kernel import Pinhole, PinholeBusy
 from ftpalg.core.seqadj import KernelAdj
@@ -21,6 +22,9 @@ from ftpalg.linux.kernel import LinuxKernel
 
 PH = Pinhole(id=1, peer="203.0.113.2", public="203.0.113.1", public_port=50000, inside="10.0.0.2",
              inside_port=50000, expires=0.0, master=KEY, active=True, form="PORT")
+PH2 = dataclasses.replace(PH, id=2, public_port=50001)
+# the same tuple as PH's, announced on another control connection
+PH2_SAME_TUPLE = dataclasses.replace(PH, id=2, master=KEY2)
 
 
 @pytest.fixture
@@ -65,18 +69,52 @@ def test_expect_busy_and_withdraw(kernel, caplog):
     sock._handle = lambda mtype, body, seq: errno.EEXIST if mtype == new_exp else handle(mtype, body, seq)
     with pytest.raises(PinholeBusy):
         kernel.expect(PH)
+    assert not kernel.kernel_ids  # nothing of it to delete
     sock._handle = handle
     kernel.expect(PH)
-    kernel.withdraw(PH, used=False)  # gone (the model keeps none): ENOENT is no failure
+    kernel.withdraw(PH, used=False)  # deleted, as itself
+    assert not sock.expectations and not kernel.kernel_ids
+    kernel.expect(PH)
+    sock.consume(bytes([203, 0, 113, 2]), bytes([203, 0, 113, 1]), 50000)  # used: the kernel removed it
     kernel.withdraw(PH, used=True)  # not waited for; its ENOENT read later and ignored
+    sends = len(sock.sends)
+    kernel.withdraw(PH, used=True)  # withdrawn already: nothing sent
+    kernel.withdraw(PH, used=False)
+    assert len(sock.sends) == sends
     assert kernel.mapping(KEY) is not None and kernel.close_failures == 0
     sock._handle = lambda mtype, body, seq: (errno.EPERM if mtype & 0xFF == ct.IPCTNL_MSG_EXP_DELETE
                                              else handle(mtype, body, seq))
+    kernel.expect(PH)
     kernel.withdraw(PH, used=False)  # counted and logged, not raised
-    kernel.withdraw(PH, used=True)  # counted when read
+    kernel.expect(PH2)
+    kernel.withdraw(PH2, used=True)  # counted when read
     assert kernel.close_failures == 1
     kernel.mapping(KEY)
     assert kernel.close_failures == 2 and "pinhole_close_failed id=1" in caplog.text
+    assert "pinhole_close_failed id=2" in caplog.text
+
+
+def test_two_workers_withdraw_only_their_own(kernel):
+    """Two workers (two sockets, one kernel table): worker A's pinhole is used, worker B
+    opens one of the same tuple on its own control connection, then A withdraws its own,
+    late (used, not waited for; or waited for): B's stays until B withdraws it. The same
+    within one worker."""
+    other = LinuxKernel(ct.CtNetlink(), 120.0)
+    other.nl._sock.close()
+    other.nl._sock = KernelSocket()  # type: ignore[assignment]
+    table = kernel.nl._sock.expectations
+    other.nl._sock.expectations = table  # the kernel's one table
+    theirs = dataclasses.replace(PH, master=KEY2)  # worker B's own pinhole 1, of the same tuple
+    for used in (True, False):
+        for b, second in ((other, theirs), (kernel, PH2_SAME_TUPLE)):
+            kernel.expect(PH)
+            kernel.nl._sock.consume(bytes([203, 0, 113, 2]), bytes([203, 0, 113, 1]), 50000)
+            b.expect(second)
+            kernel.withdraw(PH, used)
+            kernel.mapping(KEY)  # its answer read, if it was not waited for
+            assert len(table) == 1 and kernel.close_failures == 0
+            b.withdraw(second, used=False)
+            assert not table and b.close_failures == 0
 
 
 # ---- a real kernel --------------------------------------------------------------------------
@@ -90,7 +128,7 @@ IN_GATEWAY = textwrap.dedent("""
     from ftpalg.linux.ctnetlink import CtNetlink
     from ftpalg.linux.kernel import LinuxKernel
 
-    client, cport, server, public = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    client, cport, server, public, cport2 = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
     a = socket.inet_aton
     key = (a(client), cport, a(server), 21)
     nl = CtNetlink()
@@ -126,6 +164,24 @@ IN_GATEWAY = textwrap.dedent("""
     k.withdraw(ph, used=False)
     k.mapping(key)
     out["close_failures"] = k.close_failures
+    # another worker (its own socket) announces the same port to the same peer on another
+    # control connection once this one's expectation is gone (used): this one's withdraw,
+    # late, leaves the other's alone
+    key2 = (a(client), cport2, a(server), 21)
+    k2 = LinuxKernel(CtNetlink(), 120.0)
+    theirs = Pinhole(id=7, peer=server, public=public, public_port=50000, inside=client, inside_port=50000,
+                     expires=0.0, master=key2, active=True, form="PORT")
+    out["spared"] = []
+    for used in (True, False):
+        k.expect(ph)
+        nl.unexpect(a(server), a(public), 50000)  # gone as if used (by tuple, as a matching SYN takes it)
+        k2.expect(theirs)
+        k.withdraw(ph, used)
+        k.mapping(key)  # the answer of a delete not waited for read
+        out["spared"].append(expectations())
+        k2.withdraw(theirs, used=False)
+    out["after_theirs"] = expectations()
+    out["close_failures"] += k.close_failures + k2.close_failures
     print(json.dumps(out))
 """)
 
@@ -174,15 +230,16 @@ def routed():
 @pytest.mark.netns
 def test_linux_kernel_on_a_real_connection(routed):
     c, g, s = routed
-    held = []
+    held, ports = [], []
     try:
-        for ns, script in ((s, LISTEN), (c, CONNECT)):
+        for ns, script in ((s, LISTEN), (c, CONNECT), (c, CONNECT)):
             p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script, SERVER],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             held.append(p)
-            cport = int(p.stdout.readline())
-        res = subprocess.run(["ip", "netns", "exec", g, sys.executable, "-c", IN_GATEWAY, CLIENT, str(cport), SERVER,
-                              GW_S],
+            ports.append(p.stdout.readline().strip())  # listening / connected before the next
+        cports = ports[1:]
+        res = subprocess.run(["ip", "netns", "exec", g, sys.executable, "-c", IN_GATEWAY, CLIENT, cports[0], SERVER,
+                              GW_S, cports[1]],
                              capture_output=True, text=True, timeout=60)
     finally:
         for p in held:
@@ -196,3 +253,6 @@ def test_linux_kernel_on_a_real_connection(routed):
     assert out["adj"] == [[1000, 0, 5], [2000, 5, 8], [2000, 5, 8], [2000, 5, 8], [0, 0, 0]] and out["corrected"]
     assert len(out["expected"]) == 1 and out["busy"]
     assert out["after_withdraw"] == [] and out["after_used"] == [] and out["close_failures"] == 0
+    for spared in out["spared"]:  # the other connection's expectation, still there
+        assert len(spared) == 1 and f"master-src={CLIENT} master-dst={SERVER} sport={cports[1]} dport=21" in spared[0]
+    assert out["after_theirs"] == []

@@ -162,3 +162,26 @@ def test_rule_tools_are_found_without_a_path(monkeypatch):
     assert Path(rules._tool(["nft", "list", "tables"])[0]).name == "nft"
     with pytest.raises(rules.RuleError, match="nosuchtool not found .*install iptables"):
         rules._tool(["nosuchtool"])
+
+
+@pytest.mark.parametrize("backend, want", [("auto", "iptables"), ("iptables", "iptables"), ("nft", "nft")])
+def test_auto_queues_through_iptables_even_where_nft_queue_loads(monkeypatch, backend, want):
+    """``--queue-backend auto`` is the path the test suite runs (iptables' NFQUEUE), also on a
+    kernel whose nft loads the queue statement: that one is only loaded in the tests, never
+    run with traffic, so it is used only when asked for. The rule tools are recorded, not run."""
+    ran: list[tuple[str, str | None]] = []
+
+    def run(argv, stdin=None):
+        ran.append((" ".join(argv), stdin))
+        if argv[:2] == ["nft", "list"] and argv[-1] == rules.NFT_TABLE:
+            raise rules.RuleError("no such table")
+        return ""
+
+    monkeypatch.setattr(rules, "_run", run)
+    monkeypatch.setattr(rules, "_quiet", lambda argv: True)
+    monkeypatch.setattr(rules, "nft_queue_available", lambda: True)  # a kernel that loads it
+    assert rules.StaticRules([21], 2121, backend).install() == want
+    loaded = "".join(stdin for argv, stdin in ran if argv == "nft -f -" and stdin)
+    restored = [argv.split()[0] for argv, _ in ran if "-restore" in argv]
+    assert ("queue flags bypass" in loaded) == (want == "nft")
+    assert restored == ([] if want == "nft" else ["iptables-restore", "ip6tables-restore"])

@@ -17,7 +17,10 @@ What ftpalg asks of the kernel:
   its control connection, is NATed by the kernel like the control connection (mirrored), is
   one-shot and times out. The kernel takes expectations only on a connection that has a
   helper attached; ftpalg attaches the built-in ``sane`` helper to control connections (its
-  parser never matches FTP text, so it adds nothing of its own).
+  parser never matches FTP text, so it adds nothing of its own). An expectation is deleted
+  as itself, by its tuple and the kernel's id of it (CTA_EXPECT_ID, learnt at creation):
+  another expectation that holds the same tuple by then (the first one used, the port
+  announced again to the same peer, by another worker) is not touched.
 
 Layouts from include/uapi/linux/netfilter/nfnetlink_conntrack.h and nfnetlink.h.
 """
@@ -37,7 +40,7 @@ from ..core.seqadj import KernelAdj
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_CTNETLINK_EXP = 1, 2
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
-IPCTNL_MSG_EXP_NEW, IPCTNL_MSG_EXP_DELETE = 0, 2
+IPCTNL_MSG_EXP_NEW, IPCTNL_MSG_EXP_GET, IPCTNL_MSG_EXP_DELETE = 0, 1, 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL = 0x1, 0x4, 0x400, 0x200
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
@@ -52,7 +55,7 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_HELP_NAME = 1
 CTA_SEQADJ_CORRECTION_POS, CTA_SEQADJ_OFFSET_BEFORE, CTA_SEQADJ_OFFSET_AFTER = 1, 2, 3
 # enum ctattr_expect
-CTA_EXPECT_MASTER, CTA_EXPECT_TUPLE, CTA_EXPECT_MASK, CTA_EXPECT_TIMEOUT = 1, 2, 3, 4
+CTA_EXPECT_MASTER, CTA_EXPECT_TUPLE, CTA_EXPECT_MASK, CTA_EXPECT_TIMEOUT, CTA_EXPECT_ID = 1, 2, 3, 4, 5
 CTA_EXPECT_NAT, CTA_EXPECT_FN = 10, 11
 CTA_EXPECT_NAT_DIR, CTA_EXPECT_NAT_TUPLE = 1, 2
 IP_CT_DIR_ORIGINAL, IP_CT_DIR_REPLY = 0, 1
@@ -146,6 +149,15 @@ def expect_body(master: FlowKey, peer: bytes, public: bytes, public_port: int, i
             + _attr(CTA_EXPECT_FN, b"nat-follow-master\0"))
 
 
+def unexpect_body(peer: bytes, public: bytes, public_port: int, exp_id: int | None) -> bytes:
+    """CTA_EXPECT_* of a delete: the expectation ``peer`` -> ``public``:``public_port`` and,
+    if given, the kernel's id of the one meant: the kernel then deletes the expectation
+    holding the tuple only if it is that one (ENOENT otherwise: ctnetlink_del_expect
+    compares it with nf_expect_get_id(), a keyed hash of the object, its master and tuple)."""
+    body = _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port)
+    return body if exp_id is None else body + _attr(CTA_EXPECT_ID, struct.pack("!I", exp_id))
+
+
 # ---- message parsing ----------------------------------------------------------------------
 def _attrs(data: bytes, off: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
     end = len(data) if end is None else end
@@ -206,6 +218,32 @@ def parse_entry(body: bytes) -> Entry:
     return Entry(reply, helper, both)
 
 
+_NLA = struct.Struct("=HH")
+_BE32 = struct.Struct("!I")
+
+
+def parse_expect_id(body: bytes, master: FlowKey) -> int | None:
+    """The kernel's id (CTA_EXPECT_ID) in an IPCTNL_MSG_EXP_NEW message's attributes (after
+    nlmsghdr and nfgenmsg), if the expectation's master is ``master``; else None. On the
+    path of every pinhole: the master is compared as the bytes ftpalg would send for it (the
+    kernel's layout, ctnetlink_dump_tuples), parsed only if they differ."""
+    exp_id = None
+    own = False
+    off, end = 0, len(body)
+    while off + 4 <= end:
+        n, kind = _NLA.unpack_from(body, off)
+        if n < 4 or off + n > end:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == CTA_EXPECT_ID and n == 8:
+            (exp_id,) = _BE32.unpack_from(body, off + 4)
+        elif kind == CTA_EXPECT_MASTER:
+            val = body[off + 4 : off + n]
+            own = val == tuple_attr(master)[4:] or _parse_tuple(val) == master
+        off += (n + 3) & ~3
+    return exp_id if own else None
+
+
 Request = tuple[int, int, int, int, bytes]  # subsys, kind, flags, family, body
 
 
@@ -239,13 +277,19 @@ class CtNetlink:
             raise res
         return res
 
-    def _requests(self, reqs: list[Request]) -> list[list[bytes] | CtError]:
+    def _requests(self, reqs: list[Request], ack: bool = True) -> list[list[bytes] | CtError]:
         """Send several requests (each with NLM_F_ACK) in one sendmsg, which the kernel
         handles one after the other, in order (netlink_rcv_skb); return per request the
         bodies of its data messages, or the CtError it got (a failed request does not stop
-        the ones after it)."""
+        the ones after it).
+
+        ``ack=False``: none asks for an acknowledgement, so a request that succeeds without
+        data is not answered at all, and the last one must be a get of one object (answered
+        by its data or an error): once that answer is read, the kernel has answered all the
+        others (in order). One datagram to read instead of one per request."""
         seqs = [self._next_seq() for _ in reqs]
-        msgs = [_msg(subsys, kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, family, body)
+        ackf = NLM_F_ACK if ack else 0
+        msgs = [_msg(subsys, kind, NLM_F_REQUEST | ackf | flags, seq, family, body)
                 for seq, (subsys, kind, flags, family, body) in zip(seqs, reqs, strict=True)]
         self._sock.send(b"".join(m + b"\0" * (-len(m) % 4) for m in msgs))  # each at NLMSG_ALIGN
         st = self.stats
@@ -254,7 +298,8 @@ class CtNetlink:
         st["messages"] += len(reqs)
         results: dict[int, list[bytes] | CtError] = {}
         data_of: dict[int, list[bytes]] = {seq: [] for seq in seqs}
-        while len(results) < len(seqs):
+        last = seqs[-1]
+        while (len(results) < len(seqs)) if ack else (last not in results):
             data = self._sock.recv(65536)
             off = 0
             while off + 16 <= len(data):
@@ -269,13 +314,15 @@ class CtNetlink:
                         results[mseq] = data_of[mseq]
                     else:
                         data_of[mseq].append(data[off + 20 : off + length])  # after nlmsghdr + nfgenmsg
+                        if not ack and mseq == last:
+                            results[mseq] = data_of[mseq]
                 elif mseq in self._unacked and mtype == NLMSG_ERROR:
                     self._late_answer(mseq, struct.unpack_from("=i", data, off + 16)[0])
                 off += (length + 3) & ~3
         # every request sent before these has been handled: those sent without waiting that
         # got no answer succeeded
         self._unacked.clear()
-        return [results[seq] for seq in seqs]
+        return [results.get(seq, data_of[seq]) for seq in seqs]
 
     def _late_answer(self, seq: int, err: int) -> None:
         what = self._unacked.pop(seq)
@@ -368,35 +415,51 @@ class CtNetlink:
 
     # ---- expectations -------------------------------------------------------------------
     def expect(self, master: FlowKey, peer: bytes, public: bytes, public_port: int, inside_port: int,
-               active: bool, timeout: int) -> None:
-        """Create the expectation (EEXIST/EBUSY: the tuple is taken). At creation the kernel
-        gives it the helper's timeout (``HELPER_EXPECT_TIMEOUT``); a longer ``timeout`` is set
-        by a second request. A shorter one is not: the caller deletes the expectation when
-        its own timeout passes (one netlink request less per pinhole), and should the caller
-        die first, the kernel's timeout still ends it (or the control connection's end)."""
+               active: bool, timeout: int) -> int | None:
+        """Create the expectation (EEXIST/EBUSY: the tuple is taken) and return the kernel's
+        id of it, for ``unexpect``: read by a get of the tuple in the same sendmsg, neither
+        acknowledged (one datagram to read, as for the create alone; nothing can match the
+        expectation in between while the caller holds the line that announces it). None if
+        that read found no expectation of this master (gone already). NLM_F_ECHO on the
+        create would tell the id only through an event, which the kernel sends only for a
+        master with the event extension (nf_conntrack_events): measured here, no answer.
+        At creation the kernel gives it the helper's timeout (``HELPER_EXPECT_TIMEOUT``); a
+        longer ``timeout`` is set by a second request. A shorter one is not: the caller
+        deletes the expectation when its own timeout passes (one netlink request less per
+        pinhole), and should the caller die first, the kernel's timeout still ends it (or the
+        control connection's end)."""
         body = expect_body(master, peer, public, public_port, inside_port, active)
         fam = _family(peer)
-        self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, NLM_F_CREATE | NLM_F_EXCL, fam, body)
+        done, got = self._requests([
+            (NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, NLM_F_CREATE | NLM_F_EXCL, fam, body),
+            (NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_GET, 0, fam, unexpect_body(peer, public, public_port, None))],
+            ack=False)
+        if isinstance(done, CtError):
+            raise done
+        exp_id = parse_expect_id(got[0], master) if isinstance(got, list) and got else None
         if timeout <= HELPER_EXPECT_TIMEOUT:
-            return
+            return exp_id
         full = b"\xff" * len(peer)  # an update must name master, tuple and mask again
         update = (tuple_attr(master, CTA_EXPECT_MASTER) + _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port)
                   + _tuple(CTA_EXPECT_MASK, full, 0, full, 0xFFFF)
                   + _attr(CTA_EXPECT_TIMEOUT, struct.pack("!I", max(1, int(timeout)))))
         self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, 0, fam, update)
+        return exp_id
 
-    def unexpect_unacked(self, peer: bytes, public: bytes, public_port: int, what: str) -> None:
-        """Delete the expectation for this tuple without waiting for the kernel's answer: for
-        one most likely used already (the kernel then answers ENOENT, read later and ignored);
-        any other error reaches ``on_late_error`` with ``what``."""
+    def unexpect_unacked(self, peer: bytes, public: bytes, public_port: int, exp_id: int | None, what: str) -> None:
+        """Delete the expectation for this tuple (only if it is ``exp_id``, when given)
+        without waiting for the kernel's answer: for one most likely used already (the
+        kernel then answers ENOENT, read later and ignored); any other error reaches
+        ``on_late_error`` with ``what``."""
         self._send_unacked(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_DELETE, 0, _family(peer),
-                           _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port), what)
+                           unexpect_body(peer, public, public_port, exp_id), what)
 
-    def unexpect(self, peer: bytes, public: bytes, public_port: int) -> bool:
-        """Delete the expectation for this tuple; False if it was gone (used or expired)."""
+    def unexpect(self, peer: bytes, public: bytes, public_port: int, exp_id: int | None = None) -> bool:
+        """Delete the expectation for this tuple (only if it is ``exp_id``, when given);
+        False if it was gone (used or expired) or another holds the tuple."""
         try:
             self._request(NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_DELETE, 0, _family(peer),
-                          _tuple(CTA_EXPECT_TUPLE, peer, 0, public, public_port))
+                          unexpect_body(peer, public, public_port, exp_id))
         except CtError as e:
             if e.errno == errno.ENOENT:
                 return False

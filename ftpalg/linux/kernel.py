@@ -12,7 +12,15 @@ iptables, native nftables or firewalld alike, with no rule of ftpalg's in the ad
 chains), the kernel NATs it as it NATs the control connection (mirrored), lets one
 connection match it, forgets it after its timeout, and removes it with the control
 connection. The kernel requires a helper on the control connection for this; ftpalg's nft
-table attaches the built-in ``sane`` helper (see rules.py)."""
+table attaches the built-in ``sane`` helper (see rules.py).
+
+A pinhole is withdrawn as itself: by its tuple and the kernel's id of its expectation, learnt
+when it was created. A delete by tuple alone would remove whatever expectation holds the
+tuple then: after the data connection used this one, the same port may be announced to the
+same peer again — by vsftpd tens of milliseconds later, to a session of another worker, whose
+book does not know this one — and the late delete of the used pinhole removed the new one
+(its data connection refused: 3 to 7 of 4,000 passive sessions through DNAT from one client
+address, two workers, vsftpd on 12 passive ports; tests/test_netns_workers.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +42,9 @@ class LinuxKernel:
     closes). A pinhole's expectation is created before the line that announces it is let
     through (pyftpdlib connects as soon as it reads PORT) and deleted when the core
     withdraws it; removal is a plain netlink request (no nf_tables commit, no waiting).
-    ``pinhole_timeout``: how long the kernel keeps an expectation nobody withdraws."""
+    ``pinhole_timeout``: how long the kernel keeps an expectation nobody withdraws.
+    ``kernel_ids``: the kernel's id of the expectation of each open pinhole (by pinhole id),
+    as many as the core has pinholes open."""
 
     def __init__(self, nl: CtNetlink, pinhole_timeout: float) -> None:
         self.nl = nl
@@ -44,6 +54,7 @@ class LinuxKernel:
         self.expected: dict[tuple[bytes, bytes, int], int] = {}
         self.lookup_failures = 0
         self.close_failures = 0
+        self.kernel_ids: dict[int, int] = {}
         nl.on_late_error = self._late_error
 
     # ---- connections --------------------------------------------------------------------
@@ -79,30 +90,40 @@ class LinuxKernel:
 
     # ---- pinholes -----------------------------------------------------------------------
     def expect(self, ph: Pinhole) -> None:
-        """Create the pinhole's expectation; PinholeBusy if its tuple is taken."""
+        """Create the pinhole's expectation; PinholeBusy if its tuple is taken. Its kernel id
+        is kept for ``withdraw``; without one (gone already when read back: not expected
+        here) nothing is ever deleted for it."""
         peer, public = packed(ph.peer), packed(ph.public)
         try:
-            self.nl.expect(ph.master, peer, public, ph.public_port, ph.inside_port, ph.active, int(self.timeout))
+            exp_id = self.nl.expect(ph.master, peer, public, ph.public_port, ph.inside_port, ph.active,
+                                    int(self.timeout))
         except CtError as e:
             if e.errno in (errno.EBUSY, errno.EEXIST):
                 raise PinholeBusy(str(e)) from e
             raise
         self.expected[(peer, public, ph.public_port)] = ph.id
+        if exp_id is not None:
+            self.kernel_ids[ph.id] = exp_id
 
     def withdraw(self, ph: Pinhole, used: bool) -> None:
-        """Delete the pinhole's expectation. ``used``: its transfer is over, so the kernel has
-        most likely removed it when the data connection matched it: the delete's answer
-        (ENOENT) is not waited for, and a real failure is logged when it is read
-        (``_late_error``). Otherwise the answer is waited for; a failure is counted and
-        logged, not raised."""
+        """Delete the pinhole's expectation, and only it: by tuple and kernel id, so that an
+        expectation the kernel consumed already is not deleted again in the guise of
+        another that holds its tuple now (the kernel answers ENOENT). ``used``: its
+        transfer is over, so the kernel has most likely removed it when the data connection
+        matched it: the delete's answer (ENOENT) is not waited for, and a real failure is
+        logged when it is read (``_late_error``). Otherwise the answer is waited for; a
+        failure is counted and logged, not raised."""
         peer, public = packed(ph.peer), packed(ph.public)
         if self.expected.get((peer, public, ph.public_port)) == ph.id:
             del self.expected[(peer, public, ph.public_port)]
+        exp_id = self.kernel_ids.pop(ph.id, None)
+        if exp_id is None:  # not known as an expectation of this process's: nothing of it to delete
+            return
         if used:
-            self.nl.unexpect_unacked(peer, public, ph.public_port, f"id={ph.id}")
+            self.nl.unexpect_unacked(peer, public, ph.public_port, exp_id, f"id={ph.id}")
             return
         try:
-            self.nl.unexpect(peer, public, ph.public_port)
+            self.nl.unexpect(peer, public, ph.public_port, exp_id)
         except CtError as e:
             self.close_failures += 1
             log.warning("pinhole_close_failed id=%d: %s", ph.id, e)
