@@ -10,11 +10,13 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from . import __version__, config, explain, install
-from .config import DEFAULT_QUEUE, Config, ConfigError, OptionText
-from .linux.rules import RuleError
+# Only light modules here: main() takes SIGINT/SIGTERM over first thing, before the rest is
+# imported (a quarter of a second), so that a stop during `ftpalg run`'s start-up is its own.
+from . import __version__
+from .linux import stop
 
 if TYPE_CHECKING:
+    from .config import Config
     from .lab.lab import Lab
 
 log = logging.getLogger("ftpalg")
@@ -30,9 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg: Config = args.cfg
     given = sorted({o for o in cfg.origins.values() if o.startswith("--")})
     log.info("configuration: %s%s", cfg.source, f"; overridden by {' '.join(given)}" if given else "")
-    # SIGTERM during set-up must still clean up (the loop installs its own handler later).
-    signal.signal(signal.SIGTERM, _interrupt)
-    return run(cfg)
+    return run(cfg)  # SIGINT/SIGTERM: recorded since main() began (linux/stop.py)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -87,6 +87,7 @@ def _lab_faults(lab: Lab, args: argparse.Namespace) -> int:
     """Loss, duplication and reordering on both links of the lab's gateway (in the client's
     and the servers' namespace, both ways) until Ctrl-C or SIGTERM."""
     from .lab.faults import Faults
+    from .linux.rules import RuleError
 
     if not lab.exists():
         raise RuleError(f"no lab with prefix {args.prefix}: run `ftpalg lab up` first")
@@ -152,6 +153,8 @@ _SWITCHES = {"install_rules": ("--rules", "--no-rules"), "audit": ("--audit", "-
 
 def option_overrides(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
     """The options given (not defaulted): key -> (value, option name)."""
+    from .config import OptionText
+
     out: dict[str, tuple[object, str]] = {}
     for dest, key in OPTION_KEYS.items():
         v = getattr(args, dest, None)
@@ -169,6 +172,9 @@ def option_overrides(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The file (``--config``/``check-config FILE``, else the default one if it exists, else
     the defaults), then the options given; raises ConfigError."""
+    from . import config
+    from .config import ConfigError
+
     path, file = getattr(args, "config", None), getattr(args, "file", None)
     if path is not None and file is not None and path != file:
         raise ConfigError("check-config", None, f"two files: {file} and --config {path}")
@@ -176,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import config, explain, install
+    from .config import DEFAULT_QUEUE
+
     ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (default info)")
@@ -286,21 +295,35 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT/SIGTERM are recorded, not acted on, from here: `ftpalg run` keeps it so to the
+    # end (a stop during its start-up ends it cleanly, exit 0: linux/stop.py); every other
+    # command gets the usual handling back once its name is known.
+    with stop.stopping():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from .config import ConfigError, OptionText, check
+
     args = parser().parse_args(argv)
     try:
+        if args.func is not cmd_run:
+            stop.release()  # a stop that came meanwhile acts now (KeyboardInterrupt, or death by SIGTERM)
         if getattr(args, "configured", False):  # run, check-config, rules: file and options, checked
             args.cfg = config_from_args(args)
             level = args.cfg.log.level
         else:
-            level = config.check("log.level", OptionText(args.log_level or "info"), "--log-level")
+            level = check("log.level", OptionText(args.log_level or "info"), "--log-level")
     except ConfigError as e:
         print(f"ftpalg: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s ftpalg %(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into it; clean-up already ran
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into it (demo, lab faults); clean-up ran
         log.warning("interrupted (%s)", e or "SIGINT")
         return 130
 

@@ -435,8 +435,8 @@ class Recorder:
     def install(self):
         return "nft"
 
-    def run(self):
-        raise KeyboardInterrupt
+    def run(self):  # the queue loop: served, then stopped
+        return None
 
     def __getattr__(self, attr):
         return lambda *a, **k: None
@@ -466,7 +466,7 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
                  "pinhole_timeout = 30\n[policy]\nmax_flows = 10\n")
     # no status socket, no metrics endpoint: this test runs in the host's namespace
     c = parse("run", "--config", str(f), "--min-port", "1", "--status-socket", "", "--metrics-listen", "")
-    assert serve(c) == 0  # the fake queue "runs" until an interrupt
+    assert serve(c) == 0  # the fake queue "runs" until a stop
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
                                "limits": Limits(min_port=1, max_flows=10), "selected": False, "audit": False}

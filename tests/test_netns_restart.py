@@ -1,16 +1,22 @@
 """Kernel-held state in practice: a session whose lines were rewritten survives ``kill -9`` of
-ftpalg and its restart, and a clean stop; what ftpalg added is gone after a clean exit."""
+ftpalg and its restart, and a clean stop; what ftpalg added is gone after a clean exit, also
+after a stop at any point of its start-up."""
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from ftpalg.lab.lab import GW_PUBLIC, SERVERS, Lab, sha256
+from ftpalg.lab.lab import GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
 
 pytestmark = pytest.mark.netns
 
@@ -95,3 +101,112 @@ def test_rewritten_session_survives_kill_9_and_restart(lab, server):
         assert s.close().endswith("BYE")
     finally:
         s.p.kill()
+
+
+# ---- a stop during start-up ---------------------------------------------------------------------
+def caught(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``sig`` (/proc's SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # already gone
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+def rules_of(lab: Lab) -> tuple[str, str, str]:
+    """The gateway's nftables ruleset and iptables-save/ip6tables-save (without their dated
+    comment lines and the chains' packet counters)."""
+    return lab.ruleset(), *(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", out) for out in (lab.gw_rules(), lab.gw_rules6()))
+
+
+def left_in(lab: Lab, within: float = 3.0) -> list[str]:
+    """Processes still in the gateway's namespace ``within`` seconds after ftpalg exited."""
+    deadline = time.monotonic() + within
+    while True:
+        pids = subprocess.run(["ip", "netns", "pids", lab.gw], capture_output=True, text=True).stdout.split()
+        if not pids or time.monotonic() > deadline:
+            return [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.05)
+
+
+STARTUP_PHASE = re.compile(r"stopped during start-up on (SIG\w+) \(it came while ([^)]*)\)")
+
+
+def stop_once(lab: Lab, workers: int, when: float | str, sig: signal.Signals, group: bool) -> tuple[int, bool, str]:
+    """Start ``ftpalg run``, send ``sig`` ``when`` seconds later or as soon as its log has the
+    line ``when``, to it or to its whole process group; its exit status, whether it had a
+    SIGTERM handler of its own when the signal went, and its log."""
+    log_path = lab.ftpalg_log_path()
+    log_path.write_bytes(b"")
+    p = lab.popen(lab.gw, [*ftpalg_argv(), "run", "--log-level", "info", "--workers", str(workers)], log_path)
+    try:
+        if isinstance(when, str):
+            deadline = time.monotonic() + 20
+            while when not in log_path.read_text() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+        else:
+            time.sleep(when)
+        handled = caught(p.pid, signal.SIGTERM)
+        (os.killpg if group else os.kill)(p.pid, sig)
+        rc = p.wait(20)
+    finally:
+        lab.stop_ftpalg(p)
+    return rc, handled, log_path.read_text()
+
+
+@pytest.mark.parametrize("workers,first,step", [(1, 0, 50), (2, 50, 100)])
+def test_a_stop_at_any_point_of_start_up_exits_0_and_leaves_the_ruleset_as_found(lab, workers, first, step):
+    """A stop after ``first`` ms of start-up, ``step`` ms more, and so on until one lands once
+    ftpalg serves (2 workers: a longer start-up, offset to fall between those of 1); then one
+    as soon as the log says the metrics endpoint is up (next: the rules), and one once it says
+    the rules are installed (next: the queue, or the workers). SIGTERM to ftpalg alone (``kill``), every other time to
+    its whole process group (systemd's control-group kill: workers and rule tools too), every
+    fourth time SIGINT to the group (Ctrl-C). Once ftpalg has its handler (SigCgt has SIGTERM)
+    each must end with exit 0 and a log line naming the step of start-up it came in (or the
+    ordinary stop, once serving); every one with the ruleset exactly as found and no process
+    left in the namespace. Before the handler (the interpreter starting), the signal's default
+    action is all there can be, with nothing touched yet."""
+    before = rules_of(lab)
+    bad: list[str] = []
+    phases: Counter[str] = Counter()
+    stops = early = 0
+
+    def check(when: float | str) -> bool:
+        """One stop; False if it left something behind (the rest would not be meaningful)."""
+        nonlocal stops, early
+        sig = signal.SIGINT if stops % 4 == 3 else signal.SIGTERM
+        group = stops % 2 == 1
+        stops += 1
+        rc, handled, log = stop_once(lab, workers, when, sig, group)
+        what = f"{f'{when * 1000:.0f} ms' if isinstance(when, float) else repr(when)}, " \
+               f"{sig.name}{' to the group' if group else ''}"
+        m = STARTUP_PHASE.search(log)
+        if m:
+            phases[m.group(2)] += 1
+        elif "bound to NFQUEUE" in log and "stopping on" in log:
+            phases["serving"] += 1
+        if not handled and not re.search(r" ftpalg [A-Z]+ ", log):
+            early += 1  # ftpalg's code had not run yet: no handler, nothing installed, nothing said
+        elif rc != 0 or not (m or "stopping on" in log) or "Traceback" in log:
+            bad.append(f"{what}: exit {rc}, log:\n{log}")
+        if (after := rules_of(lab)) != before:
+            diff = difflib.unified_diff("".join(before).splitlines(), "".join(after).splitlines(), lineterm="")
+            bad.append(f"{what}: ruleset changed:\n" + "\n".join(diff))
+            return False
+        if left := left_in(lab):
+            bad.append(f"{what}: left behind: {left}")
+            return False
+        return True
+
+    ms = first
+    while "serving" not in phases and ms <= 3000 and check(ms / 1000):
+        ms += step
+    for line in ("metrics on http", "rules installed"):
+        if not bad:
+            check(line)
+    print(f"workers {workers}: {stops} stops, {early} before ftpalg's handler; by step: {dict(phases)}")
+    assert not bad, f"{len(bad)} of {stops} stops went wrong:\n" + "\n".join(bad)
+    want = {"installing the rules", "serving"} | ({"starting the workers"} if workers > 1 else set())
+    assert want <= set(phases), phases  # the stops met every long step of start-up

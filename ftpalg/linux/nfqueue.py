@@ -20,13 +20,11 @@ import errno
 import logging
 import select
 import selectors
-import signal
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from time import monotonic, perf_counter_ns
-from types import FrameType
 from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
@@ -34,6 +32,7 @@ from netfilterqueue import NetfilterQueue
 from ..core.accounting import Accounting
 from ..core.alg import Alg
 from ..core.events import HELD, PASS, Drop, Replace, Verdict
+from .stop import SERVING, stop_signals, stopping
 
 log = logging.getLogger("ftpalg")
 
@@ -209,16 +208,27 @@ class QueueHandler:
         """Serve until SIGINT/SIGTERM. ``ready()`` is called once bound. ``extra``: (file,
         callback) pairs: the callback runs between packets when its file is readable, and
         returning False stops the loop (a worker's pipe to its parent)."""
-        nfq = NetfilterQueue()
-        nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
-        self.fail_open = enable_fail_open(nfq, self.queue_num)
-        try:
-            with queue_selector(nfq) as (sel, stopped):
-                for f, callback in (*self.watch, *extra):
-                    sel.register(f, selectors.EVENT_READ, callback)
-                self._loop(nfq, sel, stopped, ready, bound_message or f"bound to NFQUEUE {self.queue_num}")
-        finally:
-            nfq.unbind()
+        with stopping() as stop:  # the run's, if start-up installed it: a stop that came before is seen
+            if stop:
+                log.info("stopping on %s before binding NFQUEUE %d", stop.signals[0], self.queue_num)
+                return
+            stop.phase = "binding the queue"
+
+            def on_bound() -> None:
+                stop.phase = SERVING
+                if ready:
+                    ready()
+
+            nfq = NetfilterQueue()
+            nfq.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
+            self.fail_open = enable_fail_open(nfq, self.queue_num)
+            try:
+                with queue_selector(nfq) as (sel, stopped):
+                    for f, callback in (*self.watch, *extra):
+                        sel.register(f, selectors.EVENT_READ, callback)
+                    self._loop(nfq, sel, stopped, on_bound, bound_message or f"bound to NFQUEUE {self.queue_num}")
+            finally:
+                nfq.unbind()
 
     def _loop(self, nfq: Any, sel: selectors.BaseSelector, stopped: list[str], ready: Any, bound: str) -> None:
         try:
@@ -246,33 +256,11 @@ class QueueHandler:
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[tuple[socket.socket, list[str]]]:
-    """Until exit, SIGINT/SIGTERM append their name to the list and make the socket
-    readable (a wake-up for a select); the previous handlers are restored on exit."""
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    stopped: list[str] = []
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        stopped.append(signal.Signals(signum).name)
-        with contextlib.suppress(OSError):  # a wake-up already pending is enough
-            wake_w.send(b"x")
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield wake_r, stopped
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        wake_r.close()
-        wake_w.close()
-
-
-@contextlib.contextmanager
 def queue_selector(nfq: Any) -> Iterator[tuple[selectors.BaseSelector, list[str]]]:
     """A selector on a bound queue's socket that also wakes on SIGINT/SIGTERM (their names
     collect in the list); the previous handlers are restored and the sockets closed on exit
-    (the queue stays bound: its owner unbinds it)."""
+    (the queue stays bound: its owner unbinds it). Inside ``ftpalg run``, the run's handler
+    and list (``stop.stopping``: a stop that came before is in it)."""
     with stop_signals() as (wake, stopped):
         sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
         sel = selectors.DefaultSelector()

@@ -32,6 +32,8 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
+from .stop import signals_held
+
 log = logging.getLogger("ftpalg")
 
 CHAIN_QUEUE = "FTPALG-QUEUE"
@@ -122,8 +124,12 @@ def _tool(argv: list[str]) -> list[str]:
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
+    """Run a rule tool; raise RuleError with its words if it fails. Like every rule tool, it
+    runs with SIGINT/SIGTERM blocked (``stop.signals_held``): a stop sent to the whole process
+    group or cgroup does not cut it short; ftpalg takes the stop after it."""
     try:
-        p = subprocess.run(_tool(argv), input=stdin, capture_output=True, text=True, timeout=30)
+        with signals_held():
+            p = subprocess.run(_tool(argv), input=stdin, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"{argv[0]}: {e}") from e
     if p.returncode != 0:
@@ -157,7 +163,8 @@ def check_access() -> None:
 def _quiet(argv: list[str]) -> bool:
     """Run a clean-up command whose failure (e.g. the rule is already gone) is expected."""
     try:
-        return subprocess.run(_tool(argv), capture_output=True, timeout=30).returncode == 0
+        with signals_held():
+            return subprocess.run(_tool(argv), capture_output=True, timeout=30).returncode == 0
     except (RuleError, OSError, subprocess.TimeoutExpired):
         return False
 

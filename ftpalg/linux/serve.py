@@ -16,9 +16,10 @@ from ..config import Config
 from . import metrics
 from .engine import engine
 from .metrics import MetricsView
-from .nfqueue import QueueHandler, stop_signals
+from .nfqueue import QueueHandler
 from .rules import RuleError, StaticRules, queue_chains_present
 from .status import Document, StatusServer
+from .stop import SERVING, stopping
 from .workers import WorkerSet
 
 log = logging.getLogger("ftpalg")
@@ -53,7 +54,8 @@ def single_instance() -> Iterator[None]:
 
 
 def run(cfg: Config) -> int:
-    """``ftpalg run``: serve under the namespace's lock; 1 if set-up fails (said in the log)."""
+    """``ftpalg run``: serve under the namespace's lock; 0 after SIGINT/SIGTERM, whenever it
+    comes, or 1 if set-up fails (said in the log)."""
     try:
         with single_instance():
             return serve(cfg)
@@ -63,69 +65,81 @@ def run(cfg: Config) -> int:
 
 
 def serve(cfg: Config) -> int:
-    """Serve until SIGINT/SIGTERM; 0, or 1 if set-up failed (said in the log). Raises
-    RuleError if the rules are the admin's (``install_rules = false``) and missing."""
+    """Serve until SIGINT/SIGTERM; 0, also after a stop during start-up (each step finishes,
+    the next is not taken, what was installed is removed), or 1 if set-up failed (said in the
+    log). Raises RuleError if the rules are the admin's (``install_rules = false``) and
+    missing."""
     gw = cfg.gateway
     ports = cfg.control_ports
-    if not gw.install_rules and not queue_chains_present(gw.workers, cfg.queue_selected):
-        raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
-                        + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
-                           f"{gw.workers}` prints them)" if gw.workers > 1 else "")
-                        + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from deploy/ "
-                        "or /etc/ftpalg/rules/ first")
-    rules = (StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers, cfg.queue_selected)
-             if gw.install_rules else None)
-    installed = False
-    stops: list[Callable[[], None]] = []  # of the workers, and the status and metrics threads
-    final: Callable[[], Counter[str]] | None = None  # the counters to log at the end
-    loop: Callable[[], None]  # until SIGINT/SIGTERM
-    try:
-        with contextlib.ExitStack() as stack:
-            served: Served
-            if gw.workers > 1:
-                served = workers = WorkerSet(cfg)
-                stops.append(workers.stop)  # those started
-                final = workers.counters  # as each said when it stopped
-                loop = functools.partial(run_workers, workers)
-            else:
-                served = eng = stack.enter_context(engine(cfg))
-                final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
-                loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting, eng.watch).run
-            if cfg.status.socket:
-                st = StatusServer(cfg.status.socket, served.snapshot)
-                st.start()
-                stops.append(st.stop)
-            if cfg.metrics.listen:
-                stops.append(metrics.serve(cfg.metrics.listen, served.metrics_view).shutdown)
-            if rules is not None:
-                backend = rules.install()  # a partial install is undone by remove() below all the same
-                installed = True
-                log.info("rules installed: queue via %s, control ports %s, queue %s",
-                         backend, ",".join(map(str, sorted(ports))),
-                         gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
-            loop()
-    except KeyboardInterrupt:
-        log.info("interrupted")
-    except (RuleError, OSError) as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        for stop in stops:
-            stop()
-        counters = final() if final is not None else Counter()
-        if rules is not None:
-            rules.remove()
-            if installed:
-                log.info("rules removed")
-        stats = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
-        log.info("counters: %s", stats or "none")
+    with stopping() as stop:
+        if not gw.install_rules and not queue_chains_present(gw.workers, cfg.queue_selected):
+            raise RuleError("install_rules = false (--no-rules): table inet ftpalg or its queue rule is missing"
+                            + (f" (or was written for 1 worker, not {gw.workers}: `ftpalg rules PART --workers "
+                               f"{gw.workers}` prints them)" if gw.workers > 1 else "")
+                            + "; load ftpalg.nft and queue.iptables/queue.ip6tables (or ftpalg-queue.nft) from "
+                            "deploy/ or /etc/ftpalg/rules/ first")
+        rules = (StaticRules(ports, gw.queue_num, gw.queue_backend, gw.workers, cfg.queue_selected)
+                 if gw.install_rules else None)
+        touched = installed = False  # install() begun (remove() at the end), and done
+        stops: list[Callable[[], None]] = []  # of the workers, and the status and metrics threads
+        final: Callable[[], Counter[str]] | None = None  # the counters to log at the end
+        loop: Callable[[], None]  # until SIGINT/SIGTERM
+        try:
+            with contextlib.ExitStack() as stack:
+                stop.phase = "opening conntrack, the status socket and the metrics endpoint"
+                served: Served
+                if gw.workers > 1:
+                    served = workers = WorkerSet(cfg)
+                    stops.append(workers.stop)  # those started
+                    final = workers.counters  # as each said when it stopped
+                    loop = functools.partial(run_workers, workers)
+                else:
+                    served = eng = stack.enter_context(engine(cfg))
+                    final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
+                    loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting,
+                                        eng.watch).run
+                if cfg.status.socket:
+                    st = StatusServer(cfg.status.socket, served.snapshot)
+                    st.start()
+                    stops.append(st.stop)
+                if cfg.metrics.listen:
+                    stops.append(metrics.serve(cfg.metrics.listen, served.metrics_view).shutdown)
+                if rules is not None and not stop:
+                    stop.phase = "installing the rules"
+                    touched = True
+                    backend = rules.install()  # a partial install is undone by remove() below all the same
+                    installed = True
+                    log.info("rules installed: queue via %s, control ports %s, queue %s",
+                             backend, ",".join(map(str, sorted(ports))),
+                             gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
+                if not stop:
+                    loop()  # binds the queue (or starts the workers): a stop meanwhile ends it at once
+            if stop.in_startup:
+                log.info("stopped during start-up on %s (it came while %s): nothing was served",
+                         stop.signals[0], stop.during)
+        except (RuleError, OSError) as e:
+            log.error("%s", e)
+            return 1
+        finally:
+            for s in stops:
+                s()
+            counters = final() if final is not None else Counter()
+            if rules is not None and touched:  # else the ruleset is as found: nothing to take back
+                rules.remove()
+                if installed:
+                    log.info("rules removed")
+            stats = " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+            log.info("counters: %s", stats or "none")
     return 0
 
 
 def run_workers(workers: WorkerSet) -> None:
     """Start the workers; supervise them until SIGINT/SIGTERM."""
-    workers.start()
-    with stop_signals() as (wake, stopped):
-        workers.supervise(stopped, wake)
-        if stopped:
-            log.info("stopping on %s", stopped[0])
+    with stopping() as stop:
+        stop.phase = "starting the workers"
+        if not workers.start(stop):
+            return
+        stop.phase = SERVING
+        workers.supervise(stop)
+        if stop:
+            log.info("stopping on %s", stop.signals[0])

@@ -25,12 +25,12 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
-import socket
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 
@@ -39,6 +39,7 @@ from ..core.policy import Limits
 from .engine import Engine, engine
 from .metrics import MetricsView
 from .status import Document
+from .stop import Stop, signals_held, stopping, unblock
 
 log = logging.getLogger("ftpalg")
 
@@ -73,6 +74,13 @@ def state(eng: Engine) -> WorkerState:
 def worker_main(cfg: Config, index: int, conn: Connection) -> None:
     """A worker: the same engine as a single-process run, on queue ``queue_num + index``;
     answers the parent's requests on ``conn`` between packets."""
+    with stopping():  # SIGINT/SIGTERM held since the parent spawned us: recorded from here
+        unblock()
+        _worker(cfg, index, conn)
+
+
+def _worker(cfg: Config, index: int, conn: Connection) -> None:
+    """``worker_main`` once its handler is in place."""
     logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s ftpalg %(levelname)s w{index} %(message)s")
     from .nfqueue import QueueHandler
 
@@ -120,25 +128,38 @@ class WorkerSet:
         self.deaths: list[float] = []
 
     # ---- life cycle ------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, stop: Stop) -> bool:
+        """Start the workers; False if ``stop`` came first (those started are stopped by
+        ``stop()``, as after a run)."""
         for i in range(self.count):
             self.workers.append(self._spawn(i))
         for w in self.workers:
-            self._wait_ready(w)
+            if not self._wait_ready(w, stop):
+                return False
         q = self.cfg.gateway.queue_num
         log.info("bound to NFQUEUE %d-%d (%d workers, pids %s)", q, q + self.count - 1, self.count,
                  ",".join(str(w.proc.pid) for w in self.workers))
+        return True
 
     def _spawn(self, index: int) -> _Worker:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=worker_main, args=(self.cfg, index, child), name=f"ftpalg-w{index}",
                                 daemon=False)
-        proc.start()
+        # The first spawn starts multiprocessing's resource tracker, and unblocks SIGINT/SIGTERM
+        # in this thread once it has (its own guard, bpo-33613): started beforehand, it leaves
+        # the worker's block alone.
+        resource_tracker.ensure_running()
+        with signals_held():  # until the worker's own handler is in place (worker_main)
+            proc.start()
         child.close()
         return _Worker(index, proc, parent)
 
-    def _wait_ready(self, w: _Worker) -> None:
-        if not w.conn.poll(START_TIMEOUT):
+    def _wait_ready(self, w: _Worker, stop: Stop) -> bool:
+        """Until the worker is bound (True) or ``stop`` comes (False)."""
+        ready = multiprocessing.connection.wait([w.conn, stop.wake], START_TIMEOUT)
+        if stop:
+            return False
+        if not ready:
             raise OSError(f"worker {w.index} did not bind queue {self.cfg.gateway.queue_num + w.index} "
                           f"within {START_TIMEOUT:g} s")
         try:
@@ -149,16 +170,17 @@ class WorkerSet:
                           "see its messages above") from None
         if msg[0] != "ready":
             raise OSError(f"worker {w.index}: unexpected message {msg[0]!r}")
+        return True
 
-    def supervise(self, stopped: list[str], wake: socket.socket) -> None:
-        """Until ``stopped`` fills (its signal handler also makes ``wake`` readable): restart
-        workers that die, or raise OSError when they keep dying."""
-        while not stopped:
+    def supervise(self, stop: Stop) -> None:
+        """Until ``stop`` comes: restart workers that die, or raise OSError when they keep
+        dying."""
+        while not stop:
             sentinels = {w.proc.sentinel: w for w in self.workers}
-            ready = multiprocessing.connection.wait([*sentinels, wake], timeout=1.0)
+            ready = multiprocessing.connection.wait([*sentinels, stop.wake], timeout=1.0)
             for s in ready:
                 w = sentinels.get(s) if isinstance(s, int) else None
-                if w is None or stopped:
+                if w is None or stop:
                     continue
                 w.proc.join()
                 now = time.monotonic()
@@ -172,7 +194,7 @@ class WorkerSet:
                 with self.lock:
                     w.conn.close()
                     self.workers[w.index] = self._spawn(w.index)
-                    self._wait_ready(self.workers[w.index])
+                    self._wait_ready(self.workers[w.index], stop)
 
     def stop(self) -> None:
         """SIGTERM to every worker (each releases what it holds and deletes its pinholes),
