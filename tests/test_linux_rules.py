@@ -92,7 +92,7 @@ def test_only_segments_with_payload_and_syn_fin_rst_are_queued(family):
         for payload in (b"", b"x", b"PORT 10,0,0,2,4,1\r\n"):
             raw = bytes(ip() / TCP(sport=40000, dport=21, flags="PA" if payload else "A", options=opts) / payload)
             assert any(u32(raw, t) for t in tests) == bool(payload), (opts, payload)
-    assert "! --tcp-flags SYN,FIN,RST NONE -j NFQUEUE" in text
+    assert "! --tcp-flags SYN,FIN,RST NONE -j FTPALG-VERDICT" in text
 
 
 def test_helper_is_attached_after_conntrack_and_before_nat():

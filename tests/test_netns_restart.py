@@ -5,6 +5,7 @@ after a stop at any point of its start-up."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import signal
@@ -210,3 +211,91 @@ def test_a_stop_at_any_point_of_start_up_exits_0_and_leaves_the_ruleset_as_found
     assert not bad, f"{len(bad)} of {stops} stops went wrong:\n" + "\n".join(bad)
     want = {"installing the rules", "serving"} | ({"starting the workers"} if workers > 1 else set())
     assert want <= set(phases), phases  # the stops met every long step of start-up
+
+
+# ---- restarts under load (issue 15) ------------------------------------------------------------
+LOAD_SESSIONS = 1200  # about 8-10 s of sessions, 8 at a time, from one client
+
+
+def _load(lab: Lab, mode: str) -> subprocess.Popen[str]:
+    """Sessions in a loop that need ftpalg for each transfer: PORT from the client behind gw's
+    MASQUERADE (the PORT must be rewritten), or PASV with the 227 address trusted from an
+    outside client to the inside vsftpd behind gw2's DNAT (the 227 must be rewritten)."""
+    from ftpalg.lab.topology import OUTSIDE_CLIENTS, PUBLIC_OF
+
+    want = sha256(lab.files / "small.txt")
+    if mode == "PORT":
+        ns, args = lab.client, [SERVERS["vsftpd"], str(LOAD_SESSIONS), "1", "8", "PORT", want]
+    else:
+        ns, args = lab.server, [PUBLIC_OF["vsftpd"], str(LOAD_SESSIONS), "1", "8", "PASV", want, OUTSIDE_CLIENTS[0]]
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "ftpalg.lab.sessions", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mode", ["PORT", "PASV"])
+def test_restarts_under_load_lose_no_session(lab, mode):
+    """ftpalg restarted three times while 8 clients loop sessions that each need a rewrite:
+    stopped for a restart (SIGUSR1, systemd's RestartKillSignal) and started again, killed
+    (-9) and started again, and once more for a restart. The rules stay, segments that need
+    ftpalg wait for the next one (dropped meanwhile: TCP resends them) instead of passing
+    unrewritten, and no session fails. Then a clean stop leaves the ruleset as found."""
+    gw = lab.gw if mode == "PORT" else lab.gw2
+    before = lab.ruleset(gw)
+    p = lab.start_ftpalg(gw=gw)
+    load = _load(lab, mode)
+    time.sleep(1.0)
+    restarts = 0
+    logs: list[str] = []
+    for how in ("restart", "kill", "restart"):
+        if load.poll() is not None:
+            break
+        if how == "restart":
+            p.send_signal(signal.SIGUSR1)
+            assert p.wait(15) == 0
+            assert "stopping for a restart (SIGUSR1): rules and pinholes kept" in lab.ftpalg_log(gw)
+        else:
+            p.kill()
+            p.wait(5)
+        logs.append(lab.ftpalg_log(gw))
+        assert "FTPALG-QUEUE" in lab.ruleset(gw)  # the rules stay for the next one
+        p = lab.start_ftpalg(gw=gw)
+        restarts += 1
+        time.sleep(1.5)
+    out, err = load.communicate(timeout=300)
+    res = json.loads(out)
+    assert lab.stop_ftpalg(p) == 0
+    logs.append(lab.ftpalg_log(gw))
+    assert restarts == 3, ("the load ended before the restarts", res)
+    assert res["sessions"] == LOAD_SESSIONS
+    # Before the rules stayed across restarts about half of such sessions failed (the issue's
+    # run: 1,465 and 1,732 of 3,000). What is left: a 227 that reaches the new ftpalg after it
+    # saw a command of the same session but not the PASV (a client's retransmission of an
+    # answered command, a PASV that the old one passed) is taken as unsolicited: at most one
+    # session in a few restarts, measured 0-1 of 1,200 per run of three restarts.
+    lost = res["sessions"] - res["sessions_ok"]
+    assert lost <= 3, (res["failures"], [ln for log in logs for ln in log.splitlines() if "WARNING" in ln])
+    assert lab.ruleset(gw) == before
+
+
+def test_an_ftpalg_that_stays_away_lets_ftp_through_unchanged_after_the_handover_bound(lab):
+    """Killed and not started again: for HANDOVER seconds the segments ftpalg must see are
+    held back (dropped: a PORT through the MASQUERADE does not pass unrewritten); after it,
+    they pass unchanged (fail-open, as before: a passive session works, a PORT is refused by
+    the server as a foreign address, not hung). Then a clean run replaces the rules."""
+    from ftpalg.linux.rules import HANDOVER
+
+    before = lab.ruleset()
+    p = lab.start_ftpalg()
+    p.kill()
+    p.wait(5)
+    t0 = time.monotonic()
+    r = lab.ns(lab.client, ["curl", "-sS", "--max-time", "3", "-P", "-", f"ftp://{SERVERS['vsftpd']}/small.txt",
+                            "-o", "/dev/null"], check=False, timeout=10)
+    assert r.returncode != 0 and time.monotonic() - t0 < HANDOVER  # held back within the bound
+    time.sleep(max(0.0, HANDOVER + 0.5 - (time.monotonic() - t0)))
+    r = lab.ns(lab.client, ["curl", "-sS", "--max-time", "10", f"ftp://{SERVERS['vsftpd']}/small.txt",
+                            "-o", "/dev/null"], check=False, timeout=20)
+    assert r.returncode == 0, r.stderr  # EPSV, unchanged: fail-open after the bound
+    p = lab.start_ftpalg()
+    assert lab.stop_ftpalg(p) == 0
+    assert lab.ruleset() == before

@@ -219,7 +219,11 @@ class Actions:
         found = self.kernel.mapping(flow.key)
         if found is None:
             return False
-        reply, corrected = found
+        self.index_reply(flow, *found)
+        return True
+
+    def index_reply(self, flow: Flow, reply: FlowKey, corrected: bool) -> None:
+        """The NAT mapping is known: the flow is found by the server's packets too."""
         a, b = flow.dirs
         if not corrected and a.kadj is None and b.kadj is None:
             # the kernel holds no correction for it: nothing to read before the first one
@@ -227,7 +231,6 @@ class Actions:
         flow.reply_key = reply
         flow.mapping = Mapping.from_tuples(flow.key, reply)
         self.flows[reply] = (flow, S2C)
-        return True
 
     def close_pinhole(self, flow: Flow, closing: Closing, withdraw: bool = True) -> None:
         """Close the live pinhole; ``withdraw``: remove it from the kernel (unless the kernel

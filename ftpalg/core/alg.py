@@ -23,7 +23,7 @@ from . import policy
 from .actions import Actions
 from .addr import FlowKey, addr_text, hostport, key_text
 from .events import DROPS, HELD, PASS, Close, Closing, DropWhy, Event, Reason, Verdict
-from .flow import C2S, Flow
+from .flow import C2S, S2C, Flow
 from .kernel import Kernel, Pinhole
 from .packet import ACK, FIN, RST, SYN, DecodeError, decode
 from .pinholes import PinholeBook
@@ -114,9 +114,15 @@ class Alg:
                 self.actions.refuse(Reason.DROPPED_TRUNCATED, "", hit[0])
                 return DROPS[DropWhy.TRUNCATED]
             return PASS
-        if hit is None:
-            if seg.dport not in self.control_ports:
-                return PASS  # server -> client before the mapping is known: nothing to adjust
+        if hit is None and seg.dport not in self.control_ports:
+            # server -> client of a connection not followed yet: one this process met first from
+            # the server's side (it started, or was restarted, while the client's commands went by)
+            if not (seg.payload and seg.sport in self.control_ports and not seg.flags & (SYN | RST)):
+                return PASS
+            hit = self._pick_up_by_reply(key, now, seg.ack if seg.flags & ACK else None)
+            if hit is None:
+                return PASS
+        elif hit is None:
             flags = seg.flags
             if flags & SYN:
                 if not flags & ACK:
@@ -130,6 +136,8 @@ class Alg:
                 return PASS
             if isn is not None:
                 new.dirs[C2S].stream.syn(isn)
+            else:
+                new.session.picked_up = True
             hit = (new, C2S)
         elif seg.payload and not seg.flags & (SYN | RST) and self._reused(*hit, seg.seq):
             # Data beyond the end of a connection we still remember (kept for its late
@@ -146,6 +154,28 @@ class Alg:
             hit = (new, C2S)
         res = self.walk.segment(hit[0], hit[1], seg, now, token)
         return HELD if res is HELD else self.walk.final(res)
+
+    def _pick_up_by_reply(self, reply: FlowKey, now: float, ack: int | None) -> tuple[Flow, int] | None:
+        """Follow the connection whose reply tuple is ``reply`` from this server segment on
+        (conntrack knows it; at the flow cap it passes untouched). The segment's ``ack`` says
+        where the client's stream stands: bytes before it reached the server already (a
+        client's late retransmission of an answered command is not a new command)."""
+        if self.tracked >= self.limits.max_flows:
+            return None
+        self.counters["nat_lookups"] += 1
+        found = self.kernel.by_reply(reply)
+        if found is None:
+            return None
+        orig, corrected = found
+        hit = self.flows.get(orig)
+        flow = hit[0] if hit is not None else self._new_flow(orig, now)
+        if flow is None:
+            return None
+        flow.session.picked_up = flow.session.picked_up or hit is None
+        self.actions.index_reply(flow, reply, corrected)
+        if hit is None and ack is not None and not corrected:  # (with corrections, the server's
+            flow.dirs[C2S].follow_from(ack, True)  # numbering is not the client's)
+        return flow, S2C
 
     @staticmethod
     def _reused(flow: Flow, d: int, seq: int) -> bool:

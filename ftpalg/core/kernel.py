@@ -67,6 +67,11 @@ class Kernel(Protocol):
         original tuple is ``key`` (``KernelAdj()`` if none). Raise if it cannot be read (the
         connection is gone)."""
 
+    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        """The original tuple of the connection whose reply tuple is ``key`` (a packet of
+        the server's side met before any of the client's), and whether the kernel holds any
+        sequence correction for it; None if conntrack has no such connection."""
+
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` (0 = client -> server)
         starting at ``seq`` to the connection's sequence adjustment; return the direction's

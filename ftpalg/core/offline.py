@@ -40,6 +40,10 @@ class OfflineKernel:
         self.reads += 1
         return self.adj.get(key, [KernelAdj(), KernelAdj()])[direction]
 
+    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        orig = next((o for o, r in self.table.items() if r == key), None)
+        return None if orig is None else (orig, orig in self.adj)
+
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Like the kernel: the new state is written over whatever is held (absolute values),
         from ``known`` if given, else from what is held (read first)."""

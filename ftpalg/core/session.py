@@ -90,12 +90,15 @@ _ENCRYPTED = Closing(Close.ENCRYPTED, "control connection encrypted (AUTH)")
 
 class Session:
     __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted", "user",
-                 "last_verb", "paths", "unrecorded", "selected")
+                 "last_verb", "paths", "unrecorded", "selected", "picked_up")
 
     def __init__(self, selected: bool = False) -> None:
         # ``selected``: only the lines that may carry an address reach the session (the
         # kernel queues nothing else, see rules.py): see SELECTED below.
         self.selected = selected
+        # followed from the middle of the connection (no SYN seen: ftpalg started or was
+        # restarted meanwhile): see _passive
+        self.picked_up = False
         # lists, not deques: at most MAX_PENDING / MAX_TRANSFERS short entries, and an empty
         # list is 56 bytes where an empty deque is ~600 (memory per tracked connection)
         self.pending: list[tuple[bytes, int]] = []
@@ -189,6 +192,10 @@ class Session:
             return NOTHING
         self.reply_found = True
         asked = self.reply_cmd
+        if asked is None and self.picked_up and not self.count:
+            # The first line seen of a connection picked up in the middle: its PASV went by
+            # before this process was there (a restart between a PASV and its reply).
+            return Decision(announce=hp, cmd=0, close=self._replacing(hp))
         if asked is None or asked[0] != PASSIVE_VERB[form]:
             what = asked[0].decode("ascii", "replace") if asked else "no command"
             return Decision(problem=(Reason.UNSOLICITED, f"{code} answers {what}, not {PASSIVE_VERB[form].decode()}: "

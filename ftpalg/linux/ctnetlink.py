@@ -85,6 +85,7 @@ class Entry:
     reply: FlowKey
     helper: str | None
     seqadj: tuple[KernelAdj, KernelAdj] | None  # per direction; None: not set (status bit clear)
+    orig: FlowKey | None = None
 
 
 # ---- message building ---------------------------------------------------------------------
@@ -201,11 +202,14 @@ def _parse_seqadj(data: bytes) -> KernelAdj:
 def parse_entry(body: bytes) -> Entry:
     """An IPCTNL_MSG_CT_NEW message's attributes (after nlmsghdr and nfgenmsg)."""
     reply: FlowKey | None = None
+    orig: FlowKey | None = None
     helper = None
     adj: dict[int, KernelAdj] = {}
     for kind, val in _attrs(body):
         if kind == CTA_TUPLE_REPLY:
             reply = _parse_tuple(val)
+        elif kind == CTA_TUPLE_ORIG:
+            orig = _parse_tuple(val)
         elif kind == CTA_HELP:
             for k, v in _attrs(val):
                 if k == CTA_HELP_NAME:
@@ -215,7 +219,7 @@ def parse_entry(body: bytes) -> Entry:
     if reply is None:
         raise CtError(errno.EPROTO, "conntrack entry without reply tuple")
     both = (adj.get(CTA_SEQ_ADJ_ORIG, NO_ADJ), adj.get(CTA_SEQ_ADJ_REPLY, NO_ADJ)) if adj else None
-    return Entry(reply, helper, both)
+    return Entry(reply, helper, both, orig)
 
 
 _NLA = struct.Struct("=HH")
@@ -343,10 +347,12 @@ class CtNetlink:
         self.stats["unacked"] += 1
 
     # ---- connections --------------------------------------------------------------------
-    def get(self, key: FlowKey) -> Entry | None:
-        """The entry whose original tuple is ``key``; None if conntrack has none."""
+    def get(self, key: FlowKey, reply: bool = False) -> Entry | None:
+        """The entry whose original tuple (``reply``: reply tuple) is ``key``; None if
+        conntrack has none."""
         try:
-            bodies = self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, 0, _family(key[0]), tuple_attr(key))
+            bodies = self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, 0, _family(key[0]),
+                                   tuple_attr(key, CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG))
         except CtError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -434,9 +440,13 @@ class CtNetlink:
             (NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_NEW, NLM_F_CREATE | NLM_F_EXCL, fam, body),
             (NFNL_SUBSYS_CTNETLINK_EXP, IPCTNL_MSG_EXP_GET, 0, fam, unexpect_body(peer, public, public_port, None))],
             ack=False)
-        if isinstance(done, CtError):
-            raise done
         exp_id = parse_expect_id(got[0], master) if isinstance(got, list) and got else None
+        if isinstance(done, CtError):
+            if done.errno in (errno.EEXIST, errno.EBUSY) and exp_id is not None:
+                # taken by an expectation of this very control connection: an earlier run of
+                # ftpalg's, for the same announcement (a restart between it and its transfer)
+                return exp_id
+            raise done
         if timeout <= HELPER_EXPECT_TIMEOUT:
             return exp_id
         full = b"\xff" * len(peer)  # an update must name master, tuple and mask again

@@ -19,6 +19,7 @@ from .ctnetlink import CtNetlink, ExpectationEvents
 from .kernel import LinuxKernel
 from .metrics import LatencyHistogram, MetricsView
 from .status import Document
+from .stop import restarting
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,8 @@ def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
     try:
         yield Engine(alg, accounting, LatencyHistogram(), Counter(), watch)
     finally:
-        alg.shutdown()
+        if not restarting():  # a restart leaves the pinholes to the kernel (one-shot, timed out)
+            alg.shutdown()
         accounting.consume(alg.drain())  # the pinholes closed at the end, counted and logged
         if audit_sink is not None:
             audit_sink.close()

@@ -76,6 +76,18 @@ class LinuxKernel:
         connection is gone."""
         return self.nl.seq_state(key, direction)
 
+    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+        """The original tuple of the connection whose reply tuple is ``key`` (a packet from
+        the server side), and whether the kernel holds a correction for it; None if none."""
+        try:
+            entry = self.nl.get(key, reply=True)
+        except OSError as e:
+            if not self.lookup_failures:
+                log.warning("conntrack look-up failed: %s", e)
+            self.lookup_failures += 1
+            return None
+        return None if entry is None or entry.orig is None else (entry.orig, entry.seqadj is not None)
+
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq``; return
         the direction's new correction. ``known``: the kernel's correction as the caller

@@ -137,8 +137,10 @@ class QueueHandler:
 
     def __init__(self, alg: Alg, queue_num: int, latency: LatencySink | None = None,
                  verdicts: dict[str, int] | None = None, accounting: Accounting | None = None,
-                 watch: Iterable[tuple[Any, Callable[[], bool]]] = ()) -> None:
+                 watch: Iterable[tuple[Any, Callable[[], bool]]] = (),
+                 every_second: Callable[[], object] | None = None) -> None:
         self.alg = alg
+        self.every_second = every_second  # housekeeping between packets (rules.keep_alive)
         self.watch = tuple(watch)  # (file, callback) pairs served like ``run``'s ``extra``
         self.accounting = accounting or Accounting(alg.counters)  # reads what the core decided
         self.queue_num = queue_num
@@ -235,8 +237,14 @@ class QueueHandler:
             if ready:
                 ready()
             log.info("%s", bound)
+            next_second = 0.0
             while not stopped:
+                if self.every_second is not None and time.monotonic() >= next_second:
+                    self.every_second()
+                    next_second = time.monotonic() + 1.0
                 deadline = self.alg.next_deadline()
+                if self.every_second is not None:
+                    deadline = min(deadline, next_second)
                 events = sel.select(max(0.0, deadline - time.monotonic()))
                 for key, _ in events:
                     if key.data is not None and not key.data():

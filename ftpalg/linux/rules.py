@@ -40,13 +40,15 @@ CHAIN_QUEUE = "FTPALG-QUEUE"
 CHAIN_CONTROL = "FTPALG-CONTROL"
 CHAIN_WORKERS = "FTPALG-WORKERS"
 CHAIN_SELECT = "FTPALG-SELECT"
+CHAIN_VERDICT = "FTPALG-VERDICT"
 NFT_TABLE = "ftpalg"
 HELPER = "sane"  # the kernel helper attached to control connections
 HELPER_OBJ = "ftpalg-sane"
 FAMILIES = (4, 6)
 # (table, hook chain, our chain) of every jump this and earlier releases inserted
 JUMPS = (("mangle", "PREROUTING", CHAIN_QUEUE),)
-SUBCHAINS = (("mangle", CHAIN_CONTROL), ("mangle", CHAIN_WORKERS), ("mangle", CHAIN_SELECT))  # from our own chains
+SUBCHAINS = (("mangle", CHAIN_CONTROL), ("mangle", CHAIN_WORKERS), ("mangle", CHAIN_SELECT),
+             ("mangle", CHAIN_VERDICT))  # jumped to only from our own chains
 OLD_JUMPS = (("raw", "PREROUTING", "FTPALG-QUEUE"), ("nat", "PREROUTING", "FTPALG-PINHOLES"),
              ("nat", "POSTROUTING", "FTPALG-SNAT"), ("filter", "FORWARD", "FTPALG-PINHOLES"))
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -207,6 +209,42 @@ def _select_rules(verdict: str) -> list[str]:
     return lines
 
 
+# ---- while ftpalg restarts --------------------------------------------------------------------
+# A queued segment goes to ftpalg's queue without --queue-bypass while ftpalg is alive or
+# restarting, with it otherwise. "Alive" is the element of set ``alive`` in our nft table, with
+# a timeout of HANDOVER seconds that the running ftpalg renews every second (``keep_alive``):
+# while it is there, chain ``alive`` (prerouting, just before the queue rules) sets mark bit
+# ALIVE_MARK on control connections' packets, the queue rules send marked packets to the queue
+# without bypass, and chain ``alive-done`` (just after them) clears the bit again, so that no
+# rule of the admin's later on sees it. While no process is bound to the queue the kernel then
+# drops the segment instead of letting it pass unrewritten, and TCP resends it (after 200,
+# 400, 800 ms ...) to the next ftpalg. An ftpalg that stays away stops renewing: HANDOVER
+# seconds later segments pass unchanged (fail-open), as they always did while no ftpalg was
+# bound. The rules and the element stay across a restart (``ftpalg run`` stopped by SIGUSR1,
+# systemd's RestartKillSignal, or killed); a stop by SIGTERM/SIGINT removes everything.
+HANDOVER = 5  # seconds: the bound on how long segments wait for a restarting ftpalg
+ALIVE_MARK = 0x00800000  # one bit of the packet mark, set between priorities -151 and -149 only
+
+
+def _queue_targets(queue: int, match: str = "") -> list[str]:
+    """Two rules sending ``match`` to ``queue``: without bypass while ftpalg is alive (or
+    restarting), with it otherwise."""
+    return [f"{match}-m mark --mark {ALIVE_MARK:#x}/{ALIVE_MARK:#x} -j NFQUEUE --queue-num {int(queue)}",
+            f"{match}-j NFQUEUE --queue-num {int(queue)} --queue-bypass"]
+
+
+def keep_alive() -> bool:
+    """Renew the alive element for HANDOVER seconds (one nft transaction: the element's
+    timeout starts again); False if our table is not there (or nft failed)."""
+    text = (f"add element inet {NFT_TABLE} alive {{ tcp }}\ndelete element inet {NFT_TABLE} alive {{ tcp }}\n"
+            f"add element inet {NFT_TABLE} alive {{ tcp timeout {HANDOVER}s }}\n")
+    try:
+        _run(["nft", "-f", "-"], text)
+    except RuleError:
+        return False
+    return True
+
+
 # ---- rule text ------------------------------------------------------------------------------
 def _payload_tests(family: int) -> list[str]:
     """u32 tests that hold for a TCP segment carrying payload (IP total length beyond the
@@ -225,7 +263,7 @@ def _payload_tests(family: int) -> list[str]:
 
 
 def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, workers: int = 1,
-                         selected: bool = False) -> str:
+                         selected: bool = False, jump: bool = True) -> str:
     """The queue rule for iptables-restore (``family`` 4) or ip6tables-restore (6).
 
     Which packets: both directions of connections whose original destination port is a
@@ -247,23 +285,31 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
 
     ``selected``: only the segments with payload that chain FTPALG-SELECT picks (see
     SELECT_VERBS above), no SYN, FIN or RST: a connection is followed from its first
-    selected segment, and its end is learnt from conntrack."""
+    selected segment, and its end is learnt from conntrack.
+
+    The queue itself: chain FTPALG-VERDICT (FTPALG-WORKERS with several workers), without
+    bypass while ftpalg is alive or restarting (``_queue_targets``). The chains are declared
+    in the text, so iptables-restore replaces their contents in one transaction: a restart
+    rewrites them with no moment without them (``jump``: the PREROUTING jump is still there
+    and not inserted again)."""
     first_header = "0>>22&0x3C=20" if family == 4 else "4>>8&0xFF=6"
     lines = ["*mangle", f":{CHAIN_QUEUE} - [0:0]", f":{CHAIN_CONTROL} - [0:0]"]
     if workers > 1:
         verdict = f"-j {CHAIN_WORKERS}"
         lines.append(f":{CHAIN_WORKERS} - [0:0]")
     else:
-        verdict = f"-j NFQUEUE --queue-num {int(queue)} --queue-bypass"
-    lines.append(f"-I PREROUTING 1 -j {CHAIN_QUEUE}")
+        verdict = f"-j {CHAIN_VERDICT}"
+        lines.append(f":{CHAIN_VERDICT} - [0:0]")
+    if jump:
+        lines.append(f"-I PREROUTING 1 -j {CHAIN_QUEUE}")
     for p in sorted(set(ports)):
         lines.append(f"-A {CHAIN_QUEUE} -p tcp -m conntrack --ctorigdstport {int(p)} -j {CHAIN_CONTROL}")
     lines.append(f"-A {CHAIN_CONTROL} -m rpfilter --invert -j RETURN")
     if selected:
         lines.insert(3, f":{CHAIN_SELECT} - [0:0]")
-        jump = f"-j {CHAIN_SELECT}"
-        lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {jump}')
-        lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {jump}' for t in _payload_tests(family)]
+        to_select = f"-j {CHAIN_SELECT}"
+        lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {to_select}')
+        lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {to_select}' for t in _payload_tests(family)]
         lines += _select_rules(verdict)
         lines += _worker_rules(queue, workers)
         return "\n".join(lines + ["COMMIT", ""])
@@ -283,14 +329,15 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
 
 
 def _worker_rules(queue: int, workers: int) -> list[str]:
-    """Chain FTPALG-WORKERS: the worker's queue by the connection's labels."""
+    """Chain FTPALG-VERDICT, or with several workers FTPALG-WORKERS: the worker's queue by the
+    connection's labels."""
     if workers <= 1:
-        return []
+        return [f"-A {CHAIN_VERDICT} {t}" for t in _queue_targets(queue)]
     lines = []
     for w, tests in worker_labels(workers):
         match = " ".join(f"-m connlabel {t}" for t in tests)
-        lines.append(f"-A {CHAIN_WORKERS} {match} -j NFQUEUE --queue-num {int(queue) + w} --queue-bypass")
-    lines.append(f"-A {CHAIN_WORKERS} -j NFQUEUE --queue-num {int(queue)} --queue-bypass")
+        lines += [f"-A {CHAIN_WORKERS} {t}" for t in _queue_targets(queue + w, match + " ")]
+    lines += [f"-A {CHAIN_WORKERS} {t}" for t in _queue_targets(queue)]
     return lines
 
 
@@ -311,6 +358,23 @@ def nft_rules(ports: Iterable[int], queue: int | None = None, comment: str = "",
         "\t\ttype filter hook prerouting priority -175; policy accept;",
         f'\t\ttcp dport {{ {ps} }} ct state new ct helper set "{HELPER_OBJ}"',
         *_label_rules(ps, workers),
+        "\t}",
+        "",
+        "\tset alive {",  # see keep_alive: there while ftpalg is alive, or restarting
+        "\t\ttype inet_proto",
+        "\t\tflags timeout",
+        f"\t\telements = {{ tcp timeout {HANDOVER}s }}",
+        "\t}",
+        "",
+        "\tchain alive {",  # just before mangle PREROUTING (-150), where the queue rules are
+        "\t\ttype filter hook prerouting priority -151; policy accept;",
+        f"\t\tmeta l4proto tcp ct original proto-dst {{ {ps} }} meta l4proto @alive "
+        f"meta mark set meta mark | {ALIVE_MARK:#x}",
+        "\t}",
+        "",
+        "\tchain alive-done {",  # just after it: the bit is gone before any other rule looks
+        "\t\ttype filter hook prerouting priority -149; policy accept;",
+        f"\t\tmeta mark & {ALIVE_MARK:#x} != 0 meta mark set meta mark & {~ALIVE_MARK & 0xFFFFFFFF:#x}",
         "\t}",
         "",
         "\tchain nat-prerouting {",
@@ -421,10 +485,16 @@ class StaticRules:
         self.created: list[str] = []  # "ip mangle" etc.: tables that exist because of us
 
     def install(self) -> str:
-        """Install everything (replacing what an earlier run left); return the queue backend."""
+        """Install everything (replacing what an earlier run left, with no moment without
+        it: a restart); return the queue backend."""
         check_access()
         self.created = _created(our_comment())
-        self._remove_queue_jumps()
+        jumped = {f: _quiet([iptables(f), "-w", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN_QUEUE])
+                  for f in FAMILIES}
+        if not all(jumped.values()):  # not a restart of a run that left its rules: start clean
+            self._remove_queue_jumps()
+            jumped = dict.fromkeys(FAMILIES, False)
+        self._remove_old_jumps()
         if self.backend == "auto":
             # the path the test suite runs; nft's queue statement only when asked for: it is
             # only loaded, never run with traffic, in the tests (the test kernel's does not
@@ -445,8 +515,34 @@ class StaticRules:
         _run(["nft", "-f", "-"], text)
         if self.backend == "iptables":
             for f in FAMILIES:
-                _restore(iptables_queue_rules(self.ports, self.queue, f, self.workers, self.selected), f)
+                _restore(iptables_queue_rules(self.ports, self.queue, f, self.workers, self.selected,
+                                              jump=not jumped[f]), f)
+            self._drop_unused_subchains()
+        elif any(jumped.values()):  # from iptables to nft's queue: the iptables chains go
+            self._remove_queue_jumps()
         return self.backend
+
+    def _drop_unused_subchains(self) -> None:
+        """Our chains that the rules just written do not use (an earlier run's with other
+        settings): emptied and deleted (nothing jumps to them any more)."""
+        used = {CHAIN_WORKERS} if self.workers > 1 else {CHAIN_VERDICT}
+        used |= {CHAIN_SELECT} if self.selected else set()
+        for f in FAMILIES:
+            for table, chain in SUBCHAINS:
+                if chain != CHAIN_CONTROL and chain not in used:
+                    _quiet([iptables(f), "-w", "-t", table, "-F", chain])
+                    _quiet([iptables(f), "-w", "-t", table, "-X", chain])
+
+    def _remove_old_jumps(self) -> None:
+        """Jumps and chains of earlier releases."""
+        for f in FAMILIES:
+            ipt = iptables(f)
+            for table, hook, chain in OLD_JUMPS:
+                for _ in range(16):
+                    if not _quiet([ipt, "-w", "-t", table, "-D", hook, "-j", chain]):
+                        break
+                _quiet([ipt, "-w", "-t", table, "-F", chain])
+                _quiet([ipt, "-w", "-t", table, "-X", chain])
 
     def _remove_queue_jumps(self) -> None:
         for f in FAMILIES:

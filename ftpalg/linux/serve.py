@@ -17,7 +17,7 @@ from . import metrics
 from .engine import engine
 from .metrics import MetricsView
 from .nfqueue import QueueHandler
-from .rules import RuleError, StaticRules, queue_chains_present
+from .rules import HANDOVER, RuleError, StaticRules, keep_alive, queue_chains_present
 from .status import Document, StatusServer
 from .stop import SERVING, stopping
 from .workers import WorkerSet
@@ -97,7 +97,7 @@ def serve(cfg: Config) -> int:
                     served = eng = stack.enter_context(engine(cfg))
                     final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
                     loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting,
-                                        eng.watch).run
+                                        eng.watch, keep_alive).run
                 if cfg.status.socket:
                     st = StatusServer(cfg.status.socket, served.snapshot)
                     st.start()
@@ -124,7 +124,11 @@ def serve(cfg: Config) -> int:
             for s in stops:
                 s()
             counters = final() if final is not None else Counter()
-            if rules is not None and touched:  # else the ruleset is as found: nothing to take back
+            if stop.for_restart and installed:
+                keep_alive()  # the next ftpalg has HANDOVER seconds from now
+                log.info("stopping for a restart (%s): rules and pinholes kept; control segments that need "
+                         "ftpalg wait up to %d s for the next one, then pass unchanged", stop.signals[0], HANDOVER)
+            elif rules is not None and touched:  # else the ruleset is as found: nothing to take back
                 rules.remove()
                 if installed:
                     log.info("rules removed")

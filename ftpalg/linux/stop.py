@@ -24,7 +24,10 @@ import socket
 from collections.abc import Iterator
 from types import FrameType
 
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+# SIGUSR1: a stop for a restart (systemd's RestartKillSignal=): the rules and pinholes stay in
+# the kernel for the next ftpalg, and segments wait for it (rules.HANDOVER).
+RESTART_SIGNAL = signal.SIGUSR1
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, RESTART_SIGNAL})
 SERVING = "serving"  # the phase once the queue (every worker's) is bound
 
 
@@ -43,6 +46,11 @@ class Stop:
 
     def __bool__(self) -> bool:
         return bool(self.signals)
+
+    @property
+    def for_restart(self) -> bool:
+        """The first stop was SIGUSR1: the next ftpalg takes over what this one leaves."""
+        return bool(self.signals) and self.signals[0] == RESTART_SIGNAL.name
 
     @property
     def in_startup(self) -> bool:
@@ -87,6 +95,11 @@ def stopping() -> Iterator[Stop]:
         stop.restore()
         stop.wake.close()
         stop._wake_w.close()
+
+
+def restarting() -> bool:
+    """Whether the run is stopping for a restart (SIGUSR1 came first)."""
+    return _active is not None and _active.for_restart
 
 
 def release() -> None:

@@ -25,6 +25,8 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import signal
 import sys
 import threading
 import time
@@ -38,8 +40,9 @@ from ..config import Config
 from ..core.policy import Limits
 from .engine import Engine, engine
 from .metrics import MetricsView
+from .rules import keep_alive
 from .status import Document
-from .stop import Stop, signals_held, stopping, unblock
+from .stop import RESTART_SIGNAL, Stop, restarting, signals_held, stopping, unblock
 
 log = logging.getLogger("ftpalg")
 
@@ -176,6 +179,7 @@ class WorkerSet:
         """Until ``stop`` comes: restart workers that die, or raise OSError when they keep
         dying."""
         while not stop:
+            keep_alive()  # the workers' queues stay without bypass while this parent lives (rules.py)
             sentinels = {w.proc.sentinel: w for w in self.workers}
             ready = multiprocessing.connection.wait([*sentinels, stop.wake], timeout=1.0)
             for s in ready:
@@ -188,8 +192,8 @@ class WorkerSet:
                 if len(self.deaths) > RESTARTS:
                     raise OSError(f"workers died {len(self.deaths)} times within {RESTART_WINDOW:g} s "
                                   f"(worker {w.index} last, exit code {w.proc.exitcode}): giving up")
-                log.error("worker %d (pid %d) exited with code %s: restarting it; its queue %d passed packets "
-                          "unchanged meanwhile", w.index, w.proc.pid, w.proc.exitcode,
+                log.error("worker %d (pid %d) exited with code %s: restarting it; its queue %d held segments back "
+                          "(dropped: TCP resends them) meanwhile", w.index, w.proc.pid, w.proc.exitcode,
                           self.cfg.gateway.queue_num + w.index)
                 with self.lock:
                     w.conn.close()
@@ -197,12 +201,14 @@ class WorkerSet:
                     self._wait_ready(self.workers[w.index], stop)
 
     def stop(self) -> None:
-        """SIGTERM to every worker (each releases what it holds and deletes its pinholes),
-        then wait; kill what does not stop. Keeps their final counters."""
+        """SIGTERM to every worker (each releases what it holds and deletes its pinholes; for
+        a restart SIGUSR1: the pinholes stay for the next run), then wait; kill what does not
+        stop. Keeps their final counters."""
+        sig = RESTART_SIGNAL if restarting() else signal.SIGTERM
         with self.lock:
             for w in self.workers:
-                if w.proc.is_alive():
-                    w.proc.terminate()
+                if w.proc.is_alive() and w.proc.pid is not None:
+                    os.kill(w.proc.pid, sig)
             deadline = time.monotonic() + STOP_TIMEOUT
             for w in self.workers:
                 while not w.conn.closed:
