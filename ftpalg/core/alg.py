@@ -17,6 +17,7 @@ Nothing here does I/O: the kernel is a port given to the constructor (``kernel.K
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, OrderedDict
 
 from . import policy
@@ -40,6 +41,7 @@ TICK = 1.0  # seconds between sweeps of the table (pinhole expiry, ended connect
 REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
 _CTL = SYN | FIN | RST | ACK
+_PASSIVE = re.compile(rb"22[789]")  # a passive reply's code, somewhere in a server segment
 _RESET = Closing(Close.CONTROL_RESET, "control connection reset")
 _FIN = Closing(Close.CONTROL_CLOSING, "control connection closing")
 _EXPIRED = Closing(Close.EXPIRED, "timeout")
@@ -116,8 +118,10 @@ class Alg:
             return PASS
         if hit is None and seg.dport not in self.control_ports:
             # server -> client of a connection not followed yet: one this process met first from
-            # the server's side (it started, or was restarted, while the client's commands went by)
-            if not (seg.payload and seg.sport in self.control_ports and not seg.flags & (SYN | RST)):
+            # the server's side (it started, or was restarted, while the client's commands went
+            # by). Followed from here only for a passive reply, which needs it; any other reply
+            # passes (a flood of unknown connections' greetings costs no flow and no look-up).
+            if not (seg.sport in self.control_ports and not seg.flags & (SYN | RST) and _PASSIVE.search(seg.payload)):
                 return PASS
             hit = self._pick_up_by_reply(key, now, seg.ack if seg.flags & ACK else None)
             if hit is None:
@@ -228,7 +232,7 @@ class Alg:
         those without corrections first (the kernel keeps corrections anyway; only the
         history for exact retransmissions goes). A flow forgotten and seen again is picked
         up mid-stream, as after a restart."""
-        holding = self.walk.holding
+        holding = self.walk.waiting.holding
         victims = sorted((f for f, d in self.flows.values() if d == C2S and f.pinhole is None and f not in holding),
                          key=lambda f: (f.corrected, f.last_seen))
         victims = victims[: max(1, self.limits.max_flows // EVICT_SHARE)]
@@ -327,7 +331,7 @@ class Alg:
 
     @property
     def held_bytes(self) -> int:
-        return self.walk.held_bytes
+        return self.walk.waiting.held_bytes
 
     def snapshot(self, now: float) -> dict[str, object]:
         """What ``ftpalg status`` shows: tracked control connections and open pinholes.
@@ -357,4 +361,4 @@ class Alg:
                   "control": key_text(ph.master), "expires_in": round(ph.expires - now, 1)}
                  for ph in list(self.book.promised.values())]
         return {"flows": out, "pinholes": holes, "counters": dict(self.counters),
-                "tracked": self.tracked, "held_bytes": self.walk.held_bytes}
+                "tracked": self.tracked, "held_bytes": self.walk.waiting.held_bytes}

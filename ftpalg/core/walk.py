@@ -58,6 +58,49 @@ class Pending:
 Decided = Pending | Verdict  # what a packet's verdict will be
 
 
+def may_announce(flow: Flow, d: int, tail: bytes) -> bool:
+    """Whether a partial line could become one that carries an address."""
+    session = flow.session
+    if session.encrypted:
+        return False
+    if d == C2S:
+        head = tail[:4].upper()
+        return any(v.startswith(head) for v in _PARTIAL_VERBS)
+    if session.reply_code in ftp.PASSIVE_REPLY_CODES and not session.reply_found:
+        return True  # inside a multi-line passive reply: any line may carry the address
+    return any(c.startswith(tail[:3]) for c in _PARTIAL_CODES)
+
+
+class Waiting:
+    """The segments that wait, over all connections: which flows hold some (the timers look
+    only there), and how many bytes, under --max-held-bytes."""
+
+    def __init__(self, actions: Actions, limits: Limits) -> None:
+        self.actions = actions
+        self.limits = limits
+        self.holding: set[Flow] = set()
+        self.held_bytes = 0  # payload bytes waiting (recounted at each timer)
+
+    def may_hold(self, flow: Flow, size: int) -> bool:
+        """Whether ``size`` more bytes may be held back (the --max-held-bytes cap)."""
+        if self.held_bytes + size <= self.limits.max_held_bytes:
+            self.held_bytes += size
+            return True
+        self.actions.refuse(Reason.HELD_CAP, f"{self.held_bytes} bytes held (--max-held-bytes): segment not held "
+                                             "back", flow)
+        return False
+
+    def prune(self) -> None:
+        self.holding = {f for f in self.holding if f.waiting}
+        self.held_bytes = sum(f.dirs[0].waiting_bytes() + f.dirs[1].waiting_bytes() for f in self.holding)
+
+    def deadline(self) -> float | None:
+        """When something waiting is due, if ever."""
+        self.prune()
+        times = [t for f in self.holding for dr in f.dirs if (t := dr.deadline()) is not None]
+        return min(times) if times else None
+
+
 class Table(Protocol):
     """What the walk asks of the connection table."""
 
@@ -75,8 +118,7 @@ class Walk:
         self.counters = counters
         self.limits = limits
         self.released: list[tuple[object, Decided]] = []  # held packets' verdicts, in order
-        self.holding: set[Flow] = set()  # flows with waiting segments (timers look only here)
-        self.held_bytes = 0  # payload bytes waiting (recounted at each timer)
+        self.waiting = Waiting(actions, limits)
 
     def final(self, x: Decided) -> Verdict:
         return self.finish(x.flow, x.d, x.seg, x.payload) if isinstance(x, Pending) else x
@@ -131,9 +173,8 @@ class Walk:
 
     def jump(self, dr: Direction, seq: int) -> None:
         """Selected mode: the segments between the last one seen and this one stayed in the
-        kernel, and each of them ended with a line end (a segment that does not is queued):
-        ``seq`` is a line start. Bytes older than what was seen are a retransmission: no
-        jump."""
+        kernel, each ending with a line end (one that does not is queued): ``seq`` is a line
+        start. Older bytes are a retransmission: no jump."""
         if dr.ahead_of_stream(seq):
             dr.follow_from(seq, True)
             self.counters["lines_skipped"] += 1
@@ -156,9 +197,9 @@ class Walk:
             if dr.has_ahead(seg.seq):
                 self.counters["ahead_duplicate"] += 1
                 return DROPS[DropWhy.DUPLICATE]  # a copy of one kept: the original goes in order
-            if dr.keeps_ahead(seg) and not flow.session.encrypted and self._may_hold(flow, len(seg.payload)):
+            if dr.keeps_ahead(seg) and not flow.session.encrypted and self.waiting.may_hold(flow, len(seg.payload)):
                 dr.keep_ahead(token, seg, now)
-                self.holding.add(flow)
+                self.waiting.holding.add(flow)
                 self.counters["reordered"] += 1
                 return HELD
             self.drain(flow, d, now, force=True)  # no room: what waited goes first, as after a gap
@@ -179,15 +220,6 @@ class Walk:
             out = self.segment(flow, d, seg, now, token, draining=True)
             if out is not HELD:
                 self.released.append((token, out))
-
-    def _may_hold(self, flow: Flow, size: int) -> bool:
-        """Whether ``size`` more bytes may be held back (the --max-held-bytes cap)."""
-        if self.held_bytes + size <= self.limits.max_held_bytes:
-            self.held_bytes += size
-            return True
-        self.actions.refuse(Reason.HELD_CAP, f"{self.held_bytes} bytes held (--max-held-bytes): segment not held "
-                                             "back", flow)
-        return False
 
     def _in_order(self, flow: Flow, d: int, seg: Segment, now: float, token: object) -> Decided:
         flow.last_seen = now
@@ -269,10 +301,11 @@ class Walk:
             nl = payload.find(b"\n")
             held = dr.held
             size = sum(len(h.seg.payload) - h.tail_off for h in held) + len(payload)
-            if nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES and self._may_hold(flow, len(payload)):
+            if (nl < 0 and len(held) < HOLD_SEGMENTS and size <= HOLD_BYTES
+                    and self.waiting.may_hold(flow, len(payload))):
                 stream.feed(seg.seq, payload)
                 held.append(HeldSeg(token, seg, payload, 0, now))
-                self.holding.add(flow)
+                self.waiting.holding.add(flow)
                 return HELD
             if nl < 0:
                 self.release_held(flow, d, "line too long to hold")
@@ -313,27 +346,14 @@ class Walk:
         parts.append(payload[pos:])
         res = b"".join(parts)
         tail = lines.tail
-        if (tail and self._may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES
-                and self._may_hold(flow, len(payload))):
+        if (tail and may_announce(flow, d, tail) and len(tail) <= HOLD_BYTES
+                and self.waiting.may_hold(flow, len(payload))):
             # The rest of this line is in a later segment: hold this one until it comes.
             dr.held.append(HeldSeg(token, seg, res, len(payload) - len(tail), now, len(res) - len(tail)))
-            self.holding.add(flow)
+            self.waiting.holding.add(flow)
             dr.held_snap = snap
             return HELD
         return payload if res == payload else res
-
-    @staticmethod
-    def _may_announce(flow: Flow, d: int, tail: bytes) -> bool:
-        """Whether a partial line could become one that carries an address."""
-        session = flow.session
-        if session.encrypted:
-            return False
-        if d == C2S:
-            head = tail[:4].upper()
-            return any(v.startswith(head) for v in _PARTIAL_VERBS)
-        if session.reply_code in ftp.PASSIVE_REPLY_CODES and not session.reply_found:
-            return True  # inside a multi-line passive reply: any line may carry the address
-        return any(c.startswith(tail[:3]) for c in _PARTIAL_CODES)
 
     def _spanning_line(self, flow: Flow, d: int, seg: Segment, end: bytes, now: float) -> bytes:
         """A line begun in the held segments ends with ``end`` at the start of ``seg``: act
@@ -374,7 +394,7 @@ class Walk:
         them, joined with the rest where TCP coalesces); a second time, or when other lines
         shared the segment, they go unchanged (counted ``partial_line``): never held without
         bound, never wedged."""
-        for flow in list(self.holding):
+        for flow in list(self.waiting.holding):
             for d in (0, 1):
                 dr = flow.dirs[d]
                 if dr.ahead and now - min(t for _, _, t in dr.ahead) >= AHEAD_TIME:
@@ -390,17 +410,10 @@ class Walk:
                     self.release_held(flow, d, "the rest of the line did not come")
             if self.selected:
                 self.actions.follow(flow)
-        self.prune()
-
-    def prune(self) -> None:
-        self.holding = {f for f in self.holding if f.waiting}
-        self.held_bytes = sum(f.dirs[0].waiting_bytes() + f.dirs[1].waiting_bytes() for f in self.holding)
+        self.waiting.prune()
 
     def deadline(self) -> float | None:
-        """When ``expire`` has work to do, if ever (looks only at flows that hold something)."""
-        self.prune()
-        times = [t for f in self.holding for dr in f.dirs if (t := dr.deadline()) is not None]
-        return min(times) if times else None
+        return self.waiting.deadline()
 
     def release_all(self, flows: list[Flow]) -> None:
         """Let every waiting segment go as decided so far (on shutdown)."""
@@ -410,4 +423,4 @@ class Walk:
                 dr = flow.dirs[d]
                 self.released.extend((token, PASS) for token, _, _ in dr.ahead)
                 dr.ahead = []
-        self.holding.clear()
+        self.waiting.holding.clear()
