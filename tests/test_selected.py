@@ -253,3 +253,21 @@ def test_a_connection_forgotten_at_the_flow_cap_is_read_again_from_its_next_queu
     a.s(b"150 go\r\n226 done\r\n")
     seg = a.c(PORT)  # b is forgotten now, a tracked again from here
     assert seg.payload == PORT_OUT and alg.counters["flows_evicted"] == 2 and len(nat.opened) == 3
+
+
+def test_a_new_connection_on_a_closed_ones_tuple_is_read_from_its_first_line():
+    """Selected mode: the FINs end a connection at once, corrected or not. A client that
+    reuses the tuple soon after shows no SYN (not queued); its first PORT, whose seq may land
+    just behind where the old stream stood, is a new connection's line, not a late
+    retransmission of the old one."""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True)
+    front = Selecting(alg, nat, "10.0.0.2")
+    old = Conn(front, nat, cisn=100_000)  # type: ignore[arg-type]
+    assert old.c(PORT).payload == PORT_OUT
+    old.s(b"200 ok\r\n")
+    old.c(b"", "FA")
+    old.s(b"", "FA")
+    assert alg.tracked == 0
+    new = Conn(front, nat, cisn=90_000)  # type: ignore[arg-type]
+    assert new.c(PORT).payload == PORT_OUT and len(nat.opened) == 2

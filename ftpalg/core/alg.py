@@ -222,7 +222,10 @@ class Alg:
         self.actions.close_pinhole(flow, _RESET if rst else _FIN)
         if rst or (flow.dirs[0].fin and flow.dirs[1].fin):
             flow.closed_at = now
-            if not flow.corrected:  # no late retransmission needs us: forget it now
+            # No late retransmission needs us: forget it now. Selected mode, corrected or not:
+            # the peers answered everything before their FINs, and a new connection on the
+            # tuple (no SYN queued to tell) must not be taken for this one's retransmission.
+            if not flow.corrected or self.selected:
                 self.end(flow, "closed")
 
     def end(self, flow: Flow, why: str) -> None:
