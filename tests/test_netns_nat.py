@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import time
 
 import pytest
 from scapy.layers.inet import TCP
@@ -27,6 +28,7 @@ from ftpalg.lab.lab import (
     OUTSIDE_CLIENTS,
     OUTSIDE_CLIENTS6,
     PUBLIC_OF,
+    SERVERS,
     SERVERS6,
     Lab,
     sha256,
@@ -319,3 +321,34 @@ def test_unsolicited_227_from_the_client_side_opens_nothing(lab, algs):
         assert reply.startswith("227") and PUBLIC_OF["pyftpdlib"].replace(".", ",") in reply, reply
         assert queued(lab, lab.gw2) == before + echoed + 2 and len(lab.expectations(lab.gw2)) == 1
     assert no_pinholes_soon(lab, lab.gw2)  # its FIN closed the unused pinhole
+
+
+# ---- what leaves the kernel -----------------------------------------------------------------
+QUEUED_AT_MOST = 4  # per session (login, one transfer, QUIT) with queue = "selected"
+
+
+@pytest.mark.parametrize("mode", ["PASV", "PORT"])
+def test_a_session_queues_only_its_address_lines_and_its_fins(lab, algs, mode, record_property):
+    """Selected queueing (the default): of a whole session (login, one download, QUIT) only
+    the lines that carry or ask for an address, and the two FINs, leave the kernel; every
+    other segment (greeting, USER/331, PASS/230, TYPE/200, RETR/150/226, QUIT/221, ACKs,
+    SYNs) is handled by the kernel alone. PASV through gw2's DNAT (outside client, inside
+    vsftpd): PASV, 227 and the FINs; PORT through gw's MASQUERADE (inside client, outside
+    vsftpd): PORT and the FINs. Counted by the gateway's NFQUEUE id sequence: a property of
+    the queue rules, not of timing (with every segment queued: ~15, every command and reply)."""
+    if mode == "PASV":
+        gw, ns, host, source, want = lab.gw2, lab.server, PUBLIC_OF["vsftpd"], OUTSIDE_CLIENTS[0], 4
+    else:
+        gw, ns, host, source, want = lab.gw, lab.client, SERVERS["vsftpd"], CLIENTS[0], 3
+    assert no_pinholes_soon(lab, gw)
+    before = queued(lab, gw)
+    res = fetch(lab, ns, host, mode, source)
+    assert ok(res, lab), res.stderr
+    deadline = time.monotonic() + 3  # the last FIN may still be on its way when the client exits
+    while queued(lab, gw) - before < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # nothing more comes
+    n = queued(lab, gw) - before
+    record_property("queued_per_session", n)
+    print(f"{mode}: {n} packets queued for the session")
+    assert n == want <= QUEUED_AT_MOST, n
