@@ -204,8 +204,8 @@ def parser() -> argparse.ArgumentParser:
                        help="worker processes, one queue each (queue-num, queue-num + 1, ...; default 1); "
                             "one per core the gateway can spare")
         p.add_argument("--queue", metavar="all|selected",
-                       help="which control segments leave the kernel (default all: every one with payload, SYN, "
-                            "FIN, RST; selected: only those that may carry an address, see README); gateway.queue")
+                       help="which control segments leave the kernel (default selected: only those that may carry an "
+                            "address, see README; all: every one with payload, SYN, FIN, RST); gateway.queue")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)

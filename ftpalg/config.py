@@ -66,7 +66,7 @@ class Gateway:
     install_rules: bool = True
     pinhole_timeout: float = 120.0
     workers: int = 1  # processes, each on its own queue (queue_num, queue_num + 1, ...)
-    queue: str = "all"  # which control segments are queued: see rules.py ("selected": opt-in for now)
+    queue: str = "selected"  # which control segments are queued: see rules.py ("all": what the audit log needs)
 
 
 @dataclass(frozen=True)
@@ -340,8 +340,8 @@ KEYS: dict[str, Key] = {
     "gateway.control_ports": Key(_port_list, "FTP control ports (1..65535; duplicates merged)"),
     "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number (0..65535)"),
     "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), "auto | nft | iptables"),
-    "gateway.queue": Key(_enum(QUEUE_MODES), "all | selected (all: every segment with payload, SYN, FIN, "
-                         "RST; selected: only segments that may carry an address)"),
+    "gateway.queue": Key(_enum(QUEUE_MODES), "selected | all (selected: only segments that may carry an "
+                         "address; all: every segment with payload, SYN, FIN, RST)"),
     "gateway.workers": Key(_ranged(1, MAX_WORKERS), f"worker processes, one queue each (1..{MAX_WORKERS})"),
     "gateway.install_rules": Key(_bool, "false: load deploy/ rules yourself (--no-rules)"),
     "gateway.pinhole_timeout": Key(_pinhole_timeout, "seconds, > 0 and <= 86400"),

@@ -10,9 +10,22 @@ import time
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
+from ftpalg.config import DEFAULT_QUEUE
 from ftpalg.lab.lab import INSIDE_SERVERS, OUTSIDE_CLIENTS, PUBLIC_OF, Lab, sha256
 
 FILE = "small.txt"
+
+
+def queued(lab: Lab, gw: str, queue: int = DEFAULT_QUEUE) -> int:
+    """How many packets the gateway's kernel handed to NFQUEUE ``queue`` since ftpalg bound
+    it: the queue's id sequence in the namespace's /proc/net/netfilter/nfnetlink_queue (each
+    queued packet gets the next id). A packet never queued never reached ftpalg."""
+    text = lab.ns(gw, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    for line in text.splitlines():
+        f = line.split()
+        if int(f[0]) == queue:
+            return int(f[7])
+    raise AssertionError(f"queue {queue} not bound in {gw}: {text!r}")
 
 
 def no_pinholes_soon(lab: Lab, gw: str | None = None, within: float = 3.0) -> bool:

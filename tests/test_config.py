@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import tomllib
 from pathlib import Path
 
@@ -43,6 +45,9 @@ def file_error(tmp_path, text: str) -> ConfigError:
 def test_defaults_are_todays_cli_defaults():
     c = Config()
     assert c.gateway == config.Gateway((21,), 2121, "auto", True, 120.0)
+    assert c.gateway.queue == "selected" and c.queue_selected
+    assert not parse("run", "--audit").queue_selected  # the audit log needs every line
+    assert not parse("run", "--queue", "all").queue_selected
     assert c.limits() == DEFAULT_LIMITS == Limits()
     assert (c.log.level, c.audit.enabled, c.audit.file) == ("info", False, "")
     assert (c.metrics.listen, c.status.socket) == ("127.0.0.1:9121", "@ftpalg-status")
@@ -398,9 +403,9 @@ def test_rules_follow_the_config_file_and_options(tmp_path, capsys):
     assert cli.main(["rules", "nft-queue", "--config", str(f)]) == 0
     assert capsys.readouterr().out == nft_rules([21, 2121], 7)
     assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue-num", "8"]) == 0
-    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4)
-    assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue", "selected"]) == 0
-    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 7, 4, selected=True)
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 8, 4, selected=True)  # the default
+    assert cli.main(["rules", "queue-iptables", "--config", str(f), "--queue", "all"]) == 0
+    assert capsys.readouterr().out == iptables_queue_rules([21, 2121], 7, 4)
     config.DEFAULT_PATH.write_text("[gateway]\nqueue_num = 9\n")
     assert cli.main(["rules", "nft-queue"]) == 0
     assert capsys.readouterr().out == nft_rules([21], 9)
@@ -452,7 +457,7 @@ def fake_linux(monkeypatch, queue_chains=True):
         return Driven(FakeKernel(), **kw)
 
     monkeypatch.setattr(engine, "Alg", alg)
-    for name in ("CtNetlink", "LinuxKernel"):
+    for name in ("CtNetlink", "LinuxKernel", "ExpectationEvents"):
         monkeypatch.setattr(engine, name, Recorder(name))
     monkeypatch.setattr(serve, "QueueHandler", Recorder("QueueHandler"))
     monkeypatch.setattr(serve, "StaticRules", Recorder("StaticRules"))
@@ -469,8 +474,8 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     assert serve(c) == 0  # the fake queue "runs" until a stop
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
-                               "limits": Limits(min_port=1, max_flows=10), "selected": False, "audit": False}
-    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, False)
+                               "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False}
+    assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, True)
     assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7
 
@@ -482,6 +487,23 @@ def test_serve_without_rules(monkeypatch):
     fake_linux(monkeypatch, queue_chains=False)
     with pytest.raises(RuleError, match=r"install_rules = false \(--no-rules\)"):
         serve(from_toml("[gateway]\ninstall_rules = false\n"))
+
+
+def test_serve_without_cap_net_admin_says_what_it_needs(monkeypatch, caplog):
+    """Selected mode joins the kernel's expectation events before it installs the rules:
+    without CAP_NET_ADMIN that fails first, and says why as the rules would."""
+    from ftpalg.linux import engine
+
+    fake_linux(monkeypatch)
+
+    def denied():
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(engine, "ExpectationEvents", denied)
+    with caplog.at_level(logging.ERROR, logger="ftpalg"):
+        assert serve(parse("run", "--status-socket", "", "--metrics-listen", "")) == 1
+    assert "conntrack expectation events: Operation not permitted (ftpalg run needs CAP_NET_ADMIN" in caplog.text
+    assert "QueueHandler" not in Recorder.calls
 
 
 def test_run_logs_which_file_and_options_were_used(tmp_path, monkeypatch, caplog):

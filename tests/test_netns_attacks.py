@@ -30,6 +30,7 @@ command it opens the path (the listener records the connection), else ftpalg log
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -47,11 +48,12 @@ from ftpalg.lab.lab import (
     OUTSIDE_CLIENTS,
     PUBLIC_OF,
     Lab,
+    ftpalg_argv,
     sha256,
     stop_processes,
 )
 from ftpalg.linux.rules import CHAIN_CONTROL
-from netns_checks import PROBE, check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon
+from netns_checks import PROBE, check_pasv_pinhole_admits_only_the_announced_client, no_pinholes_soon, queued
 
 pytestmark = pytest.mark.netns
 
@@ -136,18 +138,34 @@ RP_CHECK = ["-m", "rpfilter", "--invert", "-j", "RETURN"]
 
 
 @contextlib.contextmanager
-def alg_without_reverse_path_check(lab: Lab, gw: str) -> Iterator[None]:
+def alg_without_reverse_path_check(lab: Lab, gw: str, *args: str) -> Iterator[None]:
     """The positive control of a forged segment: ``ftpalg run`` (iptables queue rules) with
     the reverse-path check deleted from its queue rule, as before that check existed. A
     segment forged with an inside address then reaches ftpalg: what ftpalg makes of it shows
     that the forgery is good enough to be read (right addresses, sequence numbers, frame),
-    so that the deployed gateway's refusal is the check's doing."""
-    with alg(lab, gw, "--queue-backend", "iptables"):
+    so that the deployed gateway's refusal is the check's doing. ``args``: ``--queue all``
+    where the forged text is one the selection would not queue either, or would queue on a
+    connection ftpalg does not track yet (see ``ALL``)."""
+    with alg(lab, gw, "--queue-backend", "iptables", *args):
         lab.ns(gw, ["iptables", "-t", "mangle", "-D", CHAIN_CONTROL, *RP_CHECK])
         try:
             yield
         finally:
             lab.ns(gw, ["iptables", "-t", "mangle", "-I", CHAIN_CONTROL, "1", *RP_CHECK])
+
+
+ALL = ("--queue", "all")
+"""Every segment with payload queued (what the audit log needs): a connection is tracked
+from its first line, and every line is read, a client's ``227`` too. With the default,
+``selected``, a client's line without an address verb stays in the kernel, and a
+connection is tracked from its client's first address command: a server's 227 before it
+passes unread (no connection to open anything for)."""
+QUEUES = ("selected", "all")
+
+
+def tracked(lab: Lab, gw: str) -> int:
+    """Control connections the gateway's ftpalg tracks now (``ftpalg status``)."""
+    return len(json.loads(lab.ns(gw, [*ftpalg_argv(), "status", "--json"]).stdout)["flows"])
 
 
 @contextlib.contextmanager
@@ -285,39 +303,54 @@ def server_pasv_opens(lab: Lab, d: Driver, pub: str, port: int, client: str) -> 
     assert d.step(f"pasv-retr {FILE}") == want_file(lab)
 
 
-def test_passive_reply_forged_by_the_client_opens_nothing(lab):
+@pytest.mark.parametrize("queue", QUEUES)
+def test_passive_reply_forged_by_the_client_opens_nothing(lab, queue):
     """An outside client sends ``227 Entering Passive Mode (...)`` as a command, naming the
     inside server's real and public address at a port where a listener waits: nothing is
-    expected, nothing connects. The same port in the server's answer to the client's PASV is
-    let in (the listener sees what a pinhole admits)."""
+    expected, nothing connects. Selected queueing (the default): the kernel never queues
+    that line (no address verb), gw2's queue count does not move. All queued: ftpalg reads it
+    and refuses it as a reply sent by the client. The same port in the server's answer to
+    the client's PASV is let in (the listener sees what a pinhole admits)."""
     addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
     target = (addr, 40007)
     with (hostile_inside_server(lab, pasv=(pasv_text(*target), "real")),
-          Listener(lab, lab.inside, [target], name="inside-40007") as ls, alg(lab, lab.gw2),
+          Listener(lab, lab.inside, [target], name="inside-40007") as ls, alg(lab, lab.gw2, "--queue", queue),
           Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d):
         login(d)
+        before = queued(lab, lab.gw2)
         for named in (addr, pub):
             assert d.step(f"cmd {pasv_text(named, 40007)}").startswith("502")  # the server: not a command
             assert lab.expectations(lab.gw2) == []
             assert d.step(f"connect {pub} 40007").startswith("failed")
+        forged = queued(lab, lab.gw2) - before  # the two lines and their replies (502, no passive code)
         assert ls.accepted() == []
         server_pasv_opens(lab, d, pub, 40007, OUTSIDE_CLIENTS[0])
         seen = ls.accepted(expect=1)
         log = lab.ftpalg_log(lab.gw2)
     assert len(seen) == 1 and seen[0].startswith(f"accepted {addr}:40007 from {OUTSIDE_CLIENTS[0]}:"), seen
-    assert "unsolicited" in log and "sent by the client: opens nothing" in log, log
+    if queue == "all":
+        assert forged >= 2, forged
+        assert "unsolicited" in log and "sent by the client: opens nothing" in log, log
+    else:
+        assert forged == 0 and "unsolicited" not in log, (forged, log)
 
 
 # ---- 5. A hostile inside server -------------------------------------------------------------
-def hostile_server_session(lab: Lab, pub: str, other_pub: str) -> dict[str, tuple[str, list[str], list[str]]]:
+def hostile_server_session(lab: Lab, pub: str, other_pub: str,
+                           gw: str | None = None) -> dict[str, tuple[str, list[str], list[str]]]:
     """An outside client of the hostile inside server: after each of its 227s, the
-    expectations at that moment and the client's connection attempts to what it names."""
+    expectations at that moment and the client's connection attempts to what it names.
+    ``gw``: the gateway's ftpalg runs: also, after the unsolicited 227, how many packets its
+    kernel queued since the session began and how many connections ftpalg tracks."""
     out = {}
     with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+        before = queued(lab, gw) if gw else 0
         assert d.step("cmd USER anonymous").startswith("331")
         assert d.step("cmd PASS x").startswith("230")
         r = d.step("reply")  # the 227 the server sent right after its 230, answering nothing
         out["unsolicited"] = (r, lab.expectations(lab.gw2), [d.step(f"connect {pub} 40008")])
+        if gw:
+            out["reached"] = ("", [], [str(queued(lab, gw) - before), str(tracked(lab, gw))])
         r = d.step("cmd PASV")  # answered with another inside host
         out["other host"] = (r, lab.expectations(lab.gw2),
                              [d.step(f"connect {pub} 40009"), d.step(f"connect {other_pub} 40009")])
@@ -327,11 +360,15 @@ def hostile_server_session(lab: Lab, pub: str, other_pub: str) -> dict[str, tupl
     return out
 
 
-def test_hostile_inside_server_opens_no_path_to_other_hosts_or_services(lab):
+@pytest.mark.parametrize("queue", QUEUES)
+def test_hostile_inside_server_opens_no_path_to_other_hosts_or_services(lab, queue):
     """The inside server behind gw2 sends an unsolicited 227 (its own address, a high port),
     answers PASV with a 227 naming another inside host, then one naming its own port 22: the
     outside client's connections to those get nowhere. The kernel helper opens the
-    unsolicited one and port 22 (the listener records both); ftpalg opens nothing."""
+    unsolicited one and port 22 (the listener records both); ftpalg opens nothing. All
+    queued, ftpalg reads the unsolicited 227 and refuses it; selected (the default), the
+    kernel queues it (a server segment with 227) but ftpalg tracks no connection yet (the
+    client sent no address command) and lets it pass unread: nothing to open a pinhole for."""
     addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
     other, other_pub = INSIDE_SERVERS["proftpd"], PUBLIC_OF["proftpd"]
     unsolicited, third, service = (addr, 40008), (other, 40009), (addr, 22)
@@ -346,8 +383,8 @@ def test_hostile_inside_server_opens_no_path_to_other_hosts_or_services(lab):
         assert sorted(line.split()[1] for line in kernel_seen) == [f"{addr}:22", f"{addr}:40008"], kernel_seen
         assert kernel["legitimate"][0] == want_file(lab)
 
-        with alg(lab, lab.gw2):
-            res = hostile_server_session(lab, pub, other_pub)
+        with alg(lab, lab.gw2, "--queue", queue):
+            res = hostile_server_session(lab, pub, other_pub, lab.gw2)
         log = lab.ftpalg_log(lab.gw2)  # with the counters ftpalg logs on exit
         assert ls.accepted() == kernel_seen, res  # nothing new
     for what in ("unsolicited", "other host", "port 22"):
@@ -356,10 +393,15 @@ def test_hostile_inside_server_opens_no_path_to_other_hosts_or_services(lab):
         assert exps == [], (what, exps)
         assert all(t.startswith("failed") for t in tries), (what, tries)
     assert res["legitimate"][0] == want_file(lab)
-    assert "unsolicited" in log and "227 answers no command, not PASV: opens nothing" in log, log
     assert f"PASV {other}:40009: address is neither the server's nor the public address" in log, log
     # each reason is logged once per connection; the counters ftpalg logs on exit have them all
-    assert counters(log)["refused"] == 2 and counters(log)["unsolicited"] == 1, log
+    assert counters(log)["refused"] == 2, log
+    reached, flows = map(int, res["reached"][2])
+    if queue == "all":
+        assert "unsolicited" in log and "227 answers no command, not PASV: opens nothing" in log, log
+        assert counters(log)["unsolicited"] == 1 and flows == 1, log
+    else:  # the 227 reached ftpalg (the only segment queued so far), on a connection it does not track
+        assert (reached, flows) == (1, 0) and "unsolicited" not in log, (reached, flows, log)
 
 
 # ---- 6. Forged server segments (nmap firewall-bypass.nse) -----------------------------------
@@ -375,9 +417,12 @@ def test_forged_server_segment_of_no_connection_opens_nothing(lab):
     then connects to that port: nothing is expected, nothing connects. The segments reach
     the gateway (a capture on its outside interface) but not ftpalg: their source is not
     routed through that interface (the reverse-path check) or their connection's original
-    port is not a control port. With that check deleted, the one to port 21 reaches ftpalg,
-    is read as a 227 sent by a client and still opens nothing. The server's own answer to
-    PASV naming that port opens it (the listener sees what a pinhole admits)."""
+    port is not a control port: gw2's queue count does not move. With that check deleted and
+    every segment queued (selected queueing would not queue the one to port 21 either: it
+    is the original direction of a connection, with no address verb), the one to port 21
+    reaches ftpalg, is read as a 227 sent by a client and still opens nothing. The server's
+    own answer to PASV naming that port opens it (the listener sees what a pinhole
+    admits)."""
     addr, pub = INSIDE_SERVERS["pyftpdlib"], PUBLIC_OF["pyftpdlib"]
     target, me = (addr, 40010), OUTSIDE_CLIENTS[1]
     text = pasv_text(*target)
@@ -387,9 +432,11 @@ def test_forged_server_segment_of_no_connection_opens_nothing(lab):
           Listener(lab, lab.inside, [target], name="inside-40010") as ls):
         with alg(lab, lab.gw2):
             with arrivals(lab, lab.gw2, "forged-no-connection") as wire:
+                before = queued(lab, lab.gw2)
                 forge(lab, text, *specs)
                 assert lab.expectations(lab.gw2) == []
                 assert probe(lab, pub, 40010, me).startswith("refused")
+                assert queued(lab, lab.gw2) == before  # not one was queued
             assert ls.accepted() == []
             with Driver(lab, lab.server, pub, me) as d:  # a legitimate session of the same client
                 login(d)
@@ -400,7 +447,7 @@ def test_forged_server_segment_of_no_connection_opens_nothing(lab):
         assert "unsolicited" not in log and "refused" not in log, log  # ... and not ftpalg
         assert len(seen) == 1 and seen[0].startswith(f"accepted {addr}:40010 from {me}:"), seen
         assert f"pinhole open id=1 from={me} to={pub}:40010 " in log and "id=3" not in log, log  # and the transfer's
-        with alg_without_reverse_path_check(lab, lab.gw2):
+        with alg_without_reverse_path_check(lab, lab.gw2, *ALL):
             forge(lab, text, *specs)
             assert lab.expectations(lab.gw2) == []
             assert probe(lab, pub, 40010, me).startswith("refused")
@@ -413,32 +460,39 @@ def test_forged_server_segment_of_no_connection_opens_nothing(lab):
     assert "pinhole open" not in read, read
 
 
-def nmap_session(lab: Lab, pub: str, target: tuple[str, int], after: str = "") -> tuple[str, list[str], str]:
+def nmap_session(lab: Lab, pub: str, target: tuple[str, int], after: str = "",
+                 count: bool = False) -> tuple[str, list[str], str, int]:
     """nmap's firewall-bypass: the attacker's own control connection, then a segment forged
     as the server's next one (exact sequence numbers) carrying a 227 for ``target``, sent
     into gw2's outside interface; then a connection to that port. ``after``: a command
-    the attacker sends just before (the server cannot answer it first)."""
+    the attacker sends just before (the server cannot answer it first). Last, if ``count``
+    (ftpalg runs): how many packets gw2's kernel queued meanwhile, before the connection
+    closes (else -1)."""
     mac = mac_of(lab, lab.gw2, "go")
     with Driver(lab, lab.server, pub, OUTSIDE_CLIENTS[0]) as d:
+        before = queued(lab, lab.gw2) if count else 0
         login(d)
         verb = f"spoof-after {after}" if after else "spoof"
         r = d.step(f"{verb} s1 {mac} {target[0]} 21 {pasv_text(*target)}")
         require(r.startswith("spoofed"), r)
         exps = lab.expectations(lab.gw2)
-        return exps[0] if exps else "", exps, d.step(f"connect {pub} {target[1]}")
+        connect = d.step(f"connect {pub} {target[1]}")
+        return exps[0] if exps else "", exps, connect, queued(lab, lab.gw2) - before if count else -1
 
 
 def test_nmap_firewall_bypass_unsolicited_227_opens_nothing(lab):
     """nmap firewall-bypass.nse against gw2: the kernel helper takes the forged 227 and the
     attacker reaches the inside server's port 40011. With ftpalg the segment reaches the
     gateway (a capture on its outside interface), not ftpalg (its source is not routed
-    through that interface), and nothing opens. With that check deleted it reaches ftpalg,
-    which reads it as a 227 that answers no command and still opens nothing."""
+    through that interface: gw2's queue count does not move), and nothing opens. With that
+    check deleted and every segment queued it reaches ftpalg, which reads it as a 227 that
+    answers no command and still opens nothing. (Selected queueing would queue it, a server
+    segment with 227, on a connection not tracked yet: it passes unread.)"""
     addr, pub = INSIDE_SERVERS["vsftpd"], PUBLIC_OF["vsftpd"]
     target, me = (addr, 40011), OUTSIDE_CLIENTS[0]
     with Listener(lab, lab.inside, [target], name="inside-40011") as ls:
         with kernel_helper(lab, lab.gw2):
-            exp, _, connect = nmap_session(lab, pub, target)
+            exp, _, connect, _ = nmap_session(lab, pub, target)
         assert f"src={me} dst={pub} sport=0 dport=40011" in exp and "helper=ftp" in exp, exp
         assert connect.startswith("connected"), connect
         kernel = ls.accepted(expect=1)
@@ -446,7 +500,8 @@ def test_nmap_firewall_bypass_unsolicited_227_opens_nothing(lab):
 
         with alg(lab, lab.gw2):
             with arrivals(lab, lab.gw2, "nmap-unsolicited") as wire:
-                _, exps, connect = nmap_session(lab, pub, target)
+                _, exps, connect, reached = nmap_session(lab, pub, target, count=True)
+            assert reached == 0, reached  # not queued (nor the attacker's login)
             assert exps == [] and connect.startswith("failed"), (exps, connect)
             with Driver(lab, lab.server, pub, me) as d:
                 login(d)
@@ -455,8 +510,8 @@ def test_nmap_firewall_bypass_unsolicited_227_opens_nothing(lab):
         assert arrived(wire, addr, me, pasv_text(*target)), wire  # it reached the gateway ...
         assert "unsolicited" not in log, log  # ... and not ftpalg
         assert "pinhole open id=1 " in log and "id=2" not in log, log  # the legitimate session's only
-        with alg_without_reverse_path_check(lab, lab.gw2):
-            _, exps, connect = nmap_session(lab, pub, target)
+        with alg_without_reverse_path_check(lab, lab.gw2, *ALL):
+            _, exps, connect, _ = nmap_session(lab, pub, target)
             assert exps == [] and connect.startswith("failed"), (exps, connect)
         read = lab.ftpalg_log(lab.gw2)
         assert ls.accepted() == kernel
@@ -499,14 +554,14 @@ def test_nmap_firewall_bypass_after_the_attackers_own_pasv_opens_nothing(lab, rp
         with alg(lab, lab.gw2):
             legitimate_transfer(lab, lab.server, pub, OUTSIDE_CLIENTS[1], "pasv-retr")
             with rp_filter_set(lab, lab.gw2, rp_filter), arrivals(lab, lab.gw2, f"nmap-pasv-{rp_filter}") as wire:
-                exp, exps, connect = nmap_session(lab, pub, target, after="PASV")
+                exp, exps, connect, _ = nmap_session(lab, pub, target, after="PASV")
             log = lab.ftpalg_log(lab.gw2)
             seen = ls.accepted()
         assert seen == [] and exps == [] and connect.startswith("failed"), (seen, exp, connect, log)
         assert arrived(wire, me, pub, "PASV") and arrived(wire, addr, me, pasv_text(*target)), wire
         assert "40012" not in log, log
         with alg_without_reverse_path_check(lab, lab.gw2), rp_filter_set(lab, lab.gw2, rp_filter):
-            exp, exps, connect = nmap_session(lab, pub, target, after="PASV")
+            exp, exps, connect, _ = nmap_session(lab, pub, target, after="PASV")
         opened = ls.accepted(expect=1)
     assert f"src={me} dst={pub} sport=0 dport=40012" in exp and connect.startswith("connected"), (exp, connect)
     assert len(opened) == 1 and opened[0].startswith(f"accepted {addr}:40012 from {me}:"), opened

@@ -2,7 +2,8 @@
 legitimate active-mode sessions keep passing (SHA-256 checked): a SYN flood, and control
 connections that log in, send PORT and are abandoned. The caps must hold (counters from
 ftpalg's exit log), its memory must stay small, no pinhole may outlive the abandoned
-connections, and no legitimate session may fail. bench/floods.py is the long version."""
+connections (their FINs are queued), the SYN flood must not reach ftpalg (no SYN is
+queued), and no legitimate session may fail. bench/floods.py is the long version."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 
 from ftpalg.lab import floods
 from ftpalg.lab.lab import CLIENTS, SERVERS, Lab, sha256
-from ftpalg.linux.rules import SYN_RATE as SYN_QUEUE_RATE
 from netns_checks import no_pinholes_soon
 
 pytestmark = pytest.mark.netns
@@ -83,8 +83,12 @@ def test_caps_hold_under_floods_and_legitimate_sessions_pass(lab):
     # the PORTs not rewritten were refused by the per-client cap, or not read at all: a flow
     # evicted at the flow cap is read again only from the end of its first line
     assert 0 < c.get("client_pinhole_cap", 0) <= ABANDONED - PER_CLIENT, c
-    # SYNs are queued at most SYN_RATE (1000/s, burst 1000): the rest went by in the kernel
-    assert c.get("packets", 0) >= SYN_QUEUE_RATE * SYN_SECONDS * 0.8, c
+    # selected queueing (the default) queues no SYN: the flood went by in the kernel. ftpalg got
+    # each session's PORT and its two FINs, a few more at most (with every segment queued,
+    # SYNs are queued up to rules.SYN_RATE, 1000/s: most of another 8000 here)
+    sessions = sum(r["tried"] for r in results) + ABANDONED
+    print(f"queued: {c.get('packets')} for {sessions} sessions")
+    assert c.get("packets", 0) <= 3 * sessions + sessions // 10, (sessions, c)
     assert peak < PEAK_RSS_KB, peak
     for r in results:
         assert r["tried"] >= 3 and r["ok"] == r["tried"], r

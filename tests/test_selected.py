@@ -17,9 +17,11 @@ import random
 import pytest
 from test_fuzz import TOPOLOGIES
 
-from alg_helpers import Driven, FakeKernel, FastConn
+from alg_helpers import Conn, Driven, FakeKernel, FastConn
 from ftpalg.core import packet
-from ftpalg.core.events import PASS
+from ftpalg.core.events import PASS, Resynced
+from ftpalg.core.policy import Limits
+from ftpalg.core.seqadj import MASK
 from ftpalg.linux import rules
 
 SESSIONS = 150  # per topology
@@ -47,6 +49,7 @@ def test_the_selection_here_is_the_rules_selection():
     for c in rules.SELECT_REPLIES:
         assert f'--ctdir REPLY -m string --algo bm --string "{c}"' in text
     assert f"-m connlabel --label {rules.FOLLOW_LABEL}" in text and rules.NO_LINE_END_BPF in text
+    assert "--tcp-flags FIN FIN -j NFQUEUE" in text and "--syn" not in text and "RST" not in text
 
 
 class Selecting:
@@ -62,7 +65,7 @@ class Selecting:
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         from_client = str(__import__("ipaddress").ip_address(seg.src)) == self.client
         followed = any(k in self.kernel.following for k in (key, *self._originals(key)))
-        if not kernel_selects(seg.payload, from_client, followed):
+        if not kernel_selects(seg.payload, from_client, followed) and not seg.flags & packet.FIN:
             return PASS
         self.queued += 1
         return self.alg.handle(raw, now, token)
@@ -169,3 +172,102 @@ def test_selected_queueing_gives_the_same_bytes_and_pinholes_as_full_queueing(to
         total, queued, opened = total + full[3], queued + sel[3], opened + len(full[2])
     assert opened >= SESSIONS * 2  # announcements did open pinholes: the comparison says something
     assert queued < total / 2  # and the selection did leave most segments in the kernel
+
+
+# ---- what selection hides -------------------------------------------------------------------
+PORT = b"PORT 10,0,0,2,195,80\r\n"  # 10.0.0.2:50000
+PORT_OUT = b"PORT 203,0,113,1,195,80\r\n"
+
+
+def test_a_correction_made_elsewhere_meanwhile_is_not_overwritten():
+    """Fail-back in a gateway pair, selected mode: this process rewrote a PORT, the other
+    gateway carried the session and rewrote one more (the synced kernel correction grew),
+    now the session is back. The bytes in between were never queued here, so no gap tells
+    that they went by elsewhere: the kernel's correction is read before the next one, found
+    not to be this process's own, and the history is dropped; the next PORT lands where the
+    server expects it (the kernel's two corrections and its own)."""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True)
+    front = Selecting(alg, nat, "10.0.0.2")
+    conn = Conn(front, nat)  # type: ignore[arg-type]
+    for line in (b"USER anonymous\r\n", b"PASS x\r\n"):
+        conn.c(line)
+        conn.s(b"230 ok\r\n")
+    grow = len(PORT_OUT) - len(PORT)
+    seg = conn.c(PORT)
+    assert seg.payload == PORT_OUT and front.queued == 1
+    conn.s(b"200 ok\r\n")
+    # the other gateway: a PORT it rewrote (same growth, the synced correction), its 200
+    sent, got = len(PORT), len(b"200 ok\r\n")
+    nat.seq_adjust(conn.key, 0, conn.cseq, grow, None)
+    conn.cseq, conn.s_rcv = (conn.cseq + sent) & MASK, (conn.s_rcv + sent + grow) & MASK
+    conn.sseq, conn.c_rcv = (conn.sseq + got) & MASK, (conn.c_rcv + got) & MASK
+    conn.c(b"TYPE I\r\n")  # back here: not queued
+    conn.s(b"200 ok\r\n")
+    assert front.queued == 1 and alg.counters["resync"] == 0
+    for i in (2, 3):
+        seg = conn.c(PORT)
+        assert seg.payload == PORT_OUT and seg.seq == (conn.cseq - len(PORT) + i * grow) & MASK
+        conn.s(b"200 ok\r\n")
+    assert alg.counters["resync"] == 1 and alg.counters["seq_compensated"] == 0
+    assert any(isinstance(ev, Resynced) for ev in alg.seen) and nat.adj[conn.key][0].after == 4 * grow
+
+
+def test_a_pinhole_closes_with_its_control_connection():
+    """Selected mode: the FINs are queued (conntrack keeps a closed connection, and the
+    expectations of its pinholes, for TIME_WAIT's 120 s): an unused pinhole closes with its
+    control connection, not at --pinhole-timeout."""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True)
+    front = Selecting(alg, nat, "10.0.0.2")
+    conn = Conn(front, nat)  # type: ignore[arg-type]
+    conn.c(b"USER anonymous\r\n")
+    conn.s(b"230 ok\r\n")
+    assert conn.c(PORT).payload == PORT_OUT and len(nat.live) == 1
+    conn.s(b"200 ok\r\n")
+    conn.c(b"QUIT\r\n")
+    conn.s(b"221 bye\r\n")
+    conn.s(b"", "FA")
+    assert len(nat.live) == 0 and nat.log == [("open", 1), ("close", 1)]
+    conn.c(b"", "FA")
+    assert front.queued == 3 and alg.counters["pinholes_closed"] == 1
+
+
+def test_a_connection_forgotten_at_the_flow_cap_is_read_again_from_its_next_queued_line():
+    """Selected mode, at the flow cap: a connection forgotten to make room (its pinhole used)
+    and seen again at a later PORT, the lines between stayed in the kernel; there is no SYN
+    to tell where lines start, but every segment between ended with a line end (else it was
+    queued): the PORT starts a line, and is rewritten. (A new connection that reuses a
+    forgotten one's tuple is the same case.)"""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True, limits=Limits(max_flows=1))
+    front = Selecting(alg, nat, "10.0.0.2")
+    a = Conn(front, nat)  # type: ignore[arg-type]
+    assert a.c(PORT).payload == PORT_OUT
+    alg.pinhole_gone(nat.opened[-1].id)  # its transfer used it
+    b = Conn(front, nat, client=("10.0.0.2", 40001), public=("203.0.113.1", 61001))  # type: ignore[arg-type]
+    assert b.c(PORT).payload == PORT_OUT and alg.counters["flows_evicted"] == 1
+    alg.pinhole_gone(nat.opened[-1].id)
+    a.s(b"200 ok\r\n")
+    a.c(b"RETR f\r\n")
+    a.s(b"150 go\r\n226 done\r\n")
+    seg = a.c(PORT)  # b is forgotten now, a tracked again from here
+    assert seg.payload == PORT_OUT and alg.counters["flows_evicted"] == 2 and len(nat.opened) == 3
+
+
+def test_a_new_connection_on_a_closed_ones_tuple_is_read_from_its_first_line():
+    """Selected mode: the FINs end a connection at once, corrected or not. A client that
+    reuses the tuple soon after shows no SYN (not queued); its first PORT, whose seq may land
+    just behind where the old stream stood, is a new connection's line, not a late
+    retransmission of the old one."""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True)
+    front = Selecting(alg, nat, "10.0.0.2")
+    old = Conn(front, nat, cisn=100_000)  # type: ignore[arg-type]
+    assert old.c(PORT).payload == PORT_OUT
+    old.s(b"200 ok\r\n")
+    old.c(b"", "FA")
+    old.s(b"", "FA")
+    assert alg.tracked == 0
+    new = Conn(front, nat, cisn=90_000)  # type: ignore[arg-type]
+    assert new.c(PORT).payload == PORT_OUT and len(nat.opened) == 2

@@ -99,15 +99,23 @@ class Actions:
         """Ask the kernel to carry a length change at ``seg_seq``; whether it does. The
         direction's kernel state, if this process knows it (its own last correction, or what
         it read since), is not read again: any byte of the connection that went by elsewhere
-        shows as a gap first, and the resync forgets it. Read, it may show this very
+        shows as a gap first, and the resync forgets it (in selected mode, where gaps are the
+        rule, it is read, see ``corrected_elsewhere``). Read, it may show this very
         correction already made (``KernelAdj.corrects``): the line is a retransmission of one
         rewritten before, by the other gateway of a pair or before a restart, whose first copy
         may never have reached the peer; it goes out rewritten again and the correction stands
         as it is (added again, the peer's acks would map back short of the line's end)."""
         dr = flow.dirs[d]
         known = dr.kadj
+        # Selected mode: the segments between the queued ones are not seen, so bytes that went
+        # by elsewhere (the other gateway of a pair) show as no gap: the state is read anyway,
+        # and a correction that is not this process's last one makes its history stale.
+        read = known is None or flow.session.selected
         try:
-            held = known if known is not None else self.kernel.seq_state(flow.key, d)
+            held = known if known is not None and not read else self.kernel.seq_state(flow.key, d)
+            if known is not None and held != known:
+                self.corrected_elsewhere(flow, d)
+                known = None
             if known is None and held.corrects(seg_seq, delta):
                 self.counters["seqadj_already_corrected"] += 1
                 k = held
@@ -117,7 +125,7 @@ class Actions:
             self.refuse(Reason.NO_SEQ_ADJUST, f"kernel sequence adjustment refused: {e}", flow, line)
             self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))
             return False
-        if known is not None:
+        if not read:
             self.counters["seqadj_reads_skipped"] += 1
         if not dr.corrected_by_kernel(k, seg_seq):  # someone else corrected this connection meanwhile
             self.forget_history(flow, d)
@@ -251,6 +259,15 @@ class Actions:
     def forget_history(self, flow: Flow, d: int) -> None:
         flow.dirs[d].forget_history()
         self.counters["resync"] += 1
+
+    def corrected_elsewhere(self, flow: Flow, d: int) -> None:
+        """Selected mode: the kernel's correction of direction ``d`` is not the one this
+        process left, so the connection's bytes went by elsewhere meanwhile (the other
+        gateway of a pair rewrote a line): its edit history is stale. The session goes on
+        (it does not depend on the lines it did not see)."""
+        self.forget_history(flow, d)
+        self.events.append(Resynced(flow.key, "the kernel's sequence correction changed elsewhere (the other gateway "
+                                              "of a pair); history dropped", flow.first("resync")))
 
     def resync(self, flow: Flow, why: str) -> None:
         """Bytes of this connection went by without us (through another gateway of a

@@ -34,8 +34,9 @@ from .walk import _SLOW, Walk
 
 CLOSE_GRACE = 60.0  # keep corrections this long after both FINs (late retransmissions)
 IDLE_CHECK = 600.0  # idle flows older than this are dropped once conntrack forgot them
-# Selected mode: a connection's FIN is not queued, so its end is learnt from conntrack: a flow
-# idle this long is looked up (one netlink request) at each sweep, and forgotten once gone.
+# Selected mode: a connection's RST is not queued (nor a FIN that the queue lost), so its end is
+# learnt from conntrack: a flow idle this long is looked up (one netlink request) at each
+# sweep, and forgotten once gone.
 IDLE_CHECK_SELECTED = 30.0
 TICK = 1.0  # seconds between sweeps of the table (pinhole expiry, ended connections)
 REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
@@ -220,8 +221,11 @@ class Alg:
             # one, the client's stream goes on from where it stood; if bytes passed meanwhile
             # (not tracked at the cap), where lines start is unknown until the next line end.
             # The server's stream starts afresh: its replies passed unwatched meanwhile.
+            # Selected mode: the segments between stayed in the kernel, each ending with a line
+            # end (see Walk.jump), and a new connection on the tuple shows no SYN: a segment
+            # that is not the very next one starts a line.
             nxt, start = where
-            flow.dirs[C2S].follow_from(seq, start and nxt == seq)
+            flow.dirs[C2S].follow_from(seq, start if nxt == seq else self.selected)
         self.flows[key] = (flow, C2S)
         self.tracked += 1
         self.counters["flows"] += 1
@@ -252,7 +256,10 @@ class Alg:
         self.actions.close_pinhole(flow, _RESET if rst else _FIN)
         if rst or (flow.dirs[0].fin and flow.dirs[1].fin):
             flow.closed_at = now
-            if not flow.corrected:  # no late retransmission needs us: forget it now
+            # No late retransmission needs us: forget it now. Selected mode, corrected or not:
+            # the peers answered everything before their FINs, and a new connection on the
+            # tuple (no SYN queued to tell) must not be taken for this one's retransmission.
+            if not flow.corrected or self.selected:
                 self.end(flow, "closed")
 
     def end(self, flow: Flow, why: str) -> None:

@@ -18,6 +18,7 @@ from . import audit
 from .ctnetlink import CtNetlink, ExpectationEvents
 from .kernel import LinuxKernel
 from .metrics import LatencyHistogram, MetricsView
+from .rules import NEEDS, RuleError
 from .status import Document
 from .stop import restarting
 
@@ -46,6 +47,16 @@ class Engine:
                            tuple(h.counts), h.total, h.sum_ns)
 
 
+def expectation_events() -> ExpectationEvents:
+    """The kernel's expectation events (selected mode). Joining their group is the first
+    thing ``ftpalg run`` does that needs CAP_NET_ADMIN (before the rules): without it, say
+    so as the rules would (``rules.NEEDS``)."""
+    try:
+        return ExpectationEvents()
+    except PermissionError as e:
+        raise RuleError(f"conntrack expectation events: {e.strerror} ({NEEDS})") from None
+
+
 @contextlib.contextmanager
 def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
     """The engine of ``cfg`` (``limits``: a worker's share of the caps). On exit the pinholes
@@ -59,7 +70,7 @@ def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
         kwargs["limits"] = limits
     alg = Alg(kernel, audit=on_transfer is not None, **kwargs)
     accounting = Accounting(alg.counters, on_transfer)
-    events = ExpectationEvents() if alg.selected else None
+    events = expectation_events() if alg.selected else None
     watch: tuple[tuple[Any, Callable[[], bool]], ...] = ()
     if events is not None:
         def gone() -> bool:

@@ -186,8 +186,10 @@ def _restore(text: str, family: int = 4) -> None:
 # or the answer to AUTH; from either, a segment that does not end with a line end (it may hold
 # the first part of such a line, even part of its verb); and every segment of a connection
 # ftpalg has marked (conntrack label FOLLOW_LABEL: a line held for its rest, a multi-line
-# passive reply still open). Everything else (USER, 331, TYPE, 200, RETR, 150, 226, NOOP, ...,
-# pure ACKs, SYN, FIN) stays in the kernel, which applies ftpalg's corrections to it itself.
+# passive reply still open). Besides, every FIN: a connection's close closes its pinhole at
+# once (conntrack keeps a closed connection, and its expectations, for TIME_WAIT's 120 s).
+# Everything else (USER, 331, TYPE, 200, RETR, 150, 226, NOOP, ..., pure ACKs, SYN, RST)
+# stays in the kernel, which applies ftpalg's corrections to it itself.
 SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH")
 SELECT_REPLIES = ("227", "228", "229", "234")
 FOLLOW_LABEL = 127  # as ftpalg.linux.kernel.FOLLOW_LABEL
@@ -284,8 +286,9 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
     worker's queue by the connection's conntrack labels (``label_tests``).
 
     ``selected``: only the segments with payload that chain FTPALG-SELECT picks (see
-    SELECT_VERBS above), no SYN, FIN or RST: a connection is followed from its first
-    selected segment, and its end is learnt from conntrack.
+    SELECT_VERBS above), and FINs; no SYN or RST: a connection is followed from its first
+    selected segment; its close is seen (its pinhole closed), and its end otherwise learnt
+    from conntrack (a reset entry goes after 10 s, and its expectations with it).
 
     The queue itself: chain FTPALG-VERDICT (FTPALG-WORKERS with several workers), without
     bypass while ftpalg is alive or restarting (``_queue_targets``). The chains are declared
@@ -308,6 +311,7 @@ def iptables_queue_rules(ports: Iterable[int], queue: int, family: int = 4, work
     if selected:
         lines.insert(3, f":{CHAIN_SELECT} - [0:0]")
         to_select = f"-j {CHAIN_SELECT}"
+        lines.append(f"-A {CHAIN_CONTROL} -p tcp --tcp-flags FIN FIN {verdict}")
         lines.append(f'-A {CHAIN_CONTROL} -m u32 ! --u32 "{first_header}" {to_select}')
         lines += [f'-A {CHAIN_CONTROL} -m u32 --u32 "{t}" {to_select}' for t in _payload_tests(family)]
         lines += _select_rules(verdict)
