@@ -49,7 +49,7 @@ def test_the_selection_here_is_the_rules_selection():
     for c in rules.SELECT_REPLIES:
         assert f'--ctdir REPLY -m string --algo bm --string "{c}"' in text
     assert f"-m connlabel --label {rules.FOLLOW_LABEL}" in text and rules.NO_LINE_END_BPF in text
-    assert "--tcp-flags FIN FIN -j NFQUEUE" in text and "--syn" not in text and "RST" not in text
+    assert "--tcp-flags FIN FIN -j FTPALG-VERDICT" in text and "--syn" not in text and "RST" not in text
 
 
 class Selecting:
