@@ -214,7 +214,7 @@ def test_a_stop_at_any_point_of_start_up_exits_0_and_leaves_the_ruleset_as_found
 
 
 # ---- restarts under load (issue 15) ------------------------------------------------------------
-LOAD_SESSIONS = 1200  # about 8-10 s of sessions, 8 at a time, from one client
+LOAD_SESSIONS = 3000  # about 10 s of sessions, 8 at a time, from one client (the issue's load)
 
 
 def _load(lab: Lab, mode: str) -> subprocess.Popen[str]:
@@ -260,7 +260,7 @@ def test_restarts_under_load_lose_no_session(lab, mode):
         assert "FTPALG-QUEUE" in lab.ruleset(gw)  # the rules stay for the next one
         p = lab.start_ftpalg(gw=gw)
         restarts += 1
-        time.sleep(1.5)
+        time.sleep(1.0)
     out, err = load.communicate(timeout=300)
     res = json.loads(out)
     assert lab.stop_ftpalg(p) == 0
@@ -268,12 +268,14 @@ def test_restarts_under_load_lose_no_session(lab, mode):
     assert restarts == 3, ("the load ended before the restarts", res)
     assert res["sessions"] == LOAD_SESSIONS
     # Before the rules stayed across restarts about half of such sessions failed (the issue's
-    # run: 1,465 and 1,732 of 3,000). What is left: a 227 that reaches the new ftpalg after it
-    # saw a command of the same session but not the PASV (a client's retransmission of an
-    # answered command, a PASV that the old one passed) is taken as unsolicited: at most one
-    # session in a few restarts, measured 0-1 of 1,200 per run of three restarts.
+    # run: 1,465 and 1,732 of 3,000). What may be left: a 227 whose PASV the old ftpalg saw
+    # reaches the new one, which opens nothing for a passive reply no PASV of its own asked for
+    # (the reply gating of the security model); that transfer fails: measured 0-6 of 3,000 PASV
+    # sessions per run (restarts by SIGUSR1 and kill -9), 0 of 3,000 PORT sessions.
     lost = res["sessions"] - res["sessions_ok"]
-    assert lost <= 3, (res["failures"], [ln for log in logs for ln in log.splitlines() if "WARNING" in ln])
+    print(f"restarts under load, {mode}: {res['sessions_ok']} of {res['sessions']} sessions, {res['seconds']} s")
+    warnings = [ln for log in logs for ln in log.splitlines() if "WARNING" in ln]
+    assert lost <= (3 if mode == "PORT" else 12), (res["failures"], warnings)
     assert lab.ruleset(gw) == before
 
 

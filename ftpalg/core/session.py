@@ -97,7 +97,9 @@ class Session:
         # kernel queues nothing else, see rules.py): see SELECTED below.
         self.selected = selected
         # followed from the middle of the connection (no SYN seen: ftpalg started or was
-        # restarted meanwhile): see _passive
+        # restarted meanwhile). A passive reply still opens only for a PASV seen: the gating
+        # of rule 3 holds also right after a restart (a PASV that went by the old run costs
+        # that transfer)
         self.picked_up = False
         # lists, not deques: at most MAX_PENDING / MAX_TRANSFERS short entries, and an empty
         # list is 56 bytes where an empty deque is ~600 (memory per tracked connection)
@@ -192,10 +194,6 @@ class Session:
             return NOTHING
         self.reply_found = True
         asked = self.reply_cmd
-        if asked is None and self.picked_up and not self.count:
-            # The first line seen of a connection picked up in the middle: its PASV went by
-            # before this process was there (a restart between a PASV and its reply).
-            return Decision(announce=hp, cmd=0, close=self._replacing(hp))
         if asked is None or asked[0] != PASSIVE_VERB[form]:
             what = asked[0].decode("ascii", "replace") if asked else "no command"
             return Decision(problem=(Reason.UNSOLICITED, f"{code} answers {what}, not {PASSIVE_VERB[form].decode()}: "
