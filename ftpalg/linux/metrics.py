@@ -22,15 +22,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ..core.events import REFUSALS as _REFUSALS
+
 log = logging.getLogger("ftpalg")
 
 # Per-packet handling time, seconds: the upper bounds of the histogram's buckets.
 BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 100e-3)
-# Counters of the core that are refusals or faults: exported by reason.
-REFUSALS = ("refused", "unsolicited", "malformed", "partial_line", "no_nat_mapping", "no_free_port",
-            "pinhole_failed", "no_seq_adjust", "gap", "truncated", "undecodable", "flow_cap", "pinhole_cap",
-            "client_pinhole_cap", "held_cap", "dropped_unreplayable", "dropped_truncated",
-            "dropped_unexpressible", "encode_failed", "audit_failed", "pinhole_close_failed")
+# Counters of the core that are refusals or faults, exported by reason: the core's one list
+# (core.events.REFUSALS), each counted under its value by core.accounting.
+REFUSALS = tuple(r.value for r in _REFUSALS)
 
 
 class LatencyHistogram:
