@@ -474,6 +474,22 @@ def queue_chains_present(workers: int = 1, selected: bool = False) -> bool:
     return all(_quiet([iptables(f), "-w", "-t", "mangle", "-S", c]) for f in FAMILIES for c in chains)
 
 
+def _remove_jumps(jumps: Iterable[tuple[str, str, str]], chains: Iterable[tuple[str, str]] = ()) -> None:
+    """Delete each (table, hook, chain) jump (it may have been inserted more than once), its
+    chain and each (table, chain) jumped to only from ours; all are emptied before any is
+    deleted (a chain still jumped to cannot go). Missing pieces are fine."""
+    drop = [(t, c) for t, _, c in jumps] + list(chains)
+    for f in FAMILIES:
+        ipt = iptables(f)
+        for table, hook, chain in jumps:
+            for _ in range(16):
+                if not _quiet([ipt, "-w", "-t", table, "-D", hook, "-j", chain]):
+                    break
+        for op in ("-F", "-X"):
+            for table, chain in drop:
+                _quiet([ipt, "-w", "-t", table, op, chain])
+
+
 class StaticRules:
     """Our nft table and the queue rule, IPv4 and IPv6, installed by ``ftpalg run``. The
     queue rule is iptables' NFQUEUE (``backend`` "auto" or "iptables"), or nft's queue
@@ -498,7 +514,8 @@ class StaticRules:
         if not all(jumped.values()):  # not a restart of a run that left its rules: start clean
             self._remove_queue_jumps()
             jumped = dict.fromkeys(FAMILIES, False)
-        self._remove_old_jumps()
+        else:  # a restart: what earlier releases left goes, ours stays until replaced
+            _remove_jumps(OLD_JUMPS)
         if self.backend == "auto":
             # the path the test suite runs; nft's queue statement only when asked for: it is
             # only loaded, never run with traffic, in the tests (the test kernel's does not
@@ -529,37 +546,12 @@ class StaticRules:
     def _drop_unused_subchains(self) -> None:
         """Our chains that the rules just written do not use (an earlier run's with other
         settings): emptied and deleted (nothing jumps to them any more)."""
-        used = {CHAIN_WORKERS} if self.workers > 1 else {CHAIN_VERDICT}
+        used = {CHAIN_CONTROL} | ({CHAIN_WORKERS} if self.workers > 1 else {CHAIN_VERDICT})
         used |= {CHAIN_SELECT} if self.selected else set()
-        for f in FAMILIES:
-            for table, chain in SUBCHAINS:
-                if chain != CHAIN_CONTROL and chain not in used:
-                    _quiet([iptables(f), "-w", "-t", table, "-F", chain])
-                    _quiet([iptables(f), "-w", "-t", table, "-X", chain])
-
-    def _remove_old_jumps(self) -> None:
-        """Jumps and chains of earlier releases."""
-        for f in FAMILIES:
-            ipt = iptables(f)
-            for table, hook, chain in OLD_JUMPS:
-                for _ in range(16):
-                    if not _quiet([ipt, "-w", "-t", table, "-D", hook, "-j", chain]):
-                        break
-                _quiet([ipt, "-w", "-t", table, "-F", chain])
-                _quiet([ipt, "-w", "-t", table, "-X", chain])
+        _remove_jumps((), [sub for sub in SUBCHAINS if sub[1] not in used])
 
     def _remove_queue_jumps(self) -> None:
-        for f in FAMILIES:
-            ipt = iptables(f)
-            for table, hook, chain in JUMPS + OLD_JUMPS:
-                for _ in range(16):  # a jump may have been inserted more than once
-                    if not _quiet([ipt, "-w", "-t", table, "-D", hook, "-j", chain]):
-                        break
-                _quiet([ipt, "-w", "-t", table, "-F", chain])
-                _quiet([ipt, "-w", "-t", table, "-X", chain])
-            for table, chain in SUBCHAINS:
-                _quiet([ipt, "-w", "-t", table, "-F", chain])
-                _quiet([ipt, "-w", "-t", table, "-X", chain])
+        _remove_jumps(JUMPS + OLD_JUMPS, SUBCHAINS)
 
     def remove(self) -> None:
         """Remove everything ftpalg installed, and the tables created for it; missing
