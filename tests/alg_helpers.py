@@ -104,7 +104,7 @@ class Driven(Alg):
         self.seen: list[Event] = []
 
     def _account(self) -> None:
-        if self.actions.events:
+        if self.events:
             evs = self.drain()
             self.seen += evs
             self.accounting.consume(evs)

@@ -64,6 +64,7 @@ class Alg:
         self.book = PinholeBook(limits)
         self.actions = Actions(kernel, self.book, self.flows, self.counters, limits, pinhole_timeout,
                                rng or random.SystemRandom(), audit)
+        self.events: list[Event] = self.actions.events  # what was decided, until ``drain``
         self.selected = selected  # the kernel queues only segments that may matter (rules.py)
         self.walk = Walk(self.actions, self, self.counters, limits, selected)
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
@@ -75,13 +76,11 @@ class Alg:
         self.tracked = 0  # flows (control connections) in ``flows``
         self._next_tick = 0.0
 
-    @property
-    def events(self) -> list[Event]:
-        return self.actions.events
-
     def drain(self) -> list[Event]:
-        """What the core decided since the last call, in order."""
-        out, self.actions.events = self.actions.events, []
+        """What the core decided since the last call, in order (``events`` is the same list,
+        emptied here: a caller looks at it after each packet, without a call)."""
+        out = self.events[:]
+        self.events.clear()
         return out
 
     def take_released(self) -> list[tuple[object, Verdict]]:
