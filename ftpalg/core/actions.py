@@ -66,7 +66,7 @@ class Actions:
         if dec.problem is not None:
             self.refuse(dec.problem[0], dec.problem[1], flow, line)
         if dec.tls is not None:
-            self.events.append(Encrypted(flow.key, dec.tls))
+            self.encrypted(flow, dec.tls)
         if dec.done is not None and self.audit:
             self.events.append(TransferDone(flow.key, self._record(flow, dec.done)))
         if dec.close is not None:

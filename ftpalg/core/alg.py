@@ -140,8 +140,6 @@ class Alg:
                 return PASS
             if isn is not None:
                 new.dirs[C2S].stream.syn(isn)
-            else:
-                new.session.picked_up = True
             hit = (new, C2S)
         elif seg.payload and not seg.flags & (SYN | RST) and self._reused(*hit, seg.seq):
             # Data beyond the end of a connection we still remember (kept for its late
@@ -175,7 +173,6 @@ class Alg:
         flow = hit[0] if hit is not None else self._new_flow(orig, now)
         if flow is None:
             return None
-        flow.session.picked_up = flow.session.picked_up or hit is None
         self.actions.index_reply(flow, reply, corrected)
         if hit is None and ack is not None and not corrected:  # (with corrections, the server's
             flow.dirs[C2S].follow_from(ack, True)  # numbering is not the client's)

@@ -90,17 +90,12 @@ _ENCRYPTED = Closing(Close.ENCRYPTED, "control connection encrypted (AUTH)")
 
 class Session:
     __slots__ = ("pending", "count", "live", "reply_code", "reply_cmd", "reply_found", "encrypted", "user",
-                 "last_verb", "paths", "unrecorded", "selected", "picked_up")
+                 "last_verb", "paths", "unrecorded", "selected")
 
     def __init__(self, selected: bool = False) -> None:
         # ``selected``: only the lines that may carry an address reach the session (the
         # kernel queues nothing else, see rules.py): see SELECTED below.
         self.selected = selected
-        # followed from the middle of the connection (no SYN seen: ftpalg started or was
-        # restarted meanwhile). A passive reply still opens only for a PASV seen: the gating
-        # of rule 3 holds also right after a restart (a PASV that went by the old run costs
-        # that transfer)
-        self.picked_up = False
         # lists, not deques: at most MAX_PENDING / MAX_TRANSFERS short entries, and an empty
         # list is 56 bytes where an empty deque is ~600 (memory per tracked connection)
         self.pending: list[tuple[bytes, int]] = []
