@@ -30,11 +30,11 @@ import logging
 from ..core.addr import FlowKey, packed
 from ..core.kernel import Pinhole, PinholeBusy
 from ..core.seqadj import KernelAdj
-from .ctnetlink import CtError, CtNetlink
+from .ctnetlink import CtError, CtNetlink, Entry
+from .rules import FOLLOW_LABEL
 
 log = logging.getLogger("ftpalg")
 
-FOLLOW_LABEL = 127  # conntrack label: queue the whole stream of this control connection (rules.py)
 
 
 class LinuxKernel:
@@ -62,14 +62,17 @@ class LinuxKernel:
         """The reply tuple of the connection whose original tuple is ``key``, and whether the
         kernel holds a sequence correction for it (read in the same look-up); None if
         conntrack has no such connection, or the look-up failed (logged once)."""
+        entry = self._get(key, False)
+        return None if entry is None else (entry.reply, entry.seqadj is not None)
+
+    def _get(self, key: FlowKey, reply: bool) -> Entry | None:
         try:
-            entry = self.nl.get(key)
+            return self.nl.get(key, reply)
         except OSError as e:  # a broken socket or message: no mapping, said once
             if not self.lookup_failures:
                 log.warning("conntrack look-up failed: %s", e)
             self.lookup_failures += 1
             return None
-        return None if entry is None else (entry.reply, entry.seqadj is not None)
 
     def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
         """The direction's correction as the kernel holds it (one look-up); CtError if the
@@ -79,13 +82,7 @@ class LinuxKernel:
     def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         """The original tuple of the connection whose reply tuple is ``key`` (a packet from
         the server side), and whether the kernel holds a correction for it; None if none."""
-        try:
-            entry = self.nl.get(key, reply=True)
-        except OSError as e:
-            if not self.lookup_failures:
-                log.warning("conntrack look-up failed: %s", e)
-            self.lookup_failures += 1
-            return None
+        entry = self._get(key, True)
         return None if entry is None or entry.orig is None else (entry.orig, entry.seqadj is not None)
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:

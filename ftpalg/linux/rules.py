@@ -192,7 +192,7 @@ def _restore(text: str, family: int = 4) -> None:
 # stays in the kernel, which applies ftpalg's corrections to it itself.
 SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH")
 SELECT_REPLIES = ("227", "228", "229", "234")
-FOLLOW_LABEL = 127  # as ftpalg.linux.kernel.FOLLOW_LABEL
+FOLLOW_LABEL = 127  # conntrack label: queue the whole stream of this control connection
 # Classic BPF (xt_bpf runs it on the packet from its IP header): true when the last byte is
 # not LF. ld len; sub #1; tax; ldb [x + 0]; jeq #10 -> ret 0 (ends a line); ret 1.
 NO_LINE_END_BPF = "7,128 0 0 0,20 0 0 1,7 0 0 0,80 0 0 0,21 1 0 10,6 0 0 1,6 0 0 0"
