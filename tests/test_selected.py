@@ -12,6 +12,7 @@ case anywhere, or the server's a passive reply code or 234 anywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -63,7 +64,7 @@ class Selecting:
     def handle(self, raw: bytes, now: float, token: object = None):
         seg = packet.decode(raw)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
-        from_client = str(__import__("ipaddress").ip_address(seg.src)) == self.client
+        from_client = str(ipaddress.ip_address(seg.src)) == self.client
         followed = any(k in self.kernel.following for k in (key, *self._originals(key)))
         if not kernel_selects(seg.payload, from_client, followed) and not seg.flags & packet.FIN:
             return PASS
