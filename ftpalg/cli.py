@@ -205,13 +205,13 @@ def parser() -> argparse.ArgumentParser:
                             "one per core the gateway can spare")
         p.add_argument("--queue", metavar="all|selected",
                        help="which control segments leave the kernel (default selected: only those that may carry an "
-                            "address, see README; all: every one with payload, SYN, FIN, RST); gateway.queue")
+                            "address; all: every one with payload, SYN, FIN, RST); gateway.queue in ftpalg.toml(5)")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)
         r.add_argument("--pinhole-timeout", metavar="SECONDS",
                        help="forget an unused pinhole (expectation) after this long (default 120)")
-        lim = r.add_argument_group("policy and limits (see README, Security model)")
+        lim = r.add_argument_group("policy and limits (see docs/security.md)")
         lim.add_argument("--min-port", metavar="PORT",
                          help="never open a pinhole to a port below this (default 1024; 1 allows any)")
         lim.add_argument("--max-flows", metavar="N",

@@ -313,7 +313,8 @@ def _install(args: argparse.Namespace) -> int:
     for c in NEXT:
         print(f"  {c}", file=out)
     print(f"  {command[0]} status", file=out)
-    print(f"(install_rules = false / --no-rules: load the rule files in {RULES_DIR}/ yourself, see README)", file=out)
+    print(f"(install_rules = false / --no-rules: load the rule files in {RULES_DIR}/ yourself, see "
+          "docs/deploying.md)", file=out)
     if root == Path("/") and not Path("/run/systemd/system").is_dir():
         print("\nnote: systemd is not running on this machine (no /run/systemd/system): the unit is in place but "
               "cannot be started here", file=out)

@@ -1,4 +1,4 @@
-"""The wheel, installed as the README says, and ``ftpalg install``.
+"""The wheel, installed as docs/deploying.md says, and ``ftpalg install``.
 
 The wheel is built from a copy of the source tree (``pip wheel --no-deps --no-build-isolation``
 with this venv's setuptools: no network, nothing written into the checkout) and installed
@@ -77,7 +77,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def make_venv(whl: Path, deps: bool) -> Iterator[Path]:
     """A venv from the system python, under a directory others may read, with the wheel
-    (and its dependencies if ``deps``) installed by pip, as the README says."""
+    (and its dependencies if ``deps``) installed by pip, as docs/deploying.md says."""
     need(SYSTEM_PYTHON.exists(), str(SYSTEM_PYTHON))
     need(run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info >= (3, 11))"]).stdout.strip() == "True",
          f"{SYSTEM_PYTHON} 3.11 or newer")
