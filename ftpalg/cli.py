@@ -185,10 +185,15 @@ def parser() -> argparse.ArgumentParser:
     from . import config, explain, install
     from .config import DEFAULT_QUEUE
 
-    ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
+    ap = argparse.ArgumentParser(
+        prog="ftpalg", description="FTP-aware NAT application-level gateway. `ftpalg run` watches the FTP control "
+        "connections through a Linux gateway over NFQUEUE, rewrites the private address a peer announces (PORT, EPRT, "
+        "227, 229, ...) to the public one the other side can reach, and opens a one-shot conntrack expectation for "
+        "exactly the data connection announced; the kernel keeps doing NAT, conntrack and the data path. Its "
+        "configuration file is described in ftpalg.toml(5).")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (default info)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(title="commands", dest="cmd", required=True)
     # Every option below defaults to None ("not given"): only given ones override the file.
 
     def config_file(p: argparse.ArgumentParser) -> None:
