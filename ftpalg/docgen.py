@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ftpalg.docgen", description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     args = ap.parse_args(argv)
+    if not (ROOT / "pyproject.toml").is_file():
+        print(f"{ap.prog}: not in a source checkout ({ROOT}): the files it makes belong to one", file=sys.stderr)
+        return 2
     paths = stale()
     for path in paths:
         if args.check:
