@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..config import DEFAULT_QUEUE, Config, toml_value
+from ..config import DEFAULT_PATH, DEFAULT_QUEUE, Config, toml_value
 from .rules import CHAIN_QUEUE, FOLLOW_LABEL, LABEL_BASE, NFT_TABLE, SYSTEM_PATH, _bits
 from .ruleset import (
     XT_TABLES,
@@ -455,7 +455,7 @@ def check_forwarding(live: Live, cfg: Config) -> Check:
         return Check("forwarded-ports", OK, f"no port forwarded to control port {_ports_text(ports)} "
                                             "besides the configured ones")
     new = sorted(ports | set(missing))
-    where = cfg.source if cfg.source != "built-in defaults" else "/etc/ftpalg/ftpalg.toml"
+    where = f"{DEFAULT_PATH} (a new file)" if cfg.source.startswith("built-in") else cfg.source
     p, r = next(iter(sorted(missing.items())))
     return Check("forwarded-ports", WARN,
                  f"port {_ports_text(missing)} is forwarded to control port {r.dnat_port()} (`{r.shown()}`) but is "

@@ -16,7 +16,8 @@ In the gateway namespace, in this order:
    the gateway (as to a server behind it), every worker's queue bound:
    a lower-case ``pasv`` line must reach the queue (the selection's ``string --icase``; all
    segments with ``queue = all``), with several workers the queue of the worker the
-   connection's labels name; a ``NOOP`` line must stay in the kernel (selected); a segment
+   connection's labels name (from a client port of the last worker's: worker 0's queue is
+   also where unlabelled connections go); a ``NOOP`` line must stay in the kernel (selected); a segment
    without line end must reach it (``bpf``); a ``NOOP`` of a connection marked with the
    follow label set over ctnetlink must reach it (``connlabel``);
 4. over ctnetlink: the connection's entry, its helper (``sane``), an expectation created and
@@ -51,6 +52,7 @@ from .rules import (
     RuleError,
     StaticRules,
     _buckets,
+    _quiet,
     _run,
     iptables,
 )
@@ -218,12 +220,21 @@ NFT_FEATURES = (
 )
 
 
+def _load_and_delete(text: str, table: str) -> None:
+    """Load an nft trial table, then delete it: it must not act on the trial connection
+    below (a label or helper of its own would change what ftpalg's rules do)."""
+    try:
+        _run(["nft", "-f", "-"], text)
+    finally:
+        _quiet(["nft", "delete", "table", "inet", table])
+
+
 def nft_checks(cfg: Config) -> list[Check]:
     out = []
     for name, body, what, modules, needed in NFT_FEATURES:
-        text = f"table inet fdoc_{name[4:]} {{\n\t{body}\n}}\n"
+        table = f"fdoc_{name[4:]}"
         try:
-            _run(["nft", "-f", "-"], text)
+            _load_and_delete(f"table inet {table} {{\n\t{body}\n}}\n", table)
         except RuleError as e:
             if needed(cfg):
                 out.append(Check(name, FAIL, f"does not load ({_first_line(e)}); needed: {what}",
@@ -239,7 +250,7 @@ def nft_queue_check(cfg: Config) -> Check:
     probe = "table inet fdoc_queue {\n\tchain c {\n\t\ttype filter hook prerouting priority 0;\n" \
             "\t\ttcp dport 21 queue flags bypass to 7\n\t}\n}\n"
     try:
-        _run(["nft", "-f", "-"], probe)
+        _load_and_delete(probe, "fdoc_queue")
     except RuleError as e:
         if cfg.gateway.queue_backend == "nft":
             return Check("nft-queue", FAIL, f"nft's queue statement does not load ({_first_line(e)}), and "
@@ -343,6 +354,8 @@ def traffic_checks(cfg: Config, scratch: Scratch) -> list[Check]:
         lst.listen()
         with scratch.inside(scratch.client):
             cl = socket.socket()
+        if gw.workers > 1:  # from a port the last worker's labels name (worker 0 needs no label)
+            cl.bind((CLIENT, next(p for p in range(40000, 65536, 2) if _worker_of(p, gw.workers) == gw.workers - 1)))
         cl.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             cl.connect((GATEWAY, port))
