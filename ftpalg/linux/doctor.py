@@ -73,8 +73,8 @@ VERDICT = {0: "ftpalg run will work", 3: "ftpalg run will work, with warnings", 
 
 def render_text(checks: list[Check]) -> str:
     width = max((len(c.name) for c in checks), default=0)
-    lines = [f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" + (f"\n{'':<{width + 6}}fix: {c.fix}"
-                                                                        if c.fix else "") for c in checks]
+    lines = [f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" + (f"  => fix: {c.fix}" if c.fix else "")
+             for c in checks]
     code = exit_status(checks)
     counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in STATUSES)
     return "\n".join(lines + [f"{VERDICT[code]} ({counts}; exit {code})", ""])
