@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from needs import need
 
 from ftpalg.config import Config, load_default
 from ftpalg.linux import doctor
@@ -318,6 +320,25 @@ def test_forwarded_control_port_not_configured_is_named_with_the_line_to_add(gla
     assert [n for n, x in checks.items() if x.status in (WARN, FAIL)] == ["forwarded-ports"]
     code, checks, _ = run_doctor(glab.gw2, "--no-trials", "--control-port", "21", "--control-port", "2121")
     assert code == 0 and checks["forwarded-ports"].status == OK
+
+
+@pytest.mark.netns
+def test_without_privileges_nothing_read_is_called_ok(glab):
+    """Run as nobody: the rule listings fail, so the checks that read them say they did not
+    (never a false "ok"), and no trial runs."""
+    from ftpalg.lab.lab import ftpalg_argv
+
+    need(shutil.which("setpriv"), "setpriv (util-linux)")
+    p = subprocess.run(["ip", "netns", "exec", glab.gw, "setpriv", "--reuid", "65534", "--regid", "65534",
+                        "--clear-groups", "--inh-caps=-all", *ftpalg_argv(), "doctor", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    doc = json.loads(p.stdout)
+    status = {c["name"]: c["status"] for c in doc["checks"]}
+    assert p.returncode == 1 == doc["exit_status"]
+    assert status["privileges"] == status["ruleset"] == status["trials"] == FAIL
+    for name in ("related-accept", "conflict-ftp-helper", "conflict-labels", "forwarded-ports"):
+        assert status[name] == WARN
+    assert "scratch" not in status
 
 
 @pytest.mark.netns

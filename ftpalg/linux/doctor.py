@@ -469,13 +469,17 @@ def live_checks(cfg: Config) -> list[Check]:
     live = read_live()
     procs = namespace_processes()
     checks = [check_tools(), check_backend(live)]
-    if live.ruleset.errors:
-        checks.append(Check("ruleset", WARN, "could not list: " + "; ".join(f"{k}: {v}" for k, v
-                                                                          in sorted(live.ruleset.errors.items())),
-                            "run the doctor as root in the gateway's namespace"))
+    errors = live.ruleset.errors
+    if errors:
+        said = "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in sorted(errors.items()))
+        checks.append(Check("ruleset", FAIL, f"could not list the ruleset ({said})",
+                            "run the doctor as root in the gateway's network namespace"))
     checks += check_managers(live, procs)
-    checks += [check_related(live), check_instance(), check_ftp_helper(live, cfg), check_queue(cfg),
-               check_labels(live, cfg), check_forwarding(live, cfg)]
+    checks += [check_instance(), check_queue(cfg)]
+    for name, check in (("related-accept", check_related), ("conflict-ftp-helper", lambda x: check_ftp_helper(x, cfg)),
+                        ("conflict-labels", lambda x: check_labels(x, cfg)),
+                        ("forwarded-ports", lambda x: check_forwarding(x, cfg))):
+        checks.append(Check(name, WARN, "not checked: the ruleset could not be listed") if errors else check(live))
     return checks
 
 
