@@ -167,6 +167,8 @@ def test_queue_owner_found_from_proc_tables():
                "0000000000000000 12  4012       00000000 0        0        0     2        0        987654\n"
                "0000000000000000 0   4012       00000000 0        0        0     2        0        111\n")
     assert doctor.netlink_inodes(netlink) == {4012: 987654}
+    assert doctor._is_ftpalg_run("/usr/bin/python3 /usr/local/bin/ftpalg run --workers 2")
+    assert not doctor._is_ftpalg_run("/srv/ftpalg/.venv/bin/python -c import netfilterqueue")
 
 
 def test_exit_status_and_json_document():

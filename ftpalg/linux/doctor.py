@@ -385,9 +385,17 @@ def check_queue(cfg: Config) -> Check:
         who.append(f"queue {q} is bound by {cmd[:60]}" + (f" (pid {pid})" if pid else f" (netlink port {port})"))
     free = next((n for n in range(DEFAULT_QUEUE, 65536 - gw.workers)
                  if not any(q in bound for q in range(n, n + gw.workers))), 0)
+    if all(_is_ftpalg_run(owners.get(inodes.get(port, -1), (0, ""))[1]) for port in taken.values()):
+        return Check("conflict-queue", FAIL, "; ".join(who) + ": an ftpalg already serves here",
+                     "stop it first (see instance)")
     return Check("conflict-queue", FAIL, "; ".join(who) + ": ftpalg could not bind it",
                  f"stop that program, or give ftpalg a free queue: queue_num = {free} in [gateway] "
                  f"(--queue-num {free})")
+
+
+def _is_ftpalg_run(cmd: str) -> bool:
+    words = cmd.split()
+    return "run" in words and any(w == "ftpalg" or w.endswith("/ftpalg") for w in words)
 
 
 def check_instance() -> Check:
