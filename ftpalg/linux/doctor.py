@@ -194,7 +194,7 @@ def socket_owners(inodes: set[int]) -> dict[int, tuple[int, str]]:
                 continue
             m = re.fullmatch(r"socket:\[(\d+)\]", link)
             if m and int(m.group(1)) in inodes and int(m.group(1)) not in out:
-                cmd = _read(f"/proc/{d.name}/cmdline").replace("\0", " ").strip()
+                cmd = " ".join(_read(f"/proc/{d.name}/cmdline").replace("\0", " ").split())  # one line
                 out[int(m.group(1))] = (int(d.name), cmd or _read(f"/proc/{d.name}/comm").strip())
     return out
 

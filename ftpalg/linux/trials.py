@@ -208,14 +208,14 @@ NFT_FEATURES = (
     ("nft-helper", f'ct helper h {{\n\t\ttype "{HELPER}" protocol tcp\n\t\tl3proto inet\n\t}}\n'
                    "\tchain c {\n\t\ttype filter hook prerouting priority -175; policy accept;\n"
                    '\t\ttcp dport 21 ct state new ct helper set "h"\n\t}',
-     f"the carrier helper ({HELPER}): control connections may carry expectations and get sequence adjustment",
+     f"the carrier helper {HELPER}: a control connection may carry expectations and, if NATed, corrections",
      "nf_conntrack_sane, nft_ct", lambda c: True),
     ("nft-labels", "chain c {\n\t\ttype filter hook prerouting priority -175; policy accept;\n"
                    "\t\ttcp dport 21 ct state new ct label set 120\n\t}",
      "workers > 1: each control connection's worker", "nft_ct (conntrack labels)",
      lambda c: c.gateway.workers > 1),
     ("nft-nat", "chain n {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}",
-     "nat chains: every control connection is NATed (where sequence adjustment is set up)", "nft_chain_nat",
+     "the nat chains of ftpalg's table", "nft_chain_nat",
      lambda c: True),
 )
 
