@@ -115,6 +115,9 @@ def _list(argv: list[str]) -> tuple[str, str]:
     return p.stdout, "" if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
 
 
+OURS = CHAIN_QUEUE.rsplit("-", 1)[0] + "-"  # FTPALG-*: our chains, left out of the listings
+
+
 @dataclass
 class Live:
     """What the namespace's listing tools and /proc say, read once."""
@@ -135,14 +138,13 @@ def read_live() -> Live:
         save, e = _list([f"{tool}-nft-save"]) if _tool_path(f"{tool}-nft-save") else _list([f"{tool}-save"])
         if e:
             errors[f"{tool}-save"] = e
-        skip = CHAIN_QUEUE.rsplit("-", 1)[0] + "-"  # FTPALG-*: ours
-        parts.append(parse_iptables_save(save, tool, skip))
+        parts.append(parse_iptables_save(save, tool, OURS))
         taken |= {f"{nft_fam} {t}" for t in xt_tables(save) if t in XT_TABLES}
-    legacy = [t for t in (_read("/proc/net/ip_tables_names").split() + _read("/proc/net/ip6_tables_names").split())]
+    legacy = _read("/proc/net/ip_tables_names").split() + _read("/proc/net/ip6_tables_names").split()
     if legacy and _tool_path("iptables-legacy-save"):
         for tool in ("iptables", "ip6tables"):
             save, e = _list([f"{tool}-legacy-save"])
-            parts.append(parse_iptables_save(save, f"{tool}-legacy", "FTPALG-"))
+            parts.append(parse_iptables_save(save, f"{tool}-legacy", OURS))
     nft, e = _list(["nft", "-a", "list", "ruleset"])
     if e:
         errors["nft"] = e
