@@ -1,4 +1,4 @@
-"""Command line: ``ftpalg run | check-config | demo | lab up/down | rules``."""
+"""Command line: ``ftpalg run | check-config | status | doctor | demo | lab up/down | rules``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(doc, indent=2) if args.json else render(doc))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .linux.doctor import main
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the scratch namespaces are removed on SIGTERM too
+    return main(args.cfg, args.json, not args.no_trials)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -268,6 +275,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--status-socket", metavar="SOCKET", help="the socket `ftpalg run` serves (default @ftpalg-status)")
     st.add_argument("--json", action="store_true", help="the raw JSON document")
     st.set_defaults(func=cmd_status, configured=True)
+
+    doc = sub.add_parser("doctor", help="preflight: can ftpalg run here? (kernel features tried in scratch "
+                                        "namespaces, conflicts, forwarded control ports)",
+                         description="Check this gateway (its network namespace, read-only) and try the kernel "
+                                     "features ftpalg needs in scratch namespaces of its own. One line per check; "
+                                     "exit 0 all ok, 1 ftpalg run would fail, 3 warnings only, 2 bad configuration.")
+    config_file(doc)
+    ports_and_queue(doc)
+    doc.add_argument("--queue-backend", metavar="auto|nft|iptables", help="as for ftpalg run")
+    doc.add_argument("--json", action="store_true", help="the checks as a JSON document")
+    doc.add_argument("--no-trials", action="store_true",
+                     help="only the read-only checks of this namespace (no scratch namespaces, nothing loaded)")
+    doc.set_defaults(func=cmd_doctor, configured=True)
 
     d = sub.add_parser("demo", help="lab demo: active-mode FTP through NAT without and with ftpalg")
     d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")
