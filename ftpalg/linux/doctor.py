@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import DEFAULT_PATH, DEFAULT_QUEUE, Config, toml_value
-from .rules import CHAIN_QUEUE, FOLLOW_LABEL, LABEL_BASE, NFT_TABLE, SYSTEM_PATH, _bits
+from .rules import CHAIN_QUEUE, FOLLOW_LABEL, HANDOVER_LABELS, LABEL_BASE, NFT_TABLE, SYSTEM_PATH, _bits
 from .ruleset import (
     XT_TABLES,
     Rule,
@@ -422,6 +422,8 @@ def used_labels(cfg: Config) -> dict[int, str]:
     out = {}
     if cfg.queue_selected:
         out[FOLLOW_LABEL] = "a followed control connection (queue = selected)"
+        for b in HANDOVER_LABELS:
+            out[b] = "a passive command awaiting its reply, handed over across a restart"
     if cfg.gateway.workers > 1:
         for j in range(_bits(cfg.gateway.workers)):
             out[LABEL_BASE + j] = "the worker of a control connection"
