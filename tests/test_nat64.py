@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from test_session import play as session_play
 
 from alg_helpers import MASK, Conn, Driven, FakeKernel, packed
 from ftpalg.core import ftp
@@ -67,17 +68,7 @@ def xsession(selected: bool = False, prefix: str | None = PREFIX) -> Session:
 
 
 def play(s: Session, script: list[tuple[str, bytes]]) -> list[Decision]:
-    """('c', line) from the client, ('s', line) from the server; announcements taken as
-    opened, as the table does when the pinhole works."""
-    out = []
-    for side, line in script:
-        d = s.command(line) if side == "c" else s.reply(line)
-        if d.close:
-            s.closed()
-        if d.announce:
-            s.opened(d.cmd)
-        out.append(d)
-    return out
+    return session_play(script, s)[1]
 
 
 LOGIN = [("s", b"220 hi\r\n"), ("c", b"USER anonymous\r\n"), ("s", b"331 pw\r\n"), ("c", b"PASS x\r\n"),
