@@ -333,3 +333,44 @@ def test_the_options_reach_the_core(tmp_path, monkeypatch):
     n = cli.config_from_args(args).alg_kwargs()["nat64"]
     assert n == Nat64.of(["192.168.255.0/24", "10.64.0.0/16"], PREFIX)
     assert cli.config_from_args(cli.parser().parse_args(["run"])).alg_kwargs()["nat64"] is None
+
+
+# ---- what people see: status, metrics, audit --------------------------------------------------------
+def test_status_metrics_and_audit_show_the_translated_connection():
+    from collections import Counter
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ftpalg.linux import metrics
+    from ftpalg.linux.engine import Engine
+    from ftpalg.linux.status import render
+
+    records: list[dict] = []
+    kernel = FakeKernel()
+    alg = Driven(kernel, nat64=Nat64.of([POOL], PREFIX), on_transfer=records.append)
+    conn = Conn(alg, kernel, client=CLIENT, server=SERVER, public=OUTSIDE)
+    conn.s(b"220 hi\r\n")
+    conn.c(EPRT6)
+    conn.s(b"200 ok\r\n")
+    conn.c(b"RETR f\r\n")
+    conn.s(b"226 done\r\n")
+    conn.c(b"EPSV ALL\r\n")
+    conn.s(b"200 NOOP ok\r\n")
+    (flow,) = alg.snapshot(1.0)["flows"]
+    assert flow["nat64"] == {"pool_address": CLIENT[0], "client6": "2001:db8:1::10", "enabled": True,
+                             "translated": 2}
+    text = render({**alg.snapshot(1.0), "pid": 1})
+    assert "192.168.255.7:40000 (2001:db8:1::10)" in text and " nat64" in text
+    assert "nat64 translations: answered=1 eprt=1 noop=1" in text
+    (rec,) = records
+    assert rec["client"] == "192.168.255.7:40000" and rec["nat64"] == {"client6": "2001:db8:1::10", "translated": True}
+    assert rec["mode"] == "PORT" and rec["outcome"] == "ok"
+    reg = CollectorRegistry()
+    eng = Engine(alg, alg.accounting, metrics.LatencyHistogram(), Counter())
+    reg.register(metrics.AlgCollector(eng.metrics_view))
+    out = generate_latest(reg).decode()
+    for line in ('ftpalg_nat64_translations_total{kind="eprt"} 1.0',
+                 'ftpalg_nat64_translations_total{kind="noop"} 1.0',
+                 'ftpalg_nat64_translations_total{kind="refused"} 0.0',
+                 'ftpalg_refusals_total{reason="noop_refused"} 0.0'):
+        assert line in out, line

@@ -247,6 +247,9 @@ class Actions:
         }
         if srv[:2] != (pub, pport):
             rec["server_public"] = hostport(addr_text(pub), pport)
+        x = flow.session.xlat
+        if x is not None:  # an IPv6 client behind the NAT64 translator: ``client`` is its pool address
+            rec["nat64"] = {"client6": x.client6 or None, "translated": x.enabled}
         return rec
 
     # ---- the connection's state -------------------------------------------------------------

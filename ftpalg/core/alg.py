@@ -356,6 +356,9 @@ class Alg:
                 "last_command": f.session.last_verb.decode("ascii", "replace"),
                 "commands": f.session.count,
                 "encrypted": f.session.encrypted,
+                "nat64": None if (x := f.session.xlat) is None else {
+                    "pool_address": x.client, "client6": x.client6 or None, "enabled": x.enabled,
+                    "translated": x.translated},
                 "corrections": [None if (a := dr.kadj) is None or not a.active else
                                 {"pos": a.pos, "before": a.before, "after": a.after} for dr in f.dirs],
                 "pinhole": None if ph is None else ph.id,
