@@ -374,3 +374,36 @@ def test_status_metrics_and_audit_show_the_translated_connection():
                  'ftpalg_nat64_translations_total{kind="refused"} 0.0',
                  'ftpalg_refusals_total{reason="noop_refused"} 0.0'):
         assert line in out, line
+
+
+def test_explain_replays_a_capture_from_the_translators_ipv4_side(tmp_path, capsys):
+    """A capture taken on the IPv4 side of Tayga without ftpalg (the server has no EPSV):
+    explain with the pool says what ftpalg would have sent instead."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import wrpcap
+
+    from ftpalg.cli import main
+
+    c, s = CLIENT[0], SERVER[0]
+    seq = {True: 1000, False: 5000}
+    pkts = []
+    for i, (from_client, flags, payload) in enumerate([
+            (True, "S", b""), (False, "SA", b""), (True, "A", b""), (False, "PA", b"220 hi\r\n"),
+            (True, "PA", b"EPSV ALL\r\n"), (False, "PA", b"200 EPSV ALL ok\r\n"),
+            (True, "PA", b"EPSV\r\n"), (False, "PA", b"502 Command 'EPSV' not implemented\r\n")]):
+        src, dst, sp, dp = (c, s, CLIENT[1], 21) if from_client else (s, c, 21, CLIENT[1])
+        p = IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, seq=seq[from_client], ack=seq[not from_client] if i else 0,
+                                       flags=flags) / payload
+        seq[from_client] += len(payload) + (1 if "S" in flags else 0)
+        p.time = 1000.0 + i / 100
+        pkts.append(p)
+    path = tmp_path / "nat64.pcap"
+    wrpcap(str(path), pkts)
+    main(["explain", str(path), "--public", OUTSIDE[0], "--nat64-pool", POOL])
+    out = capsys.readouterr().out
+    assert "NAT64 translation (noop): EPSV ALL -> NOOP" in out
+    assert f"NAT64 translation (answered): 200 EPSV ALL ok -> {ANSWER_EPSV_ALL.decode()}" in out
+    assert "NAT64 translation (epsv): EPSV -> PASV" in out
+    main(["explain", str(path), "--public", OUTSIDE[0]])
+    assert "NAT64" not in capsys.readouterr().out
+    assert main(["explain", str(path), "--nat64-pool", "nonsense"]) == 2
