@@ -5,6 +5,7 @@ from a pool address to an IPv4-only server."""
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from test_session import play as session_play
@@ -407,3 +408,71 @@ def test_explain_replays_a_capture_from_the_translators_ipv4_side(tmp_path, caps
     main(["explain", str(path), "--public", OUTSIDE[0]])
     assert "NAT64" not in capsys.readouterr().out
     assert main(["explain", str(path), "--nat64-pool", "nonsense"]) == 2
+
+
+def test_a_multi_line_227_becomes_one_229_its_other_lines_left_out(env):
+    """Lines of a translated multi-line reply are left out, each in its own segment: those go
+    as bare ACKs, and the server's numbering after them stays right."""
+    alg, kernel, conn = env
+    conn.c(b"EPSV\r\n")
+    s0 = conn.c_rcv
+    first = conn.s(b"227-Entering Passive Mode (198,51,100,2,195,80)\r\n")
+    middle = conn.s(b" more text\r\n")
+    last = conn.s(b"227 ok\r\n")
+    assert (first.seq, first.payload, middle.seq, middle.payload) == (s0, b"", s0, b"")
+    r229 = b"229 Entering Extended Passive Mode (|||50000|)\r\n"
+    assert (last.seq, last.payload) == (s0, r229) and len(kernel.live) == 1
+    after = conn.s(b"200 next\r\n")
+    assert after.seq == (s0 + len(r229)) & MASK
+    assert alg.counters["nat64_removed"] == 2
+
+
+# ---- selected queueing: the same bytes and pinholes as full queueing -----------------------------------
+def _translated_script(rng) -> list[tuple[str, bytes]]:
+    """A translated session: ordinary lines, and the forms an IPv6 client sends, each answered
+    the way an IPv4 server answers what it gets (PASV, PORT, NOOP)."""
+    from test_selected import LINES_C, LINES_S
+
+    out: list[tuple[str, bytes]] = []
+    for _ in range(rng.randint(2, 6)):
+        port = rng.randint(1024, 65535)
+        pre_c = b"".join(rng.choice(LINES_C) for _ in range(rng.randint(0, 2)))
+        if pre_c:
+            out += [("c", pre_c), ("s", b"".join(rng.choice(LINES_S) for _ in pre_c.splitlines()))]
+        mode = rng.choice(["epsv", "eprt", "answered", "multi", "lpsv"])
+        h = b"198,51,100,2,%d,%d" % divmod(port, 256)
+        if mode == "eprt":
+            out += [("c", b"EPRT |2|2001:db8:1::10|%d|\r\n" % port), ("s", b"200 PORT command successful.\r\n")]
+        elif mode == "answered":
+            cmd = rng.choice([b"EPSV ALL\r\n", b"EPSV 1\r\n", b"ALGS STATUS64\r\n", b"algs enable64\r\n"])
+            out += [("c", cmd), ("s", rng.choice([b"200 NOOP ok.\r\n", b"200-NOOP\r\n200 ok\r\n"]))]
+            continue
+        elif mode == "multi":
+            out += [("c", b"EPSV\r\n"), ("s", b"227-Entering Passive Mode\r\n =%s\r\n227 OK\r\n" % h)]
+        else:
+            out += [("c", b"EPSV\r\n" if mode == "epsv" else b"LPSV\r\n"),
+                    ("s", b"227 Entering Passive Mode (%s).\r\n" % h)]
+        out += [("c", b"RETR f\r\n"), ("s", b"150 go\r\n226 done\r\n")]
+    return out
+
+
+def test_selected_queueing_translates_as_full_queueing():
+    import random
+
+    from test_selected import _cut, _run
+
+    topo = {"client": CLIENT, "server": SERVER, "public": OUTSIDE}
+    nat64 = Nat64.of([POOL], PREFIX)
+    rng = random.Random(20261207)
+    opened = 0
+    for i in range(40):
+        script = _translated_script(rng)
+        steps = [(side, _cut(rng, side, data)) for side, data in script]
+        full, sel = _run("", steps, False, topo, nat64), _run("", steps, True, topo, nat64)
+        assert full[:3] == sel[:3], f"session {i}: {steps!r}"
+        opened += len(full[2])
+        # whole lines (a split line whose translation is shorter than its first part is not translated)
+        whole = _run("", [(side, [data]) for side, data in script], True, topo, nat64)
+        assert b"NOOP" not in whole[1] and not re.search(rb"(^|\n)227", whole[1]), script
+        assert not any(v in whole[0].upper() for v in (b"EPSV", b"EPRT", b"LPSV", b"ALGS")), script
+    assert opened >= 40
