@@ -5,14 +5,16 @@ from a pool address to an IPv4-only server."""
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_fuzz import _verdict_ok, address_line
 from test_session import play as session_play
 
-from alg_helpers import MASK, Conn, Driven, FakeKernel, packed
+from alg_helpers import MASK, Conn, Driven, FakeKernel, FastConn, packed, pinhole_violations
 from ftpalg.core import ftp
 from ftpalg.core.direction import HOLD_SEGMENTS
 from ftpalg.core.events import LineRewritten, PinholeOpened, Reason, Translation
@@ -460,8 +462,6 @@ def _translated_script(rng) -> list[tuple[str, bytes]]:
 
 
 def test_selected_queueing_translates_as_full_queueing():
-    import random
-
     from test_selected import _cut, _run
 
     topo = {"client": CLIENT, "server": SERVER, "public": OUTSIDE}
@@ -522,3 +522,41 @@ def test_any_segmentation_reordering_and_duplication_gives_the_translated_stream
     for off in sorted(got):
         rebuilt[off : off + len(got[off])] = got[off]
     assert bytes(rebuilt) == want
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 2**32 - 1))
+def test_hostile_lines_on_a_translated_connection(seed):
+    """Random translated commands, address lines and replies (hostile ones among them), cut
+    anywhere and interleaved both ways: every verdict is a well-formed packet, and every live
+    pinhole is one the policy allows for this connection."""
+    rng = random.Random(seed)
+    kernel = FakeKernel()
+    alg = Driven(kernel, rng=random.Random(7), nat64=Nat64.of([POOL], PREFIX), selected=rng.random() < 0.5)
+    conn = FastConn(alg, kernel, client=CLIENT, server=SERVER, public=OUTSIDE)
+    conn.s(b"220 hi\r\n")
+    addrs = [CLIENT[0], SERVER[0], SERVER[0], SERVER[0], "2001:db8:1::10", "2001:db8:64::a00:1", "10.9.9.9"]
+    words_c = [b"EPSV", b"EPSV ALL", b"EPSV 1", b"EPSV 2", b"EPSV x", b"LPSV", b"ALGS STATUS64", b"ALGS ENABLE64",
+               b"ALGS DISABLE64", b"ALGS", b"algs status64", b"NOOP", b"RETR f", b"AUTH TLS", b"EPRT |2|::1|0|",
+               EPRT6.strip(), b"EPRT |2|2001:db8:1::10|25|", b"LPRT 6,16,32,1,13,184,0,1,0,0,0,0,0,0,0,0,0,16,2,195,81"]
+    words_s = [b"200 NOOP ok.", b"200-NOOP", b"200 ok", b"227-x", b"227 x", b"500 no", b"530 login", b"226 done",
+               b"150 go", b"234 go", b"421 bye"]
+    for _ in range(20):
+        side = rng.choice("cs")
+        lines = b""
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.4:
+                body = address_line(rng, addrs, side)
+            else:
+                body = rng.choice(words_c if side == "c" else words_s) + rng.choice([b"\r\n", b"\n", b"\r\n", b""])
+            lines += body if body.endswith(b"\n") else body + b"\r\n"
+        cut = rng.randrange(0, len(lines)) if rng.random() < 0.3 else 0
+        for piece in ([lines[:cut], lines[cut:]] if cut else [lines]):
+            conn.c(piece) if side == "c" else conn.s(piece)  # FastConn checks every packet it gets back
+            assert not pinhole_violations(alg, kernel), (seed, lines)
+        conn.now += 0.2
+        alg.on_timer(conn.now)
+        for _, o in alg.take_released():
+            assert _verdict_ok(o)
+    alg.shutdown()
+    assert not kernel.live
