@@ -560,3 +560,32 @@ def test_hostile_lines_on_a_translated_connection(seed):
             assert _verdict_ok(o)
     alg.shutdown()
     assert not kernel.live
+
+
+def test_the_steady_walk_translates_as_the_general_walk():
+    """test_steady's comparison on translated connections: sessions of translated commands,
+    address lines and replies, cut, skewed, doubled, with timer runs, through the short walk
+    and through the general walk alone: the same verdicts, counters, state and pinholes."""
+    from test_fuzz import FLAGS, SKEWS, WAITS
+    from test_steady import _run
+
+    topo = {"client": CLIENT, "server": SERVER, "public": OUTSIDE}
+    nat64 = Nat64.of([POOL], PREFIX)
+    rng = random.Random(20261207)
+    addrs = [CLIENT[0], SERVER[0], SERVER[0], SERVER[0], "2001:db8:1::10", "10.9.9.9"]
+    words = {"c": [b"EPSV\r\n", b"EPSV ALL\r\n", b"EPSV 1\r\n", b"LPSV\r\n", b"ALGS STATUS64\r\n",
+                   b"ALGS DISABLE64\r\n", b"ALGS ENABLE64\r\n", EPRT6, b"TYPE I\r\n", b"RETR f\r\n"],
+             "s": [REPLY_227, b"200 NOOP ok.\r\n", b"200-NOOP\r\n200 ok\r\n", b"227-x\r\n", b"500 no\r\n",
+                   b"150 go\r\n226 done\r\n"]}
+    for i in range(120):
+        steps = []
+        for n in range(rng.randint(2, 12)):
+            side = "cs"[n % 2]
+            data = b"".join(rng.choice(words[side]) if rng.random() < 0.7 else address_line(rng, addrs, side)
+                            for _ in range(rng.randint(1, 3)))
+            cuts = sorted(rng.sample(range(1, len(data)), min(rng.choice([0, 0, 0, 1, 2]), len(data) - 1)))
+            segs = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            steps.append((side, segs, rng.choice(FLAGS), rng.choice(SKEWS), rng.random() < 0.15, rng.choice(WAITS)))
+        fast, slow = _run("", steps, True, topo, nat64), _run("", steps, False, topo, nat64)
+        for what, a, b in zip(("verdicts", "counters", "state", "pinholes"), fast, slow, strict=True):
+            assert a == b, f"session {i} ({what} differ), steps {steps!r}"
