@@ -453,7 +453,8 @@ def _translated_script(rng) -> list[tuple[str, bytes]]:
             out += [("c", cmd), ("s", rng.choice([b"200 NOOP ok.\r\n", b"200-NOOP\r\n200 ok\r\n"]))]
             continue
         elif mode == "multi":
-            out += [("c", b"EPSV\r\n"), ("s", b"227-Entering Passive Mode\r\n =%s\r\n227 OK\r\n" % h)]
+            out += [("c", b"EPSV\r\n"), ("s", rng.choice([b"227-Entering Passive Mode\r\n =%s\r\n227 OK\r\n",
+                                                       b"227-Entering Passive Mode (%s)\r\n more\r\n227 OK\r\n"]) % h)]
         else:
             out += [("c", b"EPSV\r\n" if mode == "epsv" else b"LPSV\r\n"),
                     ("s", b"227 Entering Passive Mode (%s).\r\n" % h)]
@@ -589,3 +590,12 @@ def test_the_steady_walk_translates_as_the_general_walk():
         fast, slow = _run("", steps, True, topo, nat64), _run("", steps, False, topo, nat64)
         for what, a, b in zip(("verdicts", "counters", "state", "pinholes"), fast, slow, strict=True):
             assert a == b, f"session {i} ({what} differ), steps {steps!r}"
+
+
+def test_the_last_line_of_a_translated_multi_line_reply_split_is_held_and_translated(env):
+    alg, kernel, conn = env
+    conn.c(b"EPSV\r\n")
+    got = [conn.s(b"227-Entering Passive Mode (198,51,100,2,195,80)\r\n more\r\n227 O")]
+    last = conn.s(b"K\r\n")
+    got += [p for _, p in conn.released] + [last]
+    assert b"".join(p.payload for p in got if p is not None) == b"229 Entering Extended Passive Mode (|||50000|)\r\n"
