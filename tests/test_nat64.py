@@ -184,6 +184,10 @@ def test_a_translation_that_could_not_be_sent_gets_the_servers_own_reply():
     s.untranslated(3)
     assert s.pending == [(b"EPSV", 3)]
     assert play(s, [("s", b"200 EPSV ALL ok\r\n")]) == [Decision()]
+    play(s, [("c", b"ALGS DISABLE64\r\n")])
+    assert not s.xlat.enabled
+    s.untranslated(4)  # the server got the ALGS: translation stays as it was
+    assert s.xlat.enabled and s.pending == [(b"ALGS", 4)]
 
 
 def test_auth_ends_translation():

@@ -91,6 +91,7 @@ class Sub:
     sent: bytes  # the verb the server got (PASV, PORT, NOOP)
     answer: bytes = b""  # ANSWER: ftpalg's reply, without the line end
     reply_form: str = ""  # PASSIVE: "229" or "228"
+    enabled: bool = True  # whether translation was enabled before it (ALGS changes it)
 
 
 @dataclass(slots=True)

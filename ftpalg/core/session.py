@@ -30,6 +30,11 @@ connection or the firewall. The rules:
    or 234 answers the newest of them if it is the command that asks for it (replies come in
    order: everything older is answered too); other replies answer nothing. A transfer's end
    is not seen: its pinhole closes when the kernel has used it (``Alg.pinhole_gone``).
+6. ``AUTH`` (RFC 4217 ``AUTH TLS``, RFC 2228 ``AUTH SSL``) answered by ``234`` turns the
+   control connection into TLS: from the byte after the 234 line on, both directions are
+   opaque (``encrypted``) and the caller must stop reading lines; the live pinhole closes.
+   RFC 4217 §4: the client sends nothing after AUTH until its reply, so no plain command
+   follows the 234 and no TLS byte precedes it.
 7. NAT64 (RFC 6384, ``Session(xlat=...)``: a connection that crossed an IPv6-to-IPv4
    translator, see ``nat64.py``): while enabled (``ALGS ENABLE64 | DISABLE64``), ``EPSV`` /
    ``EPSV 2`` / ``LPSV`` go to the server as ``PASV`` and its 227 back as 229 / 228
@@ -38,11 +43,6 @@ connection or the firewall. The rules:
    whether enabled or not) are answered by ftpalg: the server gets ``NOOP`` and the reply to
    it is replaced by ftpalg's answer (a 2xx; any other code is relayed as the answer). The
    lines of a translated multi-line reply other than its last go out removed.
-6. ``AUTH`` (RFC 4217 ``AUTH TLS``, RFC 2228 ``AUTH SSL``) answered by ``234`` turns the
-   control connection into TLS: from the byte after the 234 line on, both directions are
-   opaque (``encrypted``) and the caller must stop reading lines; the live pinhole closes.
-   RFC 4217 §4: the client sends nothing after AUTH until its reply, so no plain command
-   follows the 234 and no TLS byte precedes it.
 """
 
 from __future__ import annotations
@@ -327,14 +327,14 @@ class Session:
         is read as on any connection)."""
         end = ftp.line_end(line)
         if verb == b"ALGS":  # RFC 6384 §6: watched for even while disabled
-            arg = ftp.argument(line).upper()
+            arg, before = ftp.argument(line).upper(), x.enabled
             if arg == b"ENABLE64":
                 x.enabled = True
             elif arg == b"DISABLE64":
                 x.enabled = False
             elif arg != b"STATUS64":
                 return None
-            return self._answer(x, verb, n, b"216 " + x.status(), end)
+            return self._answer(x, verb, n, b"216 " + x.status(), end, before)
         if not x.enabled:
             return None
         if verb == b"EPSV":
@@ -373,10 +373,10 @@ class Session:
         x.translated += 1
         return Decision(cmd=n, rewrite=b"PASV" + end, xlat=what)
 
-    def _answer(self, x: Xlat, verb: bytes, n: int, answer: bytes, end: bytes) -> Decision:
+    def _answer(self, x: Xlat, verb: bytes, n: int, answer: bytes, end: bytes, enabled: bool = True) -> Decision:
         """ftpalg answers command ``n`` itself: the server gets a NOOP (RFC 6384 §4)."""
         self._owe(b"NOOP", n)
-        x.subs[n] = Sub(Kind.ANSWER, verb, b"NOOP", answer=answer)
+        x.subs[n] = Sub(Kind.ANSWER, verb, b"NOOP", answer=answer, enabled=enabled)
         x.translated += 1
         return Decision(cmd=n, rewrite=b"NOOP" + end, xlat=Translation.NOOP)
 
@@ -387,6 +387,8 @@ class Session:
         sub = x.subs.pop(cmd, None) if x is not None else None
         if sub is None:
             return
+        if sub.verb == b"ALGS":  # the server got it, not ftpalg: nothing changed
+            x.enabled = sub.enabled  # type: ignore[union-attr]
         for i, entry in enumerate(self.pending):
             if entry[1] == cmd:
                 self.pending[i] = (sub.verb, cmd)
