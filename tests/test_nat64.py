@@ -311,6 +311,18 @@ def test_eprt_goes_to_the_server_as_port_naming_the_gateway(env):
     assert alg.flows[conn.key][0].session.xlat.client6 == "2001:db8:1::10"
 
 
+def test_after_auth_nothing_is_translated_and_corrections_stay(env):
+    alg, kernel, conn = env
+    c0 = conn.cseq
+    conn.c(b"EPSV ALL\r\n")  # 4 bytes shorter toward the server
+    conn.s(b"200 NOOP ok.\r\n")
+    conn.c(b"AUTH TLS\r\n")
+    conn.s(b"234 go\r\n")
+    seg = conn.c(b"EPSV ALL\r\n")  # (TLS in real life): goes as it came, still shifted
+    assert seg.payload == b"EPSV ALL\r\n" and seg.seq == (c0 + 10 - 4 + 10) & MASK
+    assert alg.counters["nat64_noop"] == 1
+
+
 def test_connections_from_outside_the_pool_are_not_translated():
     kernel = FakeKernel()
     alg = Driven(kernel, nat64=Nat64.of([POOL], PREFIX))
