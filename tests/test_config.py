@@ -487,7 +487,7 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
                                "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False,
-                                 "nat64": None}
+                               "nat64": None}
     assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, True)
     assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7

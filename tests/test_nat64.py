@@ -347,6 +347,22 @@ def test_the_seqadj_oracle_agrees_over_a_long_translated_session(env):
     assert alg.counters["nat64_answered"] == 6 and alg.counters["nat64_reply"] == 3
 
 
+def test_run_translates_with_the_pool_it_is_given_and_says_so(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from test_config import Recorder, fake_linux, parse
+
+    from ftpalg import config
+    from ftpalg.linux.serve import serve
+
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "none.toml")
+    fake_linux(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ftpalg"):
+        assert serve(parse("run", "--nat64-pool", POOL, "--status-socket", "", "--metrics-listen", "")) == 0
+    assert Recorder.calls["Alg"][1]["nat64"] == Nat64.of([POOL])
+    assert f"NAT64 (RFC 6384): control connections from {POOL} are translated" in caplog.text
+
+
 def test_the_options_reach_the_core(tmp_path, monkeypatch):
     from ftpalg import cli, config
 
