@@ -189,7 +189,7 @@ class Actions:
 
     def _render(self, flow: Flow, form: ftp.Form, cmd: int, line: bytes) -> tuple[bytes, Translation]:
         """NAT64: the server's 227 as the client's EPSV (229) or LPSV (228) expects it, for
-        the pinhole it opened; 425 when it opened none (RFC 6384 §4: a 227 naming another
+        the pinhole it opened; 425 when it opened none (RFC 6384: a 227 naming another
         address than the server's may be refused so)."""
         end = ftp.line_end(line)
         ph = flow.pinhole

@@ -100,7 +100,7 @@ class Xlat:
 
     client: str  # its client's address on the IPv4 side (a pool address)
     prefix: ipaddress.IPv6Network | None = None
-    enabled: bool = True  # ALGS ENABLE64 / DISABLE64 (RFC 6384 §6)
+    enabled: bool = True  # ALGS ENABLE64 / DISABLE64 (RFC 6384)
     client6: str = ""  # the IPv6 address the client named in an EPRT |2| / LPRT 6 (its claim)
     subs: dict[int, Sub] = field(default_factory=dict)  # by command index, until answered
     translated: int = 0  # lines translated on this connection
@@ -115,5 +115,5 @@ class Xlat:
         return Xlat(self.client, self.prefix, self.enabled, self.client6, {}, self.translated)
 
     def status(self) -> bytes:
-        """ALGS STATUS64's answer word (RFC 6384 §6)."""
+        """ALGS STATUS64's answer word (RFC 6384)."""
         return b"EPSVEPRT" if self.enabled else b"NONE"

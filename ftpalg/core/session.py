@@ -326,7 +326,7 @@ class Session:
         """A command of a translated connection, translated; None: it goes as it came (and
         is read as on any connection)."""
         end = ftp.line_end(line)
-        if verb == b"ALGS":  # RFC 6384 §6: watched for even while disabled
+        if verb == b"ALGS":  # RFC 6384: watched for even while disabled
             arg, before = ftp.argument(line).upper(), x.enabled
             if arg == b"ENABLE64":
                 x.enabled = True
@@ -374,7 +374,7 @@ class Session:
         return Decision(cmd=n, rewrite=b"PASV" + end, xlat=what)
 
     def _answer(self, x: Xlat, verb: bytes, n: int, answer: bytes, end: bytes, enabled: bool = True) -> Decision:
-        """ftpalg answers command ``n`` itself: the server gets a NOOP (RFC 6384 §4)."""
+        """ftpalg answers command ``n`` itself: the server gets a NOOP (RFC 6384)."""
         self._owe(b"NOOP", n)
         x.subs[n] = Sub(Kind.ANSWER, verb, b"NOOP", answer=answer, enabled=enabled)
         x.translated += 1
