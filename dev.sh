@@ -28,6 +28,10 @@ APT_PACKAGES+=(firewalld)
 # above or Essential (util-linux: setpriv, unshare): in CI (CI=true) a missing one fails its
 # test instead of skipping it (tests/needs.py).
 APT_PACKAGES+=(systemd)
+# tayga: the NAT64 lab's translator (ftpalg/lab/nat64.py runs it in a gateway's namespace, in
+# the foreground; the package's own service is never started). python3-twisted: the NAT64
+# lab's server without EPSV (Twisted's FTP server, run with the system python3).
+APT_PACKAGES+=(tayga python3-twisted)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

@@ -189,13 +189,17 @@ class Lab:
         self.down()
         try:
             self.state.mkdir(parents=True, exist_ok=True)
-            topology.build(self.prefix, self.state / "setup")
+            self.build()
             self._files()
             if servers:
                 self.start_servers()
         except BaseException:
             self.down()
             raise
+
+    def build(self) -> None:
+        """Create the namespaces, links, addresses, routes and firewalls (``topology``)."""
+        topology.build(self.prefix, self.state / "setup")
 
     def _files(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)
