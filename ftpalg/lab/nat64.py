@@ -80,8 +80,9 @@ UNRELATED = f"{PUBLIC_NET}.100"
 """An IPv4 host on the internet, in <p>-s, that takes part in no session."""
 SUFFIXES = ("c", "gw", "s")
 
-NAT64_OPTIONS: tuple[str, ...] = ("--nat64-prefix", PREFIX6)
-"""What ``ftpalg run`` is given in this lab, and only that (the documented NAT64 option)."""
+NAT64_OPTIONS: tuple[str, ...] = ("--nat64-pool", POOL, "--nat64-prefix", PREFIX6)
+"""What ``ftpalg run`` is given in this lab, and only that: Tayga's ``dynamic-pool`` (the
+connections from it are the translated ones) and its ``prefix`` (which LPSV's 228 needs)."""
 
 GW_FIREWALL = f"""*filter
 :INPUT ACCEPT [0:0]
