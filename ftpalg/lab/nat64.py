@@ -38,7 +38,9 @@ also after a failed ``up()``.
 
 ``NAT64_OPTIONS`` is what ``ftpalg run`` is given in this lab (README: what NAT64 needs).
 ``python -m ftpalg.lab.nat64 talk HOST STEP...`` is a client for single commands (``ALGS
-STATUS64``, ``EPSV ALL``) followed by transfers on the same control connection.
+STATUS64``, ``EPSV ALL``) followed by transfers on the same control connection;
+``python -m ftpalg.lab.nat64 matrix`` builds the lab and prints the server x client matrix
+without and with ftpalg (docs/nat64-lab.md).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import ftplib
 import hashlib
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -243,6 +246,66 @@ def run_cells(lab: Nat64Lab, cells: list[Cell], tag: str, workers: int = 8,
         return dict(zip(cells, pool.map(lambda c: run_cell(lab, c, tag, timeout=timeout), cells), strict=True))
 
 
+def all_cells() -> list[Cell]:
+    """Every IPv6 client kind against every server: a download, and an upload where the
+    client can."""
+    return [Cell(k, srv, put) for k in clients.kinds(family=6) for srv in SERVERS
+            for put in (False, True) if k.uploads or not put]
+
+
+def matrix_table(outcomes: dict[Cell, tuple[bool, str]]) -> list[str]:
+    """Markdown: a row per client kind, a column per server; "get/put" per cell, each "ok",
+    "FAIL" (a note below gives the reason) or "-" (cannot upload)."""
+    notes: dict[str, int] = {}
+
+    def mark(cell: Cell) -> str:
+        if cell not in outcomes:
+            return "-"
+        ok, why = outcomes[cell]
+        if ok:
+            return "ok"
+        why = re.sub(r"%\w+", "", why)  # an IPv6 scope id (pure-ftpd's message), different each time
+        n = notes.setdefault(why, len(notes) + 1)
+        return f"FAIL({n})"
+
+    rows = sorted({c.client for c in outcomes}, key=lambda k: (clients.CLIENT_NAMES.index(k.name),
+                                                               clients.MODES.index(k.mode)))
+    lines = ["| client | " + " | ".join(SERVERS) + " |", "|---" * (len(SERVERS) + 1) + "|"]
+    for k in rows:
+        cells = [f"{mark(Cell(k, srv))} / {mark(Cell(k, srv, True))}" for srv in SERVERS]
+        lines.append(f"| {k.label} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"({n}) {why}" for why, n in notes.items()]]
+    return lines
+
+
+def matrix(prefix: str, workers: int = 8) -> int:
+    """Build the lab, run ``all_cells()`` without ftpalg, then with ``ftpalg run`` and
+    ``NAT64_OPTIONS``, printing each table when done; remove the lab. 0 if every cell
+    passed with ftpalg, which exited cleanly."""
+    lab = Nat64Lab(prefix)
+    t0 = time.monotonic()
+
+    def show(title: str, outcomes: dict[Cell, tuple[bool, str]]) -> None:
+        passed = sum(ok for ok, _ in outcomes.values())
+        print(f"\n{title}: {passed}/{len(outcomes)} transfers pass (download / upload)\n")
+        print("\n".join(matrix_table(outcomes)), flush=True)
+
+    try:
+        lab.up()
+        todo = all_cells()
+        show("without ftpalg", run_cells(lab, todo, "without", workers))
+        p = lab.start_ftpalg(*NAT64_OPTIONS)
+        try:
+            with_ = run_cells(lab, todo, "with", workers)
+        finally:
+            rc = lab.stop_ftpalg(p)
+        show(f"with `ftpalg run {' '.join(NAT64_OPTIONS)}`", with_)
+    finally:
+        lab.down()
+    print(f"\nftpalg exit code {rc}; {time.monotonic() - t0:.0f} s in all")
+    return 0 if rc == 0 and all(ok for ok, _ in with_.values()) else 1
+
+
 # ---- a client of single commands ----------------------------------------------------------------
 def talk(host: str, steps: list[str], source: str = "", timeout: float = 10.0) -> list[tuple[str, str]]:
     """Log in to ``host`` and run ``steps`` on one control connection: ``CMD text`` sends a
@@ -287,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("steps", nargs="+", help="'CMD text', 'GET name' or 'PUT local remote'")
     t.add_argument("--source", default="")
     t.add_argument("--timeout", type=float, default=10.0)
+    m = sub.add_parser("matrix", help="every client x server, without and with ftpalg (builds a lab; root)")
+    m.add_argument("--prefix", default="ftpalg-nat64", help="name prefix of the lab's namespaces")
     args = ap.parse_args(argv)
+    if args.cmd == "matrix":
+        return matrix(args.prefix)
     try:
         for step, result in talk(args.host, args.steps, args.source, args.timeout):
             print(f"{step}\t{result}", flush=True)
