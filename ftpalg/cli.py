@@ -147,6 +147,8 @@ OPTION_KEYS = {
     "audit_file": "audit.file",
     "metrics_listen": "metrics.listen",
     "status_socket": "status.socket",
+    "nat64_pool": "nat64.pool",
+    "nat64_prefix": "nat64.prefix",
 }
 _SWITCHES = {"install_rules": ("--rules", "--no-rules"), "audit": ("--audit", "--no-audit")}
 
@@ -238,6 +240,12 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--status-socket", metavar="SOCKET",
                        help='unix socket of `ftpalg status`: "@name" abstract, or a path; "" = off '
                             "(default @ftpalg-status)")
+        r.add_argument("--nat64-pool", metavar="CIDR[,CIDR]",
+                       help="IPv4 pool(s) of a NAT64 translator on this gateway (Tayga's dynamic-pool): control "
+                            "connections from them are translated for IPv6-only clients (RFC 6384, "
+                            'docs/nat64.md); "" = off (default)')
+        r.add_argument("--nat64-prefix", metavar="PREFIX",
+                       help="the translator's IPv6 prefix (e.g. 2001:db8:64::/96), needed for LPSV only")
         r.add_argument("--audit", action=argparse.BooleanOptionalAction, default=None,
                        help="one structured line per transfer (default off)")
         r.add_argument("--audit-file", metavar="PATH",

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.nat64 import PREFIX_LENGTHS
+from .core.nat64 import Nat64 as Translator
 from .core.policy import DEFAULT_LIMITS, Limits
 
 DEFAULT_PATH = Path("/etc/ftpalg/ftpalg.toml")
@@ -112,6 +114,15 @@ class Status:
 
 
 @dataclass(frozen=True)
+class Nat64:
+    pool: tuple[str, ...] = ()  # the translator's IPv4 pools (CIDR): their connections are translated
+    prefix: str = ""  # the translator's IPv6 prefix (RFC 6052), for LPSV's 228; "": none
+
+    def translator(self) -> Translator | None:
+        return Translator.of(self.pool, self.prefix)
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: Gateway = field(default_factory=Gateway)
     policy: Policy = field(default_factory=Policy)
@@ -119,6 +130,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     metrics: Metrics = field(default_factory=Metrics)
     status: Status = field(default_factory=Status)
+    nat64: Nat64 = field(default_factory=Nat64)
     # Where it came from (not part of equality): the file, or "built-in defaults", and for
     # each key not at its default, the file or the option that set it.
     source: str = field(default="built-in defaults", compare=False)
@@ -146,7 +158,7 @@ class Config:
     def alg_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``core.alg.Alg`` besides its kernel port."""
         return {"control_ports": self.control_ports, "pinhole_timeout": self.gateway.pinhole_timeout,
-                "limits": self.limits(), "selected": self.queue_selected}
+                "limits": self.limits(), "selected": self.queue_selected, "nat64": self.nat64.translator()}
 
     def override(self, values: Mapping[str, tuple[object, str]]) -> Config:
         """A copy with ``values`` (key -> (value, origin)) checked and set."""
@@ -330,6 +342,41 @@ def _path_or_empty(v: object) -> str:
     return s
 
 
+def _pools(v: object) -> tuple[str, ...]:
+    if isinstance(v, OptionText):  # "192.168.255.0/24" or "a/24,b/24"; "" = none
+        v = [p.strip() for p in v.split(",") if p.strip()]
+    elif isinstance(v, str):
+        v = [v] if v.strip() else []
+    if not isinstance(v, list | tuple):
+        raise _Problem(f"must be an IPv4 network (\"192.168.255.0/24\") or an array of them, not {_describe(v)}")
+    out = []
+    for i, p in enumerate(v):
+        where = f"element {i + 1}: " if len(v) > 1 else ""
+        if not isinstance(p, str):
+            raise _Problem(f"{where}must be an IPv4 network as a string, not {_describe(p)}")
+        try:
+            net = ipaddress.IPv4Network(p.strip(), strict=False)
+        except ValueError:
+            raise _Problem(f"{where}{json.dumps(p)} is not an IPv4 network (a.b.c.d/n)") from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
+def _prefix(v: object) -> str:
+    s = _str(v).strip()
+    if not s:
+        return s
+    try:
+        net = ipaddress.IPv6Network(s, strict=False)
+    except ValueError:
+        raise _Problem(f"{json.dumps(s)} is not an IPv6 prefix (e.g. \"2001:db8:64::/96\")") from None
+    if net.prefixlen not in PREFIX_LENGTHS:
+        raise _Problem(f"/{net.prefixlen} is not a length RFC 6052 embeds IPv4 addresses after "
+                       f"({', '.join(f'/{n}' for n in PREFIX_LENGTHS)})")
+    return str(net)
+
+
 @dataclass(frozen=True)
 class Key:
     check: Callable[[object], Any]
@@ -355,9 +402,12 @@ KEYS: dict[str, Key] = {
     "audit.file": Key(_path_or_empty, '"": the log; else an absolute path appended to'),
     "metrics.listen": Key(_listen, 'host:port or [v6]:port of the Prometheus endpoint; "": off'),
     "status.socket": Key(_socket, '"@name": abstract socket; else an absolute path; "": off'),
+    "nat64.pool": Key(_pools, "IPv4 pools of a NAT64 translator (CIDR, one or an array): their connections are "
+                      "translated (RFC 6384); []: off"),
+    "nat64.prefix": Key(_prefix, 'the translator\'s IPv6 prefix (RFC 6052), for LPSV; "": none'),
 }
 SECTIONS: dict[str, type] = {"gateway": Gateway, "policy": Policy, "log": Log, "audit": Audit,
-                             "metrics": Metrics, "status": Status}
+                             "metrics": Metrics, "status": Status, "nat64": Nat64}
 
 
 def check(key: str, value: object, origin: str) -> Any:

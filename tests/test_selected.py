@@ -26,7 +26,7 @@ from ftpalg.core.seqadj import MASK
 from ftpalg.linux import rules
 
 SESSIONS = 150  # per topology
-VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH")
+VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH", b"ALGS")
 CODES = (b"227", b"228", b"229", b"234")
 
 

@@ -71,6 +71,9 @@ class Accounting:
                 log.info("pinhole close id=%d: %s", ev.pinhole.id, ev.detail)
             elif isinstance(ev, LineRewritten):
                 c["rewrites"] += 1
+                if ev.xlat is not None:
+                    c[f"nat64_{ev.xlat}"] += 1
+                    log.info("nat64 %s flow=%s %r -> %r", ev.xlat, key_text(ev.flow), ev.old.strip(), ev.new.strip())
             elif isinstance(ev, Refused):
                 self._refused(ev)
             elif isinstance(ev, TransferDone):

@@ -26,6 +26,7 @@ from .addr import FlowKey, addr_text, hostport, key_text
 from .events import DROPS, HELD, PASS, Close, Closing, DropWhy, Event, Reason, Verdict
 from .flow import C2S, S2C, Flow
 from .kernel import Kernel, Pinhole
+from .nat64 import Nat64
 from .packet import ACK, FIN, RST, SYN, DecodeError, decode
 from .pinholes import PinholeBook
 from .policy import Limits
@@ -54,7 +55,8 @@ class Alg:
 
     def __init__(self, kernel: Kernel, control_ports: frozenset[int] = frozenset({21}),
                  pinhole_timeout: float = 120.0, rng: random.Random | None = None,
-                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False, selected: bool = False) -> None:
+                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False, selected: bool = False,
+                 nat64: Nat64 | None = None) -> None:
         self.kernel = kernel
         self.limits = limits
         self.control_ports = control_ports
@@ -66,6 +68,7 @@ class Alg:
                                rng or random.SystemRandom(), audit)
         self.events: list[Event] = self.actions.events  # what was decided, until ``drain``
         self.selected = selected  # the kernel queues only segments that may matter (rules.py)
+        self.nat64 = nat64  # the NAT64 translator's pools: connections from them are translated (RFC 6384)
         self.walk = Walk(self.actions, self, self.counters, limits, selected)
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
         # (a SYN flood fills this bounded FIFO and nothing else).
@@ -210,7 +213,7 @@ class Alg:
             self.actions.refuse(Reason.FLOW_CAP, f"{self.tracked} control connections tracked (--max-flows): "
                                                  "a new one passes untouched, without pinholes")
             return None
-        flow = Flow(key, now, self.selected)
+        flow = Flow(key, now, self.selected, self.nat64.state(key[0]) if self.nat64 is not None else None)
         where = self.evicted.pop(key, None)
         if where is not None and seq is not None:
             # Forgotten at the flow cap, seen again at a client segment: if it is the very next
@@ -353,6 +356,9 @@ class Alg:
                 "last_command": f.session.last_verb.decode("ascii", "replace"),
                 "commands": f.session.count,
                 "encrypted": f.session.encrypted,
+                "nat64": None if (x := f.session.xlat) is None else {
+                    "pool_address": x.client, "client6": x.client6 or None, "enabled": x.enabled,
+                    "translated": x.translated},
                 "corrections": [None if (a := dr.kadj) is None or not a.active else
                                 {"pos": a.pos, "before": a.before, "after": a.after} for dr in f.dirs],
                 "pinhole": None if ph is None else ph.id,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .addr import FlowKey
 from .direction import Direction
 from .kernel import Pinhole
+from .nat64 import Xlat
 from .policy import Mapping
 from .session import Session
 
@@ -24,12 +25,12 @@ class Flow:
     __slots__ = ("key", "reply_key", "mapping", "dirs", "session", "pinhole", "last_pinhole", "closed_at",
                  "last_seen", "logged", "lookups", "following")
 
-    def __init__(self, key: FlowKey, now: float, selected: bool = False) -> None:
+    def __init__(self, key: FlowKey, now: float, selected: bool = False, xlat: Xlat | None = None) -> None:
         self.key = key
         self.reply_key: FlowKey | None = None  # the server's side, once conntrack told
         self.mapping: Mapping | None = None
         self.dirs = (Direction(), Direction())
-        self.session = Session(selected)
+        self.session = Session(selected, xlat)  # xlat: NAT64 state, for a translated connection
         self.pinhole: Pinhole | None = None  # the live one
         self.last_pinhole: Pinhole | None = None  # the latest opened, open or not (audit)
         self.closed_at: float | None = None  # both FINs, or a RST
@@ -56,11 +57,13 @@ class Flow:
     @property
     def wants_whole_stream(self) -> bool:
         """Selected mode: whether the kernel must queue every segment of it for now — a line
-        is held for its rest, or a multi-line passive reply is open without its address yet
-        (their next segments may carry no word the kernel selects by)."""
+        is held for its rest, a multi-line passive reply is open without its address yet, or
+        a reply ftpalg replaces (NAT64: the reply to a NOOP standing for a command it answers)
+        is still to come (their next segments may carry no word the kernel selects by)."""
         s = self.session
         return (bool(self.dirs[0].held or self.dirs[1].held)
-                or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted))
+                or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted)
+                or (s.xlat is not None and s.xlat.owed and not s.encrypted))
 
     def first(self, reason: str) -> bool:
         """Whether ``reason`` is news for this connection (reported once per connection)."""
