@@ -11,6 +11,7 @@ the announcing client's server can use."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ from ftpalg.lab.nat64 import (
     synthesized,
 )
 from ftpalg.lab.servers import NO_EPSV_KIND, SYSTEM_PYTHON
-from netns_checks import PROBE
+from netns_checks import PROBE, no_pinholes_soon
 
 pytestmark = pytest.mark.netns
 
@@ -151,14 +152,14 @@ def test_algs_status_disable_enable_per_connection(lab, alg):
 @pytest.mark.parametrize("server", ["vsftpd", NO_EPSV])
 def test_epsv_all_is_answered_504_and_the_session_goes_on(lab, alg, server):
     want = sha256(lab.files / FILE)
-    r = results(talk(lab, server, "CMD EPSV ALL", "CMD PWD", "GET " + FILE, "CMD EPSV 1", "CMD EPSV 2",
-                     "GET " + FILE, "CMD NOOP"))
+    r = results(talk(lab, server, "CMD EPSV ALL", "CMD PWD", "GET " + FILE, "CMD EPSV 1", "GET " + FILE + " EPSV 2",
+                     "CMD NOOP"))
     assert r[0].startswith("504 "), r
     assert r[1].startswith("257 "), r  # the NOOP that stood for EPSV ALL: its reply not relayed
     assert r[2] == want, r
     assert r[3].startswith("522 "), r  # EPSV <n != 2>: answered by ftpalg
-    assert re.match(r"229 .*\(\|\|\|\d+\|\)", r[4]), r  # the server's 227 as 229
-    assert r[5] == want and r[6].startswith("200"), r
+    assert r[4] == want, r  # "EPSV 2": the server's 227 as a 229 (the client parses only that)
+    assert r[5].startswith("200"), r
 
 
 def test_every_client_epsv_and_eprt_download_from_every_server(lab, alg):
@@ -229,6 +230,7 @@ def test_eprt_pinhole_is_only_for_the_announcing_clients_server(lab, alg):
     address's synthesised form), get nothing through it; the server's connection reaches
     the announcing client with the whole file, once."""
     server, me = "vsftpd", CLIENTS6[0]
+    assert no_pinholes_soon(lab), lab.expectations()  # none left by earlier tests
     p = subprocess.Popen(["ip", "netns", "exec", lab.client, sys.executable, "-c", EPRT_SESSION, SERVERS6[server], me,
                           "45678", FILE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None
@@ -237,7 +239,7 @@ def test_eprt_pinhole_is_only_for_the_announcing_clients_server(lab, alg):
         time.sleep(0.3)
         exps = lab.expectations()
         assert exps and all(f"src={SERVERS[server]} " in e or f"src={SERVERS6[server]} " in e for e in exps), exps
-        port = public_port(exps, server)
+        port = public_port(exps, SERVERS[server])
         probes = [(lab.server, GW_PUBLIC, UNRELATED), (lab.client, synthesized(GW_PUBLIC), CLIENTS6[1])]
         for ns, target, source in probes:
             res = lab.ns(ns, [sys.executable, "-c", PROBE, target, str(port), source], check=False)
@@ -256,7 +258,7 @@ def test_eprt_pinhole_is_only_for_the_announcing_clients_server(lab, alg):
 BOUNCE = textwrap.dedent("""
     import ftplib, sys
     host, me, victim, port, name = sys.argv[1:6]
-    ftp = ftplib.FTP(timeout=10)
+    ftp = ftplib.FTP(timeout=3)  # the server's connection, if it gets anywhere, comes at once
     ftp.connect(host, 21, source_address=(me, 0))
     ftp.login()
     ftp.voidcmd("TYPE I")
@@ -265,31 +267,33 @@ BOUNCE = textwrap.dedent("""
         ftp.putcmd("RETR " + name)
         print(ftp.getresp(), flush=True)
         print(ftp.getresp(), flush=True)
-    except ftplib.Error as e:
+    except (ftplib.Error, OSError) as e:
         print(e, flush=True)
 """)
 
 
 def test_second_client_cannot_aim_a_data_connection_at_the_first(lab, alg):
     """The second client announces the first one's address and listening port in EPRT |2|:
-    whatever ftpalg and the server make of it, no connection reaches the first client."""
+    whatever ftpalg and the server make of it, no connection reaches the first client.
+    (Measured: the IPv6 side refuses it as a bounce; the IPv4 side translates it to a PORT
+    whose pinhole leads to the second client's own pool address, so Tayga delivers to the
+    second client, whose IPv6 firewall pinhole was refused: the server's SYNs are dropped.)"""
     victim, attacker, port = CLIENTS6[0], CLIENTS6[1], 46001
     listener = subprocess.Popen(["ip", "netns", "exec", lab.client, sys.executable, "-c", textwrap.dedent(f"""
-        import socket
+        import select, socket, sys
         ls = socket.create_server(("{victim}", {port}), family=socket.AF_INET6)
-        ls.settimeout(8)
         print("listening", flush=True)
-        try:
-            c, peer = ls.accept()
-            print("accepted", peer[0], flush=True)
-        except OSError:
-            print("nothing", flush=True)
-    """)], stdout=subprocess.PIPE, text=True)
-    assert listener.stdout is not None
+        ready, _, _ = select.select([ls, sys.stdin], [], [], 30)
+        print("accepted" if ls in ready else "nothing", flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert listener.stdin is not None and listener.stdout is not None
     try:
         assert listener.stdout.readline().strip() == "listening"
         res = lab.ns(lab.client, [sys.executable, "-c", BOUNCE, SERVERS6["vsftpd"], attacker, victim, str(port),
                                   FILE], check=False, timeout=30)
+        with contextlib.suppress(BrokenPipeError):  # it is gone if it accepted a connection
+            listener.stdin.write("\n")
+            listener.stdin.flush()
         assert listener.stdout.readline().strip() == "nothing", res.stdout + res.stderr
     finally:
         listener.kill()

@@ -307,13 +307,24 @@ def matrix(prefix: str, workers: int = 8) -> int:
 
 
 # ---- a client of single commands ----------------------------------------------------------------
+class _TalkFTP(ftplib.FTP):
+    """ftplib over IPv6, its passive command (EPSV, or e.g. "EPSV 2") chosen per transfer."""
+
+    passive_command = "EPSV"
+
+    def makepasv(self) -> tuple[str, int]:
+        assert self.sock is not None
+        return ftplib.parse229(self.sendcmd(self.passive_command), self.sock.getpeername())
+
+
 def talk(host: str, steps: list[str], source: str = "", timeout: float = 10.0) -> list[tuple[str, str]]:
-    """Log in to ``host`` and run ``steps`` on one control connection: ``CMD text`` sends a
-    command and records its reply (an error reply too); ``GET name`` downloads (passive:
-    EPSV over IPv6) and records the SHA-256 of what arrived; ``PUT local remote`` uploads.
-    A transfer that fails records ``ERROR reply``. Returns (step, result) pairs."""
+    """Log in to ``host`` (IPv6) and run ``steps`` on one control connection: ``CMD text``
+    sends a command and records its reply (an error reply too); ``GET name [COMMAND]``
+    downloads in passive mode (``EPSV`` unless COMMAND, e.g. ``EPSV 2``, is given; the reply
+    must be a 229) and records the SHA-256 of what arrived; ``PUT local remote`` uploads. A
+    transfer that fails records ``ERROR reply``. Returns (step, result) pairs."""
     out = []
-    ftp = ftplib.FTP(timeout=timeout)
+    ftp = _TalkFTP(timeout=timeout)
     try:
         ftp.connect(host, 21, source_address=(source, 0) if source else None)
         ftp.login()
@@ -323,8 +334,10 @@ def talk(host: str, steps: list[str], source: str = "", timeout: float = 10.0) -
                 if verb == "CMD":
                     result = ftp.sendcmd(arg)
                 elif verb == "GET":
+                    name, _, command = arg.partition(" ")
+                    ftp.passive_command = command or "EPSV"
                     h = hashlib.sha256()
-                    ftp.retrbinary(f"RETR {arg}", h.update)
+                    ftp.retrbinary(f"RETR {name}", h.update)
                     result = h.hexdigest()
                 elif verb == "PUT":
                     local, remote = arg.split(" ", 1)
