@@ -274,7 +274,7 @@ def matrix_table(outcomes: dict[Cell, tuple[bool, str]]) -> list[str]:
     for k in rows:
         cells = [f"{mark(Cell(k, srv))} / {mark(Cell(k, srv, True))}" for srv in SERVERS]
         lines.append(f"| {k.label} | " + " | ".join(cells) + " |")
-    lines += ["", *[f"({n}) {why}" for why, n in notes.items()]]
+    lines += ["", *[f"- ({n}) {why}" for why, n in notes.items()]]
     return lines
 
 
