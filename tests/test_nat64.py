@@ -5,12 +5,18 @@ from a pool address to an IPv4-only server."""
 from __future__ import annotations
 
 import ipaddress
+import random
+import re
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_fuzz import _verdict_ok, address_line
 from test_session import play as session_play
 
-from alg_helpers import MASK, Conn, Driven, FakeKernel, packed
+from alg_helpers import MASK, Conn, Driven, FakeKernel, FastConn, packed, pinhole_violations
 from ftpalg.core import ftp
+from ftpalg.core.direction import HOLD_SEGMENTS
 from ftpalg.core.events import LineRewritten, PinholeOpened, Reason, Translation
 from ftpalg.core.ftp import Form
 from ftpalg.core.nat64 import Nat64, Xlat, embed
@@ -374,3 +380,222 @@ def test_status_metrics_and_audit_show_the_translated_connection():
                  'ftpalg_nat64_translations_total{kind="refused"} 0.0',
                  'ftpalg_refusals_total{reason="noop_refused"} 0.0'):
         assert line in out, line
+
+
+def test_explain_replays_a_capture_from_the_translators_ipv4_side(tmp_path, capsys):
+    """A capture taken on the IPv4 side of Tayga without ftpalg (the server has no EPSV):
+    explain with the pool says what ftpalg would have sent instead."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import wrpcap
+
+    from ftpalg.cli import main
+
+    c, s = CLIENT[0], SERVER[0]
+    seq = {True: 1000, False: 5000}
+    pkts = []
+    for i, (from_client, flags, payload) in enumerate([
+            (True, "S", b""), (False, "SA", b""), (True, "A", b""), (False, "PA", b"220 hi\r\n"),
+            (True, "PA", b"EPSV ALL\r\n"), (False, "PA", b"200 EPSV ALL ok\r\n"),
+            (True, "PA", b"EPSV\r\n"), (False, "PA", b"502 Command 'EPSV' not implemented\r\n")]):
+        src, dst, sp, dp = (c, s, CLIENT[1], 21) if from_client else (s, c, 21, CLIENT[1])
+        p = IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, seq=seq[from_client], ack=seq[not from_client] if i else 0,
+                                       flags=flags) / payload
+        seq[from_client] += len(payload) + (1 if "S" in flags else 0)
+        p.time = 1000.0 + i / 100
+        pkts.append(p)
+    path = tmp_path / "nat64.pcap"
+    wrpcap(str(path), pkts)
+    main(["explain", str(path), "--public", OUTSIDE[0], "--nat64-pool", POOL])
+    out = capsys.readouterr().out
+    assert "NAT64 translation (noop): EPSV ALL -> NOOP" in out
+    assert f"NAT64 translation (answered): 200 EPSV ALL ok -> {ANSWER_EPSV_ALL.decode()}" in out
+    assert "NAT64 translation (epsv): EPSV -> PASV" in out
+    main(["explain", str(path), "--public", OUTSIDE[0]])
+    assert "NAT64" not in capsys.readouterr().out
+    assert main(["explain", str(path), "--nat64-pool", "nonsense"]) == 2
+
+
+def test_a_multi_line_227_becomes_one_229_its_other_lines_left_out(env):
+    """Lines of a translated multi-line reply are left out, each in its own segment: those go
+    as bare ACKs, and the server's numbering after them stays right."""
+    alg, kernel, conn = env
+    conn.c(b"EPSV\r\n")
+    s0 = conn.c_rcv
+    first = conn.s(b"227-Entering Passive Mode (198,51,100,2,195,80)\r\n")
+    middle = conn.s(b" more text\r\n")
+    last = conn.s(b"227 ok\r\n")
+    assert (first.seq, first.payload, middle.seq, middle.payload) == (s0, b"", s0, b"")
+    r229 = b"229 Entering Extended Passive Mode (|||50000|)\r\n"
+    assert (last.seq, last.payload) == (s0, r229) and len(kernel.live) == 1
+    after = conn.s(b"200 next\r\n")
+    assert after.seq == (s0 + len(r229)) & MASK
+    assert alg.counters["nat64_removed"] == 2
+
+
+# ---- selected queueing: the same bytes and pinholes as full queueing -----------------------------------
+def _translated_script(rng) -> list[tuple[str, bytes]]:
+    """A translated session: ordinary lines, and the forms an IPv6 client sends, each answered
+    the way an IPv4 server answers what it gets (PASV, PORT, NOOP)."""
+    from test_selected import LINES_C, LINES_S
+
+    out: list[tuple[str, bytes]] = []
+    for _ in range(rng.randint(2, 6)):
+        port = rng.randint(1024, 65535)
+        pre_c = b"".join(rng.choice(LINES_C) for _ in range(rng.randint(0, 2)))
+        if pre_c:
+            out += [("c", pre_c), ("s", b"".join(rng.choice(LINES_S) for _ in pre_c.splitlines()))]
+        mode = rng.choice(["epsv", "eprt", "answered", "multi", "lpsv"])
+        h = b"198,51,100,2,%d,%d" % divmod(port, 256)
+        if mode == "eprt":
+            out += [("c", b"EPRT |2|2001:db8:1::10|%d|\r\n" % port), ("s", b"200 PORT command successful.\r\n")]
+        elif mode == "answered":
+            cmd = rng.choice([b"EPSV ALL\r\n", b"EPSV 1\r\n", b"ALGS STATUS64\r\n", b"algs enable64\r\n"])
+            out += [("c", cmd), ("s", rng.choice([b"200 NOOP ok.\r\n", b"200-NOOP\r\n200 ok\r\n"]))]
+            continue
+        elif mode == "multi":
+            out += [("c", b"EPSV\r\n"), ("s", rng.choice([b"227-Entering Passive Mode\r\n =%s\r\n227 OK\r\n",
+                                                       b"227-Entering Passive Mode (%s)\r\n more\r\n227 OK\r\n"]) % h)]
+        else:
+            out += [("c", b"EPSV\r\n" if mode == "epsv" else b"LPSV\r\n"),
+                    ("s", b"227 Entering Passive Mode (%s).\r\n" % h)]
+        out += [("c", b"RETR f\r\n"), ("s", b"150 go\r\n226 done\r\n")]
+    return out
+
+
+def test_selected_queueing_translates_as_full_queueing():
+    from test_selected import _cut, _run
+
+    topo = {"client": CLIENT, "server": SERVER, "public": OUTSIDE}
+    nat64 = Nat64.of([POOL], PREFIX)
+    rng = random.Random(20261207)
+    opened = 0
+    for i in range(40):
+        script = _translated_script(rng)
+        steps = [(side, _cut(rng, side, data)) for side, data in script]
+        full, sel = _run("", steps, False, topo, nat64), _run("", steps, True, topo, nat64)
+        assert full[:3] == sel[:3], f"session {i}: {steps!r}"
+        opened += len(full[2])
+        # whole lines (a split line whose translation is shorter than its first part is not translated)
+        whole = _run("", [(side, [data]) for side, data in script], True, topo, nat64)
+        assert b"NOOP" not in whole[1] and not re.search(rb"(^|\n)227", whole[1]), script
+        assert not any(v in whole[0].upper() for v in (b"EPSV", b"EPRT", b"LPSV", b"ALGS")), script
+    assert opened >= 40
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_segmentation_reordering_and_duplication_gives_the_translated_stream(data):
+    """The client's translated commands cut into segments at random, some doubled, some
+    swapped: the server reassembles exactly the translated stream (a line split so that its
+    first parts are longer than its translation goes as it came, by design), and every copy
+    of a segment carries the bytes the first one did."""
+    kernel = FakeKernel()
+    alg = Driven(kernel, nat64=Nat64.of([POOL], PREFIX))
+    conn = Conn(alg, kernel, client=CLIENT, server=SERVER, public=OUTSIDE)
+    conn.s(b"220 hi\r\n")
+    cmds = [(b"TYPE I\r\n", b"TYPE I\r\n"), (b"EPSV ALL\r\n", b"NOOP\r\n"), (b"EPSV\r\n", b"PASV\r\n"),
+            (EPRT6, b"PORT 203,0,113,1,195,80\r\n"), (b"ALGS STATUS64\r\n", b"NOOP\r\n"), (b"NOOP\r\n", b"NOOP\r\n")]
+    stream = b"".join(c for c, _ in cmds)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)))
+    bounds = list(zip([0, *cuts], [*cuts, len(stream)], strict=True))
+    want, at = b"", 0
+    for c, new in cmds:
+        inside = [x - at for x in cuts if at < x < at + len(c)]
+        assume(len(inside) < HOLD_SEGMENTS)  # a line over more segments goes unchanged, by design
+        want += new if not inside or inside[-1] <= len(new) else c
+        at += len(c)
+    order = list(range(len(bounds)))
+    for i in range(len(order) - 1):
+        if data.draw(st.booleans()):
+            order[i], order[i + 1] = order[i + 1], order[i]
+    sends = [i for i in order for _ in range(data.draw(st.integers(1, 2)))] + list(range(len(bounds)))
+    start = conn.cseq
+    got: dict[int, bytes] = {}
+    for i in sends:
+        lo, hi = bounds[i]
+        seg = conn.c(stream[lo:hi], seq=(start + lo) & MASK)
+        for pkt in [p for _, p in conn.released] + ([seg] if seg is not None else []):
+            if pkt is not None and pkt.payload:
+                assert got.setdefault((pkt.seq - start) & MASK, pkt.payload) == pkt.payload
+    alg.expire_held(conn.now + 10)
+    alg.take_released()
+    rebuilt = bytearray()
+    for off in sorted(got):
+        rebuilt[off : off + len(got[off])] = got[off]
+    assert bytes(rebuilt) == want
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 2**32 - 1))
+def test_hostile_lines_on_a_translated_connection(seed):
+    """Random translated commands, address lines and replies (hostile ones among them), cut
+    anywhere and interleaved both ways: every verdict is a well-formed packet, and every live
+    pinhole is one the policy allows for this connection."""
+    rng = random.Random(seed)
+    kernel = FakeKernel()
+    alg = Driven(kernel, rng=random.Random(7), nat64=Nat64.of([POOL], PREFIX), selected=rng.random() < 0.5)
+    conn = FastConn(alg, kernel, client=CLIENT, server=SERVER, public=OUTSIDE)
+    conn.s(b"220 hi\r\n")
+    addrs = [CLIENT[0], SERVER[0], SERVER[0], SERVER[0], "2001:db8:1::10", "2001:db8:64::a00:1", "10.9.9.9"]
+    words_c = [b"EPSV", b"EPSV ALL", b"EPSV 1", b"EPSV 2", b"EPSV x", b"LPSV", b"ALGS STATUS64", b"ALGS ENABLE64",
+               b"ALGS DISABLE64", b"ALGS", b"algs status64", b"NOOP", b"RETR f", b"AUTH TLS", b"EPRT |2|::1|0|",
+               EPRT6.strip(), b"EPRT |2|2001:db8:1::10|25|", b"LPRT 6,16,32,1,13,184,0,1,0,0,0,0,0,0,0,0,0,16,2,195,81"]
+    words_s = [b"200 NOOP ok.", b"200-NOOP", b"200 ok", b"227-x", b"227 x", b"500 no", b"530 login", b"226 done",
+               b"150 go", b"234 go", b"421 bye"]
+    for _ in range(20):
+        side = rng.choice("cs")
+        lines = b""
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.4:
+                body = address_line(rng, addrs, side)
+            else:
+                body = rng.choice(words_c if side == "c" else words_s) + rng.choice([b"\r\n", b"\n", b"\r\n", b""])
+            lines += body if body.endswith(b"\n") else body + b"\r\n"
+        cut = rng.randrange(0, len(lines)) if rng.random() < 0.3 else 0
+        for piece in ([lines[:cut], lines[cut:]] if cut else [lines]):
+            conn.c(piece) if side == "c" else conn.s(piece)  # FastConn checks every packet it gets back
+            assert not pinhole_violations(alg, kernel), (seed, lines)
+        conn.now += 0.2
+        alg.on_timer(conn.now)
+        for _, o in alg.take_released():
+            assert _verdict_ok(o)
+    alg.shutdown()
+    assert not kernel.live
+
+
+def test_the_steady_walk_translates_as_the_general_walk():
+    """test_steady's comparison on translated connections: sessions of translated commands,
+    address lines and replies, cut, skewed, doubled, with timer runs, through the short walk
+    and through the general walk alone: the same verdicts, counters, state and pinholes."""
+    from test_fuzz import FLAGS, SKEWS, WAITS
+    from test_steady import _run
+
+    topo = {"client": CLIENT, "server": SERVER, "public": OUTSIDE}
+    nat64 = Nat64.of([POOL], PREFIX)
+    rng = random.Random(20261207)
+    addrs = [CLIENT[0], SERVER[0], SERVER[0], SERVER[0], "2001:db8:1::10", "10.9.9.9"]
+    words = {"c": [b"EPSV\r\n", b"EPSV ALL\r\n", b"EPSV 1\r\n", b"LPSV\r\n", b"ALGS STATUS64\r\n",
+                   b"ALGS DISABLE64\r\n", b"ALGS ENABLE64\r\n", EPRT6, b"TYPE I\r\n", b"RETR f\r\n"],
+             "s": [REPLY_227, b"200 NOOP ok.\r\n", b"200-NOOP\r\n200 ok\r\n", b"227-x\r\n", b"500 no\r\n",
+                   b"150 go\r\n226 done\r\n"]}
+    for i in range(120):
+        steps = []
+        for n in range(rng.randint(2, 12)):
+            side = "cs"[n % 2]
+            data = b"".join(rng.choice(words[side]) if rng.random() < 0.7 else address_line(rng, addrs, side)
+                            for _ in range(rng.randint(1, 3)))
+            cuts = sorted(rng.sample(range(1, len(data)), min(rng.choice([0, 0, 0, 1, 2]), len(data) - 1)))
+            segs = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            steps.append((side, segs, rng.choice(FLAGS), rng.choice(SKEWS), rng.random() < 0.15, rng.choice(WAITS)))
+        fast, slow = _run("", steps, True, topo, nat64), _run("", steps, False, topo, nat64)
+        for what, a, b in zip(("verdicts", "counters", "state", "pinholes"), fast, slow, strict=True):
+            assert a == b, f"session {i} ({what} differ), steps {steps!r}"
+
+
+def test_the_last_line_of_a_translated_multi_line_reply_split_is_held_and_translated(env):
+    alg, kernel, conn = env
+    conn.c(b"EPSV\r\n")
+    got = [conn.s(b"227-Entering Passive Mode (198,51,100,2,195,80)\r\n more\r\n227 O")]
+    last = conn.s(b"K\r\n")
+    got += [p for _, p in conn.released] + [last]
+    assert b"".join(p.payload for p in got if p is not None) == b"229 Entering Extended Passive Mode (|||50000|)\r\n"

@@ -58,12 +58,14 @@ class Flow:
     def wants_whole_stream(self) -> bool:
         """Selected mode: whether the kernel must queue every segment of it for now — a line
         is held for its rest, a multi-line passive reply is open without its address yet, or
-        a reply ftpalg replaces (NAT64: the reply to a NOOP standing for a command it answers)
-        is still to come (their next segments may carry no word the kernel selects by)."""
+        (NAT64) a reply ftpalg replaces is still to come — the reply to a NOOP standing for a
+        command it answers — or one it translates is open: all its lines are rewritten (their
+        next segments may carry no word the kernel selects by)."""
         s = self.session
         return (bool(self.dirs[0].held or self.dirs[1].held)
                 or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted)
-                or (s.xlat is not None and s.xlat.owed and not s.encrypted))
+                or (s.xlat is not None and not s.encrypted and (s.xlat.owed or (s.reply_code != 0
+                                                                               and s.reply_sub is not None))))
 
     def first(self, reason: str) -> bool:
         """Whether ``reason`` is news for this connection (reported once per connection)."""
