@@ -29,8 +29,9 @@ APT_PACKAGES+=(firewalld)
 # test instead of skipping it (tests/needs.py).
 APT_PACKAGES+=(systemd)
 # tayga: the NAT64 lab's translator (ftpalg/lab/nat64.py runs it in a gateway's namespace, in
-# the foreground; the package's own service is never started). python3-twisted: the NAT64
-# lab's server without EPSV (Twisted's FTP server, run with the system python3).
+# the foreground; the package's init script is installed disabled, K01 in every runlevel, and
+# the guard below keeps the install from starting it). python3-twisted: the NAT64 lab's server
+# without EPSV (Twisted's FTP server, run with the system python3).
 APT_PACKAGES+=(tayga python3-twisted)
 
 need_root() {
