@@ -29,6 +29,7 @@ from ftpalg.lab.nat64 import (
     CLIENTS6,
     FILE,
     GW_PUBLIC,
+    MISANNOUNCING,
     NAT64_OPTIONS,
     POOL,
     SERVERS,
@@ -160,6 +161,30 @@ def test_epsv_all_is_answered_504_and_the_session_goes_on(lab, alg, server):
     assert r[3].startswith("522 "), r  # EPSV <n != 2>: answered by ftpalg
     assert r[4] == want, r  # "EPSV 2": the server's 227 as a 229 (the client parses only that)
     assert r[5].startswith("200"), r
+
+
+def refused_count(lab: Nat64Lab) -> int:
+    """ftpalg's metric of translations refused (a 227 answered 425), read in the gateway."""
+    text = lab.ns(lab.gw, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                           "'http://127.0.0.1:9121/metrics', timeout=5).read().decode())"]).stdout
+    m = re.search(r'^ftpalg_nat64_translations_total\{kind="refused"\} (\S+)$', text, re.M)
+    assert m, text
+    return int(float(m.group(1)))
+
+
+def test_a_227_naming_another_address_is_refused_425_and_counted(lab, alg):
+    """A server (pyftpdlib with a wrong masquerade address) answers PASV with an address that
+    is not its own: ftpalg answers the client's EPSV 425 instead of a 229 (RFC 6384 allows
+    it), counts it, opens nothing, and the session goes on."""
+    before = refused_count(lab)
+    res = lab.ns(lab.client, [sys.executable, "-m", "ftpalg.lab.nat64", "talk", synthesized(MISANNOUNCING[0]),
+                              "CMD EPSV", "CMD NOOP"], check=False)
+    epsv, noop = (line.split("\t", 1)[1] for line in res.stdout.splitlines())
+    assert epsv.startswith("425 "), res.stdout + res.stderr
+    assert noop.startswith("200 "), res.stdout
+    assert refused_count(lab) == before + 1
+    assert MISANNOUNCING[1].replace(".", ",") in lab.ftpalg_log()  # the 227 it refused
+    assert no_pinholes_soon(lab, within=0.5), lab.expectations()
 
 
 def test_every_client_epsv_and_eprt_download_from_every_server(lab, alg):

@@ -217,7 +217,7 @@ class Lab:
         started = []
         for ns, kind, addr in self.server_instances():
             state = self.server_state(kind, addr)
-            argv = servers.server_command(kind, addr, self.files, state)
+            argv = self.server_command(kind, addr, state)
             started.append((self.popen(ns, argv, state / "server.out", stdin_log=True), state / "server.out"))
         want: dict[str, list[tuple[str, int]]] = {}
         for ns, _, addr in self.server_instances():
@@ -228,6 +228,10 @@ class Lab:
             logs = [f"--- {log}:\n{log.read_text(errors='replace')[-2000:]}" for p, log in started
                     if p.poll() is not None]
             raise LabError("\n".join([str(e), *logs])) from None
+
+    def server_command(self, kind: str, addr: str, state: Path) -> list[str]:
+        """``servers.server_command`` of one server instance, serving ``files``."""
+        return servers.server_command(kind, addr, self.files, state)
 
     def wait_port(self, ns: str, addr: str, port: int, timeout: float = 10.0) -> None:
         self.wait_ports({ns: [(addr, port)]}, timeout)

@@ -13,8 +13,10 @@ device) and iptables MASQUERADE of Tayga's dynamic pool, as a Linux admin builds
                                     MASQUERADE of the pool out of go
     │ go ── s0
   <p>-s    IPv4-only servers  s0  203.0.113.2 vsftpd, .3 pyftpdlib, .4 proftpd, .5 pure-ftpd,
-           ("the internet")       .6 twisted (no EPSV, no EPRT); 203.0.113.100 an unrelated
-                                  host; no route to the pool, no IPv6 address
+           ("the internet")       .6 twisted (no EPSV, no EPRT), .7 pyftpdlib announcing
+                                  203.0.113.99 in its 227s (not its address);
+                                  203.0.113.100 an unrelated host; no route to the pool,
+                                  no IPv6 address
 
 A client reaches server ``a.b.c.d`` at ``2001:db8:64::a.b.c.d`` (``synthesized()``, what
 DNS64 would answer). The control connection is seen twice in the gateway: as IPv6 from the
@@ -79,6 +81,9 @@ GW_PUBLIC = f"{PUBLIC_NET}.1"
 SERVER_HOSTS = {"vsftpd": 2, "pyftpdlib": 3, "proftpd": 4, "pure-ftpd": 5, servers.NO_EPSV_KIND: 6}
 SERVERS = {k: f"{PUBLIC_NET}.{h}" for k, h in SERVER_HOSTS.items()}
 """IPv4-only servers (kind -> address) in <p>-s: the lab's four and Twisted's, without EPSV."""
+MISANNOUNCING = (f"{PUBLIC_NET}.7", f"{PUBLIC_NET}.99")
+"""A pyftpdlib (not in SERVERS) at the first address whose 227 names the second, an address
+that is not the server's (a misconfigured masquerade address): RFC 6384 lets the ALG refuse it."""
 UNRELATED = f"{PUBLIC_NET}.100"
 """An IPv4 host on the internet, in <p>-s, that takes part in no session."""
 SUFFIXES = ("c", "gw", "s")
@@ -130,7 +135,7 @@ SERVERS6 = {k: synthesized(a) for k, a in SERVERS.items()}
 
 
 def nodes() -> list[Node]:
-    s0 = [f"{a}/24" for a in SERVERS.values()] + [f"{UNRELATED}/24"]
+    s0 = [f"{a}/24" for a in (*SERVERS.values(), MISANNOUNCING[0], UNRELATED)]
     return [
         Node("c", {"c0": [f"{a}/64" for a in CLIENTS6]}, [f"::/0 via {GW_INSIDE6}"]),
         Node("gw", {"gi": [f"{GW_INSIDE6}/64"], "go": [f"{GW_PUBLIC}/24"]}, [], True, GW_FIREWALL, GW_FIREWALL6),
@@ -153,7 +158,11 @@ class Nat64Lab(Lab):
         return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
 
     def server_instances(self) -> list[tuple[str, str, str]]:
-        return [(self.server, k, a) for k, a in SERVERS.items()]
+        return [(self.server, k, a) for k, a in SERVERS.items()] + [(self.server, "pyftpdlib", MISANNOUNCING[0])]
+
+    def server_command(self, kind: str, addr: str, state: Path) -> list[str]:
+        masquerade = MISANNOUNCING[1] if addr == MISANNOUNCING[0] else None
+        return servers.server_command(kind, addr, self.files, state, pasv_address=masquerade)
 
     def build(self) -> None:
         build(self.prefix, self.state / "setup", nodes(), LINKS)
