@@ -157,6 +157,10 @@ class Nat64Lab(Lab):
     def namespaces(self) -> tuple[str, ...]:
         return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
 
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return (self.gw,)
+
     def server_instances(self) -> list[tuple[str, str, str]]:
         return [(self.server, k, a) for k, a in SERVERS.items()] + [(self.server, "pyftpdlib", MISANNOUNCING[0])]
 
