@@ -31,6 +31,11 @@ APT_PACKAGES+=(systemd)
 # man-db: tests/test_docgen.py and test_packaging.py render the manual pages and find them by
 # name where `ftpalg install` puts them (`man -M STAGE/usr/local/share/man ftpalg`).
 APT_PACKAGES+=(man-db)
+# tayga: the NAT64 lab's translator (ftpalg/lab/nat64.py runs it in a gateway's namespace, in
+# the foreground; the package's init script is installed disabled, K01 in every runlevel, and
+# the guard below keeps the install from starting it). python3-twisted: the NAT64 lab's server
+# without EPSV (Twisted's FTP server, run with the system python3).
+APT_PACKAGES+=(tayga python3-twisted)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

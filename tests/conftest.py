@@ -17,8 +17,9 @@ from needs import in_ci, need
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces), named after their pid
-STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$")
+# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; f6: the NAT64 lab), named after
+# their pid
+STALE = re.compile(r"^(f[abkl6]\d+)-(c|gw|s|gw2|i)$")
 
 
 def pytest_sessionstart(session):

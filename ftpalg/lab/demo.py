@@ -2,10 +2,13 @@
 topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
-that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), runs every cell
-with no ALG, starts ``ftpalg run`` (no options) in both gateways, runs every cell again,
-prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells run
-in parallel: most failures without ftpalg are timeouts.
+that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and the NAT64 lab
+(see nat64.py: IPv6-only clients, Tayga and MASQUERADE of its pool, IPv4-only servers, one
+without EPSV), runs every cell with no ALG, starts ``ftpalg run`` in the three gateways (no
+options; in the NAT64 gateway only the NAT64 option, ``nat64.NAT64_OPTIONS``), runs every cell
+again, prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells
+run in parallel: most failures without ftpalg are timeouts. The NAT64 table has a few cells
+only (the NAT64 tests have the full matrix, uploads included).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import clients
+from . import clients, nat64, servers
 from .lab import (
     CLIENTS,
     CLIENTS6,
-    INSIDE_SERVERS,
     INSIDE_SERVERS6,
     OUTSIDE_CLIENTS,
     OUTSIDE_CLIENTS6,
@@ -37,7 +39,6 @@ WORKERS = 24
 # What the servers themselves implement (LPRT/LPSV: only the lab's pyftpdlib, RFC 1639).
 SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
 DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
-_REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Topology:
     source: str
     targets: tuple[tuple[str, str], ...]  # (server kind, address the client connects to)
     family: int
+    nat64: bool = False  # in the NAT64 lab, not the lab
+    kinds: tuple[clients.ClientKind, ...] = ()  # the client kinds it shows (none: every one of the family)
 
     def target(self, kind: str) -> str:
         return dict(self.targets)[kind]
@@ -65,7 +68,18 @@ def topologies() -> list[Topology]:
                  "client", CLIENTS6[0], tuple(SERVERS6.items()), 6),
         Topology("ipv6-stateful", "client 2001:db8:1::100 -> gw2 (no NAT, FORWARD DROP) -> "
                  "servers 2001:db8:3::2-5", "server", OUTSIDE_CLIENTS6[0], tuple(INSIDE_SERVERS6.items()), 6),
+        Topology("nat64", f"IPv6-only client {nat64.CLIENTS6[0]} -> gw (tayga {nat64.PREFIX6}, MASQUERADE) -> "
+                 f"IPv4-only servers at {nat64.PREFIX6.split('/')[0]}203.0.113.x",
+                 "client", nat64.CLIENTS6[0], tuple((k, nat64.SERVERS6[k]) for k in NAT64_SERVERS), 6,
+                 nat64=True, kinds=NAT64_KINDS),
     ]
+
+
+NAT64_SERVERS = ("vsftpd", servers.NO_EPSV_KIND)
+NAT64_KINDS = tuple(clients.ClientKind(n, m) for n, m in (
+    ("curl", "EPRT"), ("curl", "EPSV"), ("lftp", "EPSV"), ("ftplib", "EPRT"), ("ftplib", "EPSV"), ("wget", "EPSV"),
+    ("tnftp", "EPSV")))
+"""The NAT64 table's few cells: the server without EPSV and vsftpd, clients in both modes."""
 
 
 @dataclass(frozen=True)
@@ -84,27 +98,21 @@ class Outcome:
 def cells() -> list[Cell]:
     out = []
     for t in topologies():
-        for k in clients.kinds(family=t.family):
-            for server in INSIDE_SERVERS:
-                if k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
+        for k in t.kinds or clients.kinds(family=t.family):
+            for server, _ in t.targets:
+                # behind NAT64 the ALG translates what the server lacks
+                if t.nat64 or k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
                     out.append(Cell(t, k, server))
     return out
 
 
 def failure_reason(text: str, rc: int | None) -> str:
-    """The first FTP error reply a client printed, else its last line."""
-    replies = _REPLY.findall(text)
-    if replies:
-        return replies[0].strip()
-    if rc is None:
-        return f"no answer within {CELL_TIMEOUT:.0f} s"
-    # the client's own last words, not the commands it echoed (curl "> ", tnftp "---> ")
-    lines = [line for line in text.strip().splitlines()
-             if line.strip() and not line.startswith((">", "--->", "<", "*"))]
-    return lines[-1].strip() if lines else f"exit {rc}"
+    """``clients.failure_reason`` with the demo's cell timeout."""
+    return clients.failure_reason(text, rc, CELL_TIMEOUT)
 
 
-def run_cell(lab: Lab, cell: Cell, want: str, tag: str) -> Outcome:
+def run_cell(labs: dict[bool, Lab], cell: Cell, want: str, tag: str) -> Outcome:
+    lab = labs[cell.topo.nat64]
     out = lab.state / "demo" / f"{tag}-{cell.topo.key}-{cell.client.name}-{cell.client.mode}-{cell.server}"
     out.unlink(missing_ok=True)
     ns = getattr(lab, cell.topo.client_ns)
@@ -126,16 +134,19 @@ def run_cell(lab: Lab, cell: Cell, want: str, tag: str) -> Outcome:
     return Outcome(False, failure_reason(text, rc))
 
 
-def matrix(lab: Lab, tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
-    want = sha256(lab.files / FILE)
-    (lab.state / "demo").mkdir(exist_ok=True)
+def matrix(labs: dict[bool, Lab], tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
+    """Every cell in its lab (``labs``: the NAT64 lab under True); each lab has its own
+    random files, so the checksum is the cell's lab's."""
+    want = {k: sha256(lab.files / FILE) for k, lab in labs.items()}
+    for lab in labs.values():
+        (lab.state / "demo").mkdir(exist_ok=True)
     with ThreadPoolExecutor(WORKERS) as pool:
-        return dict(zip(todo, pool.map(lambda c: run_cell(lab, c, want, tag), todo), strict=True))
+        return dict(zip(todo, pool.map(lambda c: run_cell(labs, c, want[c.topo.nat64], tag), todo), strict=True))
 
 
 def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
-    kinds = list(INSIDE_SERVERS)
     for t in topologies():
+        kinds = [k for k, _ in t.targets]
         rows = sorted({(c.client.name, c.client.mode) for c in without if c.topo == t},
                       key=lambda r: (clients.CLIENT_NAMES.index(r[0]), clients.MODES.index(r[1])))
         n = sum(1 for c in with_ if c.topo == t)
@@ -173,7 +184,10 @@ def _mark(o: Outcome) -> str:
 
 
 def main(prefix: str = "ftpalg-demo") -> int:
-    lab = Lab(prefix)
+    lab, lab64 = Lab(prefix), nat64.Nat64Lab(f"{prefix}6")
+    labs: dict[bool, Lab] = {False: lab, True: lab64}
+    # (lab, gateway, ftpalg's options): no options but NAT64's, as an admin starts it
+    gateways = [(lab, lab.gw, ()), (lab, lab.gw2, ()), (lab64, lab64.gw, nat64.NAT64_OPTIONS)]
     todo = cells()
     rcs: list[int] = []
     leftover: list[str] = []
@@ -183,27 +197,34 @@ def main(prefix: str = "ftpalg-demo") -> int:
         print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
               "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
         lab.up()
+        print("building the NAT64 lab: IPv6-only clients -> gw (tayga, MASQUERADE of its pool; FORWARD policy "
+              "DROP) -> IPv4-only servers", flush=True)
+        lab64.up()
         print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
-        without = matrix(lab, "without", todo)
-        before = {gw: lab.ruleset(gw) for gw in lab.gateways}
-        print("starting `ftpalg run` in gw and gw2 ...", flush=True)
-        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2)]  # no options: as an admin starts it
+        without = matrix(labs, "without", todo)
+        before = [g.ruleset(gw) for g, gw, _ in gateways]
+        print("starting `ftpalg run` in gw and gw2, and `ftpalg run "
+              f"{' '.join(nat64.NAT64_OPTIONS)}` in the NAT64 gateway ...", flush=True)
+        procs = [(g, g.start_ftpalg(*opts, gw=gw)) for g, gw, opts in gateways]
         try:
             print("the same cells with ftpalg ...", flush=True)
-            with_ = matrix(lab, "with", todo)
+            with_ = matrix(labs, "with", todo)
         finally:
-            rcs = [lab.stop_ftpalg(p) for p in procs]
-        leftover = [gw for gw in lab.gateways if lab.ruleset(gw) != before[gw]]
-        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways)
+            rcs = [g.stop_ftpalg(p) for g, p in procs]
+        leftover = [gw for (g, gw, _), was in zip(gateways, before, strict=True) if g.ruleset(gw) != was]
+        logs = "".join(g.ftpalg_log(gw) for g, gw, _ in gateways)
     finally:
-        for f in sorted((lab.state / "demo").glob("*.log")):
-            print(f"--- {f.name}\n{f.read_text()[-1500:]}")
+        for g in labs.values():
+            for f in sorted((g.state / "demo").glob("*.log")):
+                print(f"--- {f.name}\n{f.read_text()[-1500:]}")
+        lab64.down()
         lab.down()
     show(without, with_)
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
           f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
-    ok = all(o.ok for o in with_.values()) and rcs == [0, 0] and not leftover and "Traceback" not in logs
+    ok = (all(o.ok for o in with_.values()) and rcs == [0] * len(gateways) and not leftover
+          and "Traceback" not in logs)
     print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:
         print(logs[-4000:])
