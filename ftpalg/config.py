@@ -392,11 +392,11 @@ KEYS: dict[str, Key] = {
                                  "(iptables' NFQUEUE target, the tested path), or \"nft\" (nft's queue statement: "
                                  "opt-in, untested with traffic)."),
     "gateway.queue": Key(_enum(QUEUE_MODES), 'Which control segments leave the kernel: "selected" (only those that '
-                         "may carry or continue a data address: PORT/EPRT/LPRT/PASV/EPSV/LPSV/AUTH/ALGS from the client, "
-                         "227/228/229/234 from the server, a line split across segments, whole streams while ftpalg "
-                         'asks for them, and FINs; needs the iptables backend) or "all" (every segment with payload, '
-                         "SYN, FIN and RST; what the audit log needs: with audit.enabled it is \"all\" whatever this "
-                         "says)."),
+                         "may carry or continue a data address: PORT/EPRT/LPRT/PASV/EPSV/LPSV/AUTH/ALGS from the "
+                         "client, 227/228/229/234 from the server, a line split across segments, whole streams "
+                         'while ftpalg asks for them, and FINs; needs the iptables backend) or "all" (every segment '
+                         "with payload, SYN, FIN and RST; what the audit log needs: with audit.enabled it is "
+                         "\"all\" whatever this says)."),
     "gateway.workers": Key(_ranged(1, MAX_WORKERS), "Worker processes, each on its own queue (queue_num, "
                            f"queue_num + 1, ...; 1..{MAX_WORKERS}). One per core the gateway can spare for ftpalg; "
                            "both directions of a control connection always reach the same worker (docs/deploying.md, "
