@@ -1,0 +1,163 @@
+"""A Docker host: FTP servers in containers that publish only their control port::
+
+  <p>-dc   outside client   eth0  192.0.2.100/24
+    │ eth0 ── eth0
+  <p>-dh   Docker host      eth0  192.0.2.1/24 and the published addresses 192.0.2.2 .3 .4
+           dockerd              docker0 172.17.0.1/16 (Docker's default bridge)
+           (ftpalg runs         containers  vsftpd    -p 192.0.2.2:21:21 -p 127.0.0.1:21:21
+            here)                           proftpd   -p 192.0.2.3:21:21
+                                            pure-ftpd -p 192.0.2.4:21:21
+
+Docker's engine (``docker.Dockerd``) runs in the Docker host's namespace with its own
+ruleset (FORWARD policy DROP, DOCKER-USER, DOCKER-ISOLATION-STAGE-1/2, ``-o docker0 RELATED,
+ESTABLISHED ACCEPT``, a DNAT per published port in DOCKER, MASQUERADE of the bridge) and a
+``docker-proxy`` per published port, which serves clients on the Docker host itself. Each
+server publishes port 21 only, on an address of its own (``-p 21:21`` is the same for a
+single container); no passive port range, no public address in the server's configuration:
+what the images' documentation asks for is exactly what is left out. The servers' 227 names
+their container's address (172.17.0.x). vsftpd is also published on 127.0.0.1:21, served by
+docker-proxy alone (Docker's DNAT skips 127.0.0.0/8).
+
+``DockerLab`` is a ``lab.Lab`` (``start_ftpalg``, ``ruleset``, ``ns``, files, ...) whose
+gateway is the Docker host; ``up()`` builds the namespaces, the lab's files and the image's
+root file system, ``start_docker()`` starts dockerd, imports the image and starts the
+containers (in a fixed order: the same addresses each time), ``stop_docker()`` stops it and
+removes them. ``down()`` removes everything, also after a failure. Not for production paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import clients, docker
+from .lab import STATE_ROOT, Lab
+from .netns import add_namespaces
+
+HOST = "192.0.2.1"
+CLIENT = "192.0.2.100"
+PUBLISHED = {"vsftpd": "192.0.2.2", "proftpd": "192.0.2.3", "pure-ftpd": "192.0.2.4"}
+"""Server kind -> the Docker host's address whose port 21 the container publishes."""
+LOOPBACK_PUBLISHED = {"vsftpd": "127.0.0.1"}
+"""Also published there: reachable through docker-proxy only, from the Docker host itself."""
+BRIDGE = "172.17.0.1/16"
+IMAGE = "ftpalg-lab/ftp"
+SUFFIXES = ("dc", "dh")
+# Each client kind in each mode it has over IPv4, with the servers the lab runs (no LPRT/LPSV);
+# plus curl's default for PASV, which connects to the control connection's peer, not to the
+# 227 address (the mode "PASV-peer").
+PASV_PEER = "PASV-peer"
+
+
+def client_argv(kind: clients.ClientKind, mode: str, host: str, remote: str, out: Path,
+                source: str | None = None) -> list[str]:
+    """``kind.argv``; for ``PASV_PEER`` (curl only) without ``--no-ftp-skip-pasv-ip``."""
+    argv = kind.argv(host, remote, out, source=source)
+    if mode == PASV_PEER:
+        if kind.name != "curl" or kind.mode != "PASV":
+            raise ValueError(f"{PASV_PEER} is curl's PASV")
+        argv = [a for a in argv if a != "--no-ftp-skip-pasv-ip"]
+    return argv
+
+
+def modes() -> list[tuple[clients.ClientKind, str]]:
+    """(client kind, mode) of every IPv4 mode of every client that the containers' servers
+    speak: PORT, EPRT, PASV, EPSV, and curl's PASV to the control connection's peer."""
+    out = []
+    for k in clients.kinds(family=4):
+        if k.mode in ("PORT", "EPRT", "PASV", "EPSV"):
+            out.append((k, k.mode))
+            if k.name == "curl" and k.mode == "PASV":
+                out.append((k, PASV_PEER))
+    return out
+
+
+@dataclass
+class DockerLab(Lab):
+    """The Docker host lab (see the module's docstring); ``kinds``: the servers it runs."""
+
+    prefix: str = "ftpalg-docker"
+    kinds: tuple[str, ...] = docker.FTP_KINDS
+    dockerd: docker.Dockerd | None = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        """The Docker host: dockerd, its containers' bridge, and ftpalg."""
+        return f"{self.prefix}-dh"
+
+    @property
+    def outside(self) -> str:
+        """The outside client."""
+        return f"{self.prefix}-dc"
+
+    @property
+    def gw(self) -> str:  # Lab's methods act on the gateway: the Docker host
+        return self.host
+
+    @property
+    def gateways(self) -> tuple[str, str]:
+        return (self.host, self.host)
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
+
+    @property
+    def state(self) -> Path:
+        return STATE_ROOT / self.prefix
+
+    @property
+    def rootfs(self) -> Path:
+        return self.state / "rootfs"
+
+    def up(self, servers: bool = False) -> None:
+        """Namespaces, files and the image's root file system; dockerd: ``start_docker``."""
+        self.down()
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            addrs = [f"{HOST}/24", *[f"{a}/32" for a in PUBLISHED.values()]]
+            add_namespaces(self.namespaces, [(self.outside, "eth0", self.host, "eth0")],
+                           {self.outside: {"eth0": [f"{CLIENT}/24"]}, self.host: {"eth0": addrs}})
+            for ns in self.namespaces:
+                self.ns(ns, ["sh", "-c", "sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.tcp_tw_reuse=1; "
+                             "h=/proc/sys/net/netfilter/nf_conntrack_helper; [ ! -e $h ] || echo 0 > $h"])
+            self._files()
+            docker.ftp_rootfs(self.rootfs)
+            if servers:
+                self.start_docker()
+        except BaseException:
+            self.down()
+            raise
+
+    def start_docker(self) -> None:
+        """Start dockerd in the Docker host, import the image, start the containers."""
+        if self.dockerd is None:
+            self.dockerd = docker.Dockerd(self.host, docker.temp_root(self.prefix), bip=BRIDGE)
+        self.dockerd.start()
+        if IMAGE not in self.dockerd.docker("images", "--format", "{{.Repository}}").stdout.split():
+            self.dockerd.import_image(self.rootfs, IMAGE)
+        for kind in self.kinds:
+            spec = docker.server_container(kind, self.files, self.state / "servers" / kind)
+            publish = [f"{a}:21:21" for a in (PUBLISHED[kind], LOOPBACK_PUBLISHED.get(kind)) if a]
+            self.dockerd.run_container(kind, IMAGE, list(spec.argv), publish, spec.volumes, spec.init, spec.extra)
+        self.wait_ports({self.host: [(a, 21) for k, a in PUBLISHED.items() if k in self.kinds]})
+
+    def stop_docker(self, remove: bool = True) -> None:
+        """Stop dockerd (``remove``: remove the containers first, so that the next start
+        makes them again in order, with the same addresses and rules)."""
+        if self.dockerd is None:
+            return
+        if remove and self.dockerd.proc is not None:
+            self.dockerd.docker("rm", "-f", *self.kinds, check=False)
+        self.dockerd.stop()
+
+    def down(self) -> None:
+        d, self.dockerd = self.dockerd, None
+        try:
+            if d is not None:
+                d.close()
+        finally:
+            super().down()
+
+    def target(self, kind: str) -> str:
+        return PUBLISHED[kind]
