@@ -42,7 +42,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,11 +281,6 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def temp_root(prefix: str) -> Path:
-    """A new directory for a dockerd (on disk: /var/tmp; images do not belong in /run)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}-docker-", dir="/var/tmp"))
 
 
 # ---- an image of the lab's FTP servers ---------------------------------------------------------

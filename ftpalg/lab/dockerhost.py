@@ -27,11 +27,13 @@ removes them. ``down()`` removes everything, also after a failure. Not for produ
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import clients, docker
-from .lab import STATE_ROOT, Lab
+from .lab import STATE_ROOT, Lab, sha256
 from .netns import add_namespaces
 
 HOST = "192.0.2.1"
@@ -42,6 +44,8 @@ LOOPBACK_PUBLISHED = {"vsftpd": "127.0.0.1"}
 """Also published there: reachable through docker-proxy only, from the Docker host itself."""
 BRIDGE = "172.17.0.1/16"
 IMAGE = "ftpalg-lab/ftp"
+DOCKER_ROOT = Path("/var/tmp/ftpalg-docker")
+"""dockerd's files (images, containers) of each lab: ``DOCKER_ROOT/<prefix>``, on disk."""
 SUFFIXES = ("dc", "dh")
 # Each client kind in each mode it has over IPv4, with the servers the lab runs (no LPRT/LPSV);
 # plus curl's default for PASV, which connects to the control connection's peer, not to the
@@ -110,6 +114,10 @@ class DockerLab(Lab):
     def rootfs(self) -> Path:
         return self.state / "rootfs"
 
+    @property
+    def docker_root(self) -> Path:
+        return DOCKER_ROOT / self.prefix
+
     def up(self, servers: bool = False) -> None:
         """Namespaces, files and the image's root file system; dockerd: ``start_docker``."""
         self.down()
@@ -132,7 +140,7 @@ class DockerLab(Lab):
     def start_docker(self) -> None:
         """Start dockerd in the Docker host, import the image, start the containers."""
         if self.dockerd is None:
-            self.dockerd = docker.Dockerd(self.host, docker.temp_root(self.prefix), bip=BRIDGE)
+            self.dockerd = docker.Dockerd(self.host, self.docker_root, bip=BRIDGE)
         self.dockerd.start()
         if IMAGE not in self.dockerd.docker("images", "--format", "{{.Repository}}").stdout.split():
             self.dockerd.import_image(self.rootfs, IMAGE)
@@ -152,12 +160,70 @@ class DockerLab(Lab):
         self.dockerd.stop()
 
     def down(self) -> None:
+        """Stop dockerd (one left by a killed run too: its containers are found by their
+        cgroups), remove its files, the namespaces and the lab's files."""
         d, self.dockerd = self.dockerd, None
         try:
-            if d is not None:
-                d.close()
+            (d or docker.Dockerd(self.host, self.docker_root, bip=BRIDGE)).close()
         finally:
             super().down()
+            with contextlib.suppress(OSError):
+                DOCKER_ROOT.rmdir()
 
     def target(self, kind: str) -> str:
         return PUBLISHED[kind]
+
+
+# ---- sessions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One download: ``client`` in ``mode`` from server ``kind``, by the outside client
+    (``local`` None) or by a client on the Docker host itself connecting to ``local`` (a
+    published address: Docker's DNAT in OUTPUT; 127.0.0.1: docker-proxy)."""
+
+    client: clients.ClientKind
+    mode: str
+    kind: str
+    local: str | None = None
+
+    @property
+    def label(self) -> str:
+        where = f" from the Docker host to {self.local}" if self.local else ""
+        return f"{self.client.name} {self.mode} {self.kind}{where}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    detail: str
+
+
+def cells(kinds: tuple[str, ...] = docker.FTP_KINDS, names: tuple[str, ...] | None = None,
+          local: str | None = None) -> list[Cell]:
+    """Every (client, mode) of ``modes()`` (clients ``names`` only, if given) with each
+    server of ``kinds``."""
+    return [Cell(k, m, s, local) for k, m in modes() if names is None or k.name in names for s in kinds]
+
+
+def run_cell(lab: DockerLab, cell: Cell, remote: str = "small.txt", timeout: float = 15.0) -> Outcome:
+    """Download ``remote`` in ``cell``; ok if the file arrived whole (SHA-256)."""
+    out = lab.state / "downloads" / f"{cell.label.replace(' ', '-')}-{remote}"
+    out.parent.mkdir(exist_ok=True)
+    out.unlink(missing_ok=True)
+    ns, source = (lab.host, None) if cell.local else (lab.outside, CLIENT)
+    argv = client_argv(cell.client, cell.mode, cell.local or PUBLISHED[cell.kind], remote, out, source)
+    p = lab.ns(ns, ["timeout", "-k", "1", str(timeout), *argv], check=False, timeout=timeout + 10)
+    want = sha256(lab.files / remote)
+    got = sha256(out) if out.exists() else None
+    out.unlink(missing_ok=True)
+    if p.returncode == 0 and got == want:
+        return Outcome(True, "ok")
+    lines = [line for line in (p.stderr + p.stdout).strip().splitlines() if line.strip()]
+    return Outcome(False, f"exit {p.returncode}: {lines[-1].strip() if lines else ''}"[:160])
+
+
+def run_cells(lab: DockerLab, todo: list[Cell], remote: str = "small.txt", timeout: float = 15.0,
+              workers: int = 16) -> dict[Cell, Outcome]:
+    """``run_cell`` for each of ``todo``, at once."""
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(todo, pool.map(lambda c: run_cell(lab, c, remote, timeout), todo), strict=True))
