@@ -2,10 +2,12 @@
 topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
-that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), runs every cell
-with no ALG, starts ``ftpalg run`` (no options) in both gateways, runs every cell again,
-prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells run
-in parallel: most failures without ftpalg are timeouts.
+that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and a Docker host
+(dockerhost.py: Debian's dockerd in a namespace, vsftpd, proftpd and pure-ftpd in containers
+that publish only port 21; skipped when docker.io is not installed), runs every cell with no
+ALG, starts ``ftpalg run`` (no options) in both gateways and in the Docker host, runs every
+cell again, prints the matrix and removes everything it created, also on failure or Ctrl-C.
+Cells run in parallel: most failures without ftpalg are timeouts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import clients
+from . import clients, docker
+from .dockerhost import CLIENT as DOCKER_CLIENT
+from .dockerhost import PUBLISHED, DockerLab
 from .lab import (
     CLIENTS,
     CLIENTS6,
@@ -48,6 +52,7 @@ class Topology:
     source: str
     targets: tuple[tuple[str, str], ...]  # (server kind, address the client connects to)
     family: int
+    docker: bool = False  # in the Docker host lab (dockerhost.py), not the lab of lab.py
 
     def target(self, kind: str) -> str:
         return dict(self.targets)[kind]
@@ -65,6 +70,10 @@ def topologies() -> list[Topology]:
                  "client", CLIENTS6[0], tuple(SERVERS6.items()), 6),
         Topology("ipv6-stateful", "client 2001:db8:1::100 -> gw2 (no NAT, FORWARD DROP) -> "
                  "servers 2001:db8:3::2-5", "server", OUTSIDE_CLIENTS6[0], tuple(INSIDE_SERVERS6.items()), 6),
+        # vsftpd only: a few cells (every server: python -m ftpalg.lab.dockerhost)
+        Topology("docker-host", "client 192.0.2.100 -> Docker host (dockerd's rules: FORWARD DROP, DNAT of "
+                 "-p 192.0.2.2:21:21 only) -> vsftpd in a container", "outside", DOCKER_CLIENT,
+                 (("vsftpd", PUBLISHED["vsftpd"]),), 4, docker=True),
     ]
 
 
@@ -81,12 +90,14 @@ class Outcome:
     detail: str
 
 
-def cells() -> list[Cell]:
+def cells(with_docker: bool = True) -> list[Cell]:
     out = []
     for t in topologies():
+        if t.docker and not with_docker:
+            continue
         for k in clients.kinds(family=t.family):
             for server in INSIDE_SERVERS:
-                if k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
+                if server in dict(t.targets) and k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
                     out.append(Cell(t, k, server))
     return out
 
@@ -104,7 +115,22 @@ def failure_reason(text: str, rc: int | None) -> str:
     return lines[-1].strip() if lines else f"exit {rc}"
 
 
-def run_cell(lab: Lab, cell: Cell, want: str, tag: str) -> Outcome:
+@dataclass
+class Labs:
+    """The lab of lab.py and the Docker host lab (None: docker.io is not installed)."""
+
+    lab: Lab
+    docker: DockerLab | None
+
+    def of(self, topo: Topology) -> Lab:
+        return self.docker if topo.docker and self.docker is not None else self.lab
+
+    def all(self) -> list[Lab]:
+        return [self.lab] + ([self.docker] if self.docker is not None else [])
+
+
+def run_cell(lab: Lab, cell: Cell, tag: str) -> Outcome:
+    want = sha256(lab.files / FILE)
     out = lab.state / "demo" / f"{tag}-{cell.topo.key}-{cell.client.name}-{cell.client.mode}-{cell.server}"
     out.unlink(missing_ok=True)
     ns = getattr(lab, cell.topo.client_ns)
@@ -126,16 +152,18 @@ def run_cell(lab: Lab, cell: Cell, want: str, tag: str) -> Outcome:
     return Outcome(False, failure_reason(text, rc))
 
 
-def matrix(lab: Lab, tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
-    want = sha256(lab.files / FILE)
-    (lab.state / "demo").mkdir(exist_ok=True)
+def matrix(labs: Labs, tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
+    for lab in labs.all():
+        (lab.state / "demo").mkdir(exist_ok=True)
     with ThreadPoolExecutor(WORKERS) as pool:
-        return dict(zip(todo, pool.map(lambda c: run_cell(lab, c, want, tag), todo), strict=True))
+        return dict(zip(todo, pool.map(lambda c: run_cell(labs.of(c.topo), c, tag), todo), strict=True))
 
 
 def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
     kinds = list(INSIDE_SERVERS)
     for t in topologies():
+        if not any(c.topo == t for c in without):
+            continue
         rows = sorted({(c.client.name, c.client.mode) for c in without if c.topo == t},
                       key=lambda r: (clients.CLIENT_NAMES.index(r[0]), clients.MODES.index(r[1])))
         n = sum(1 for c in with_ if c.topo == t)
@@ -172,9 +200,16 @@ def _mark(o: Outcome) -> str:
     return "ok" if o.ok else "FAIL"
 
 
+def _docker_up(lab: DockerLab) -> None:
+    lab.up()
+    lab.start_docker()
+
+
 def main(prefix: str = "ftpalg-demo") -> int:
     lab = Lab(prefix)
-    todo = cells()
+    missing = docker.missing()
+    labs = Labs(lab, None if missing else DockerLab(f"{prefix}-dk"))
+    todo = cells(with_docker=labs.docker is not None)
     rcs: list[int] = []
     leftover: list[str] = []
     logs = ""
@@ -182,28 +217,41 @@ def main(prefix: str = "ftpalg-demo") -> int:
     try:
         print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
               "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
-        lab.up()
+        if labs.docker is None:
+            print(f"no Docker host: {', '.join(missing)} not installed (apt-get install {docker.PACKAGE})")
+            lab.up()
+        else:
+            print("building the Docker host meanwhile: dockerd in a namespace, vsftpd, proftpd and pure-ftpd in "
+                  "containers publishing only -p ADDR:21:21; an outside client", flush=True)
+            with ThreadPoolExecutor(2) as pool:
+                jobs = [pool.submit(lab.up), pool.submit(_docker_up, labs.docker)]
+                for job in jobs:
+                    job.result()
+        # (lab, gateway namespace) of every place ftpalg runs
+        gateways = [(lab, lab.gw), (lab, lab.gw2)] + ([(labs.docker, labs.docker.host)] if labs.docker else [])
         print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
-        without = matrix(lab, "without", todo)
-        before = {gw: lab.ruleset(gw) for gw in lab.gateways}
-        print("starting `ftpalg run` in gw and gw2 ...", flush=True)
-        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2)]  # no options: as an admin starts it
+        without = matrix(labs, "without", todo)
+        before = [g.ruleset(gw) for g, gw in gateways]
+        print(f"starting `ftpalg run` in gw, gw2{' and the Docker host' if labs.docker else ''} ...", flush=True)
+        procs = [g.start_ftpalg(gw=gw) for g, gw in gateways]  # no options: as an admin starts it
         try:
             print("the same cells with ftpalg ...", flush=True)
-            with_ = matrix(lab, "with", todo)
+            with_ = matrix(labs, "with", todo)
         finally:
-            rcs = [lab.stop_ftpalg(p) for p in procs]
-        leftover = [gw for gw in lab.gateways if lab.ruleset(gw) != before[gw]]
-        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways)
+            rcs = [g.stop_ftpalg(p) for (g, _), p in zip(gateways, procs, strict=True)]
+        leftover = [gw for (g, gw), b in zip(gateways, before, strict=True) if g.ruleset(gw) != b]
+        logs = "".join(g.ftpalg_log(gw) for g, gw in gateways)
     finally:
-        for f in sorted((lab.state / "demo").glob("*.log")):
-            print(f"--- {f.name}\n{f.read_text()[-1500:]}")
-        lab.down()
+        for g in labs.all():
+            for f in sorted((g.state / "demo").glob("*.log")):
+                print(f"--- {f.name}\n{f.read_text()[-1500:]}")
+        for g in labs.all():
+            g.down()
     show(without, with_)
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
           f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
-    ok = all(o.ok for o in with_.values()) and rcs == [0, 0] and not leftover and "Traceback" not in logs
+    ok = all(o.ok for o in with_.values()) and set(rcs) == {0} and not leftover and "Traceback" not in logs
     print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:
         print(logs[-4000:])

@@ -227,3 +227,41 @@ def run_cells(lab: DockerLab, todo: list[Cell], remote: str = "small.txt", timeo
     """``run_cell`` for each of ``todo``, at once."""
     with ThreadPoolExecutor(workers) as pool:
         return dict(zip(todo, pool.map(lambda c: run_cell(lab, c, remote, timeout), todo), strict=True))
+
+
+def main(prefix: str = "ftpalg-docker") -> int:
+    """``python -m ftpalg.lab.dockerhost``: every client in every mode with every server, by
+    the outside client and by clients on the Docker host itself (to vsftpd's published
+    address and through docker-proxy), without and with ``ftpalg run`` in the Docker host;
+    prints the matrix. Removes everything it made, also on failure or Ctrl-C."""
+    from .lab import ftpalg_argv
+
+    lab = DockerLab(prefix)
+    todo = cells() + [Cell(c.client, c.mode, c.kind, where) for where in (PUBLISHED["vsftpd"], "127.0.0.1")
+                      for c in cells(("vsftpd",))]
+    try:
+        lab.up()
+        lab.start_docker()
+        without = run_cells(lab, todo)
+        before = lab.ruleset()
+        p = lab.start_ftpalg()
+        try:
+            with_ = run_cells(lab, todo)
+        finally:
+            rc = lab.stop_ftpalg(p)
+        same = lab.ruleset() == before
+        log = lab.ftpalg_log()
+    finally:
+        lab.down()
+    for c in todo:
+        print(f"{c.label:58} {'ok' if without[c].ok else 'FAIL'} -> {'ok' if with_[c].ok else 'FAIL'}"
+              f"   {'' if with_[c].ok else with_[c].detail}")
+    outside = [c for c in todo if not c.local]
+    print(f"outside client: {sum(without[c].ok for c in outside)}/{len(outside)} without ftpalg, "
+          f"{sum(with_[c].ok for c in outside)}/{len(outside)} with; {' '.join(ftpalg_argv())} run exit {rc}, "
+          f"ruleset after exit as found: {same}; not_forwarded warnings: {log.count('WARNING not_forwarded')}")
+    return 0 if rc == 0 and same and all(with_[c].ok for c in outside) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
