@@ -3,8 +3,8 @@ topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
 that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and a Docker host
-(dockerhost.py: Debian's dockerd in a namespace, vsftpd, proftpd and pure-ftpd in containers
-that publish only port 21; skipped when docker.io is not installed), runs every cell with no
+(dockerhost.py: Debian's dockerd in a namespace, vsftpd in a container that publishes only
+port 21; skipped when docker.io is not installed), runs every cell with no
 ALG, starts ``ftpalg run`` (no options) in both gateways and in the Docker host, runs every
 cell again, prints the matrix and removes everything it created, also on failure or Ctrl-C.
 Cells run in parallel: most failures without ftpalg are timeouts.
@@ -208,7 +208,7 @@ def _docker_up(lab: DockerLab) -> None:
 def main(prefix: str = "ftpalg-demo") -> int:
     lab = Lab(prefix)
     missing = docker.missing()
-    labs = Labs(lab, None if missing else DockerLab(f"{prefix}-dk"))
+    labs = Labs(lab, None if missing else DockerLab(f"{prefix}-dk", kinds=("vsftpd",)))
     todo = cells(with_docker=labs.docker is not None)
     rcs: list[int] = []
     leftover: list[str] = []
@@ -221,8 +221,8 @@ def main(prefix: str = "ftpalg-demo") -> int:
             print(f"no Docker host: {', '.join(missing)} not installed (apt-get install {docker.PACKAGE})")
             lab.up()
         else:
-            print("building the Docker host meanwhile: dockerd in a namespace, vsftpd, proftpd and pure-ftpd in "
-                  "containers publishing only -p ADDR:21:21; an outside client", flush=True)
+            print("building the Docker host meanwhile: dockerd in a namespace, vsftpd in a container publishing "
+                  "only -p 192.0.2.2:21:21; an outside client", flush=True)
             with ThreadPoolExecutor(2) as pool:
                 jobs = [pool.submit(lab.up), pool.submit(_docker_up, labs.docker)]
                 for job in jobs:
