@@ -156,7 +156,10 @@ class Dockerd:
     def argv(self) -> list[str]:
         return [DOCKERD, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
                 "--pidfile", str(self.root / "docker.pid"), "-H", f"unix://{self.sock}",
-                "--cgroup-parent", f"/{self.cgroup_parent}", "--shutdown-timeout", "3",
+                # cgroupfs: the systemd driver (dockerd's choice on a cgroup2 host with systemd)
+                # would ask the host's systemd for scopes
+                "--exec-opt", "native.cgroupdriver=cgroupfs", "--cgroup-parent", f"/{self.cgroup_parent}",
+                "--shutdown-timeout", "3",
                 "--log-level", "warn", *(["--bip", self.bip] if self.bip else []), *self.options]
 
     # ---- the daemon ----------------------------------------------------------------------

@@ -147,7 +147,9 @@ class DockerLab(Lab):
         for kind in self.kinds:
             spec = docker.server_container(kind, self.files, self.state / "servers" / kind)
             publish = [f"{a}:21:21" for a in (PUBLISHED[kind], LOOPBACK_PUBLISHED.get(kind)) if a]
-            self.dockerd.run_container(kind, IMAGE, list(spec.argv), publish, spec.volumes, spec.init, spec.extra)
+            # unconfined: where AppArmor is on, Docker's profile needs apparmor_parser (dev.sh installs no apparmor)
+            extra = [*spec.extra, "--security-opt", "apparmor=unconfined"]
+            self.dockerd.run_container(kind, IMAGE, list(spec.argv), publish, spec.volumes, spec.init, extra)
         self.wait_ports({self.host: [(a, 21) for k, a in PUBLISHED.items() if k in self.kinds]})
 
     def stop_docker(self, remove: bool = True) -> None:
