@@ -160,10 +160,10 @@ def matrix(labs: Labs, tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
 
 
 def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
-    kinds = list(INSIDE_SERVERS)
     for t in topologies():
         if not any(c.topo == t for c in without):
             continue
+        kinds = [k for k in INSIDE_SERVERS if k in dict(t.targets)]
         rows = sorted({(c.client.name, c.client.mode) for c in without if c.topo == t},
                       key=lambda r: (clients.CLIENT_NAMES.index(r[0]), clients.MODES.index(r[1])))
         n = sum(1 for c in with_ if c.topo == t)
