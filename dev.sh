@@ -28,6 +28,9 @@ APT_PACKAGES+=(firewalld)
 # above or Essential (util-linux: setpriv, unshare): in CI (CI=true) a missing one fails its
 # test instead of skipping it (tests/needs.py).
 APT_PACKAGES+=(systemd)
+# man-db: tests/test_docgen.py and test_packaging.py render the manual pages and find them by
+# name where `ftpalg install` puts them (`man -M STAGE/usr/local/share/man ftpalg`).
+APT_PACKAGES+=(man-db)
 # docker.io: tests/test_netns_docker.py and the demo run Debian's Docker engine inside a lab
 # namespace (ftpalg/lab/docker.py); the host never runs it, see mask_host_docker.
 APT_PACKAGES+=(docker.io)

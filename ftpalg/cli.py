@@ -1,4 +1,4 @@
-"""Command line: ``ftpalg run | check-config | demo | lab up/down | rules``."""
+"""Command line: ``ftpalg run | check-config | status | doctor | demo | lab up/down | rules``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(doc, indent=2) if args.json else render(doc))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .linux.doctor import main
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the scratch namespaces are removed on SIGTERM too
+    return main(args.cfg, args.json, not args.no_trials)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -185,10 +192,15 @@ def parser() -> argparse.ArgumentParser:
     from . import config, explain, install
     from .config import DEFAULT_QUEUE
 
-    ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
+    ap = argparse.ArgumentParser(
+        prog="ftpalg", description="FTP-aware NAT application-level gateway. `ftpalg run` watches the FTP control "
+        "connections through a Linux gateway over NFQUEUE, rewrites the private address a peer announces (PORT, EPRT, "
+        "227, 229, ...) to the public one the other side can reach, and opens a one-shot conntrack expectation for "
+        "exactly the data connection announced; the kernel keeps doing NAT, conntrack and the data path. Its "
+        "configuration file is described in ftpalg.toml(5).")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (default info)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(title="commands", dest="cmd", required=True)
     # Every option below defaults to None ("not given"): only given ones override the file.
 
     def config_file(p: argparse.ArgumentParser) -> None:
@@ -205,13 +217,13 @@ def parser() -> argparse.ArgumentParser:
                             "one per core the gateway can spare")
         p.add_argument("--queue", metavar="all|selected",
                        help="which control segments leave the kernel (default selected: only those that may carry an "
-                            "address, see README; all: every one with payload, SYN, FIN, RST); gateway.queue")
+                            "address; all: every one with payload, SYN, FIN, RST); gateway.queue in ftpalg.toml(5)")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)
         r.add_argument("--pinhole-timeout", metavar="SECONDS",
                        help="forget an unused pinhole (expectation) after this long (default 120)")
-        lim = r.add_argument_group("policy and limits (see README, Security model)")
+        lim = r.add_argument_group("policy and limits (see docs/security.md)")
         lim.add_argument("--min-port", metavar="PORT",
                          help="never open a pinhole to a port below this (default 1024; 1 allows any)")
         lim.add_argument("--max-flows", metavar="N",
@@ -263,6 +275,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--status-socket", metavar="SOCKET", help="the socket `ftpalg run` serves (default @ftpalg-status)")
     st.add_argument("--json", action="store_true", help="the raw JSON document")
     st.set_defaults(func=cmd_status, configured=True)
+
+    doc = sub.add_parser("doctor", help="preflight: can ftpalg run here? (kernel features tried in scratch "
+                                        "namespaces, conflicts, forwarded control ports)",
+                         description="Check this gateway (its network namespace, read-only) and try the kernel "
+                                     "features ftpalg needs in scratch namespaces of its own. One line per check; "
+                                     "exit 0 all ok, 1 ftpalg run would fail, 3 warnings only, 2 bad configuration.")
+    config_file(doc)
+    ports_and_queue(doc)
+    doc.add_argument("--queue-backend", metavar="auto|nft|iptables", help="as for ftpalg run")
+    doc.add_argument("--json", action="store_true", help="the checks as a JSON document")
+    doc.add_argument("--no-trials", action="store_true",
+                     help="only the read-only checks of this namespace (no scratch namespaces, nothing loaded)")
+    doc.set_defaults(func=cmd_doctor, configured=True)
 
     d = sub.add_parser("demo", help="lab demo: active-mode FTP through NAT without and with ftpalg")
     d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")

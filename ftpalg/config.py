@@ -333,28 +333,45 @@ def _path_or_empty(v: object) -> str:
 @dataclass(frozen=True)
 class Key:
     check: Callable[[object], Any]
-    doc: str
+    doc: str  # what the key does, its range: deploy/ftpalg.toml and ftpalg.toml(5) are made from it (docgen.py)
 
 
 KEYS: dict[str, Key] = {
-    "gateway.control_ports": Key(_port_list, "FTP control ports (1..65535; duplicates merged)"),
-    "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number (0..65535)"),
-    "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), "auto | nft | iptables"),
-    "gateway.queue": Key(_enum(QUEUE_MODES), "selected | all (selected: only segments that may carry an "
-                         "address; all: every segment with payload, SYN, FIN, RST)"),
-    "gateway.workers": Key(_ranged(1, MAX_WORKERS), f"worker processes, one queue each (1..{MAX_WORKERS})"),
-    "gateway.install_rules": Key(_bool, "false: load deploy/ rules yourself (--no-rules)"),
-    "gateway.pinhole_timeout": Key(_pinhole_timeout, "seconds, > 0 and <= 86400"),
-    "policy.min_port": Key(_ranged(1, 65535), "no pinhole to a port below this (1..65535)"),
-    "policy.max_flows": Key(_ranged(1), "control connections tracked at once (>= 1)"),
-    "policy.max_pinholes": Key(_ranged(1), "live pinholes in total (>= 1)"),
-    "policy.max_pinholes_per_client": Key(_ranged(1), "live pinholes of one client address (>= 1)"),
-    "policy.max_held_bytes": Key(_ranged(1), "bytes of segments held back (>= 1)"),
-    "log.level": Key(_enum(LOG_LEVELS), "debug | info | warning | error"),
-    "audit.enabled": Key(_bool, "one structured line per transfer"),
-    "audit.file": Key(_path_or_empty, '"": the log; else an absolute path appended to'),
-    "metrics.listen": Key(_listen, 'host:port or [v6]:port of the Prometheus endpoint; "": off'),
-    "status.socket": Key(_socket, '"@name": abstract socket; else an absolute path; "": off'),
+    "gateway.control_ports": Key(_port_list, "FTP control ports whose connections are watched (1..65535; "
+                                 "duplicates merged). A public port forwarded to another inside port needs both, "
+                                 "e.g. [21, 2121]."),
+    "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number the control segments are queued to (0..65535)."),
+    "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), 'How control segments are queued: "auto" or "iptables" '
+                                 "(iptables' NFQUEUE target, the tested path), or \"nft\" (nft's queue statement: "
+                                 "opt-in, untested with traffic)."),
+    "gateway.queue": Key(_enum(QUEUE_MODES), 'Which control segments leave the kernel: "selected" (only those that '
+                         "may carry or continue a data address: PORT/EPRT/LPRT/PASV/EPSV/LPSV/AUTH from the client, "
+                         "227/228/229/234 from the server, a line split across segments, whole streams while ftpalg "
+                         'asks for them, and FINs; needs the iptables backend) or "all" (every segment with payload, '
+                         "SYN, FIN and RST; what the audit log needs: with audit.enabled it is \"all\" whatever this "
+                         "says)."),
+    "gateway.workers": Key(_ranged(1, MAX_WORKERS), "Worker processes, each on its own queue (queue_num, "
+                           f"queue_num + 1, ...; 1..{MAX_WORKERS}). One per core the gateway can spare for ftpalg; "
+                           "both directions of a control connection always reach the same worker (docs/deploying.md, "
+                           '"Several workers").'),
+    "gateway.install_rules": Key(_bool, "false: do not install/remove table inet ftpalg and the queue rule; load the "
+                                 "rule files yourself (ftpalg install puts them in /etc/ftpalg/rules/)."),
+    "gateway.pinhole_timeout": Key(_pinhole_timeout, "Seconds after which an unused pinhole (expectation) is forgotten "
+                                   f"(> 0, <= {MAX_PINHOLE_TIMEOUT:g})."),
+    "policy.min_port": Key(_ranged(1, 65535), "Never open a pinhole to a port below this (1..65535; 1 allows any)."),
+    "policy.max_flows": Key(_ranged(1), "Control connections tracked at once; at the cap the least recently seen "
+                            "idle ones are forgotten (>= 1)."),
+    "policy.max_pinholes": Key(_ranged(1), "Live pinholes in total; beyond, announcements open nothing (>= 1)."),
+    "policy.max_pinholes_per_client": Key(_ranged(1), "Live pinholes of one FTP client address (>= 1)."),
+    "policy.max_held_bytes": Key(_ranged(1), "Bytes of segments held back for split lines or reordering, in total "
+                                 "(>= 1)."),
+    "log.level": Key(_enum(LOG_LEVELS), '"debug", "info", "warning" or "error".'),
+    "audit.enabled": Key(_bool, "One structured line per transfer."),
+    "audit.file": Key(_path_or_empty, '"": the lines go to the log (stderr / journald); else an absolute path they '
+                      "are appended to (--audit-file also turns audit on)."),
+    "metrics.listen": Key(_listen, 'host:port ([v6]:port for IPv6) of the Prometheus endpoint; "" = off.'),
+    "status.socket": Key(_socket, "Unix socket that `ftpalg status` talks to: \"@name\" = an abstract socket (one per "
+                         'network namespace, no file), else an absolute path; "" = off.'),
 }
 SECTIONS: dict[str, type] = {"gateway": Gateway, "policy": Policy, "log": Log, "audit": Audit,
                              "metrics": Metrics, "status": Status}

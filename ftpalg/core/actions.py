@@ -312,5 +312,13 @@ class Actions:
         except Exception as e:  # then only the selected segments come: a split line may pass unread
             self.refuse(Reason.FOLLOW_FAILED, f"kernel label not {'set' if want else 'cleared'}: {e}", flow)
 
+    def hand_over(self, flow: Flow, awaiting: bytes) -> None:
+        """Record (or, with b"", forget) in the kernel the passive command ``flow`` awaits
+        the reply to, across a restart (``Alg.hand_over``)."""
+        try:
+            self.kernel.hand_over(flow.key, awaiting)
+        except Exception as e:  # then the next ftpalg takes the reply as unsolicited: one transfer fails
+            self.refuse(Reason.HANDOVER_FAILED, f"kernel label not {'set' if awaiting else 'cleared'}: {e}", flow)
+
     def evicted(self, count: int) -> None:
         self.events.append(FlowsEvicted(count, self.limits.max_flows))

@@ -184,7 +184,7 @@ class Alg:
             return None
         if found is None:
             return None
-        orig, corrected = found
+        orig, corrected, awaiting = found
         hit = self.flows.get(orig)
         flow = hit[0] if hit is not None else self._new_flow(orig, now)
         if flow is None:
@@ -192,6 +192,9 @@ class Alg:
         self.actions.index_reply(flow, reply, corrected)
         if hit is None and ack is not None and not corrected:  # (with corrections, the server's
             flow.dirs[C2S].follow_from(ack, True)  # numbering is not the client's)
+        if awaiting:  # handed over by the ftpalg before this one (``hand_over``): now known here
+            flow.session.resume(awaiting)
+            self.actions.hand_over(flow, b"")
         return flow, S2C
 
     def _let_pass(self, flow: Flow, reply: FlowKey) -> None:
@@ -344,6 +347,17 @@ class Alg:
     def release_all(self) -> None:
         """Let every waiting segment go as decided so far (on shutdown)."""
         self.walk.release_all(self._connections())
+
+    def hand_over(self) -> None:
+        """Stopping for a restart: leave in the kernel, for the next ftpalg, which connections
+        wait for the reply to a passive command (PASV, EPSV, LPSV). That reply announces the
+        server's address; the next ftpalg meets it first and, by the gating of passive
+        replies, would otherwise not take it as solicited (the client's command was seen by
+        this one). The pinholes and corrections stay with the kernel anyway."""
+        for flow in self._connections():
+            verb = flow.session.awaiting()
+            if verb:
+                self.actions.hand_over(flow, verb)
 
     def shutdown(self) -> None:
         """Close every pinhole (flows are kept in memory only)."""

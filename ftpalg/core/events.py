@@ -56,6 +56,7 @@ class Reason(StrEnum):
     AUDIT_FAILED = "audit_failed"
     PINHOLE_CLOSE_FAILED = "pinhole_close_failed"
     FOLLOW_FAILED = "follow_failed"  # the kernel's mark for queueing a whole stream not changed
+    HANDOVER_FAILED = "handover_failed"  # the passive command awaited not left in the kernel for the next ftpalg
 
 
 # What the metric ftpalg_refusals exports, by reason (its label set, unchanged since issue 7).

@@ -50,6 +50,7 @@ TRANSFER_VERBS = frozenset({b"RETR", b"STOR", b"STOU", b"APPE", b"LIST", b"NLST"
 PASSIVE_VERB = {ftp.Form.PASV: b"PASV", ftp.Form.EPSV: b"EPSV", ftp.Form.LPSV: b"LPSV"}
 # SELECTED: the commands whose replies matter, the only ones remembered when not every line
 # is seen (their replies, 227/228/229/234, are queued by the kernel whatever else is not).
+_PASSIVE_VERBS = frozenset(PASSIVE_VERB.values())
 SELECTED_VERBS = frozenset({b"PASV", b"EPSV", b"LPSV", b"PORT", b"EPRT", b"LPRT", b"AUTH"})
 MAX_PENDING = 64
 ARG_MAX = 256  # bytes of a transfer's path (or a user name) kept for the audit record
@@ -148,6 +149,22 @@ class Session:
         if verb and 0x30 <= verb[0] <= 0x39 and verb[:3].isdigit() and int(verb[:3]) in ftp.PASSIVE_REPLY_CODES:
             return Decision(problem=(Reason.UNSOLICITED, f"{line[:80]!r} sent by the client: opens nothing"))
         return NOTHING
+
+    # ---- across a restart ------------------------------------------------------------------
+    def awaiting(self) -> bytes:
+        """The newest passive command (PASV, EPSV, LPSV) still waiting for its reply, or b"":
+        what a stop for a restart hands over to the next ftpalg (``resume``)."""
+        if self.encrypted or self.reply_code:
+            return b""
+        return next((verb for verb, _ in reversed(self.pending) if verb in _PASSIVE_VERBS), b"")
+
+    def resume(self, awaiting: bytes) -> None:
+        """Picked up at a reply by a new ftpalg: the one before it saw the client send
+        ``awaiting`` (``awaiting()``, kept in the kernel's entry), whose reply may announce
+        an address now. Anything else is unknown: the pick-up's usual strictness."""
+        if awaiting in _PASSIVE_VERBS and not self.pending:
+            self.count += 1
+            self.pending.append((awaiting, self.count))
 
     # ---- server side --------------------------------------------------------------------
     def reply(self, line: bytes) -> Decision:

@@ -32,10 +32,10 @@ import errno
 import logging
 
 from ..core.addr import FlowKey, packed
-from ..core.kernel import NotForwarded, Pinhole, PinholeBusy
+from ..core.kernel import Found, NotForwarded, Pinhole, PinholeBusy
 from ..core.seqadj import KernelAdj
 from .ctnetlink import CtError, CtNetlink, Entry
-from .rules import FOLLOW_LABEL
+from .rules import FOLLOW_LABEL, HANDOVER_LABELS, HANDOVER_VERBS
 
 log = logging.getLogger("ftpalg")
 
@@ -88,15 +88,17 @@ class LinuxKernel:
         connection is gone."""
         return self.nl.seq_state(key, direction)
 
-    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
-        """The original tuple of the connection whose reply tuple is ``key`` (a packet from
-        the server side), and whether the kernel holds a correction for it; None if none."""
+    def by_reply(self, key: FlowKey) -> Found | None:
+        """The connection whose reply tuple is ``key`` (a packet from the server side): its
+        original tuple, whether the kernel holds a correction for it, the passive command
+        handed over in its labels (``hand_over``); None if none."""
         entry = self._get(key, True)
         if entry is None or entry.orig is None:
             return None
         if entry.helper is None:
             raise NotForwarded(entry.orig)
-        return entry.orig, entry.seqadj is not None
+        code = sum(1 << i for i, b in enumerate(HANDOVER_LABELS) if entry.labels >> b & 1)
+        return Found(entry.orig, entry.seqadj is not None, HANDOVER_VERBS[code])
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq``; return
@@ -109,6 +111,12 @@ class LinuxKernel:
         """Mark the connection for the queue rules: every segment of it is queued while
         label FOLLOW_LABEL is set (rules.py), only the selected ones otherwise."""
         self.nl.label(key, FOLLOW_LABEL, on)
+
+    def hand_over(self, key: FlowKey, awaiting: bytes) -> None:
+        """Write the passive command the connection awaits the reply to (b"": none) into its
+        labels HANDOVER_LABELS, for the next ftpalg's ``by_reply``."""
+        code = HANDOVER_VERBS.index(awaiting)
+        self.nl.labels(key, {b: bool(code >> i & 1) for i, b in enumerate(HANDOVER_LABELS)})
 
     # ---- pinholes -----------------------------------------------------------------------
     def expect(self, ph: Pinhole) -> None:

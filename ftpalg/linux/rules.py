@@ -193,6 +193,11 @@ def _restore(text: str, family: int = 4) -> None:
 SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH")
 SELECT_REPLIES = ("227", "228", "229", "234")
 FOLLOW_LABEL = 127  # conntrack label: queue the whole stream of this control connection
+# Conntrack labels HANDOVER_LABELS (a 2-bit code, HANDOVER_VERBS): the passive command whose
+# reply the connection awaited when an ftpalg stopped for a restart; read by the next one when
+# it meets that reply (core Alg.hand_over). No rule tests them.
+HANDOVER_LABELS = (116, 117)
+HANDOVER_VERBS = (b"", b"PASV", b"EPSV", b"LPSV")  # code 0 (none), 1, 2, 3
 # Classic BPF (xt_bpf runs it on the packet from its IP header): true when the last byte is
 # not LF. ld len; sub #1; tax; ldb [x + 0]; jeq #10 -> ret 0 (ends a line); ret 1.
 NO_LINE_END_BPF = "7,128 0 0 0,20 0 0 1,7 0 0 0,80 0 0 0,21 1 0 10,6 0 0 1,6 0 0 0"
