@@ -17,15 +17,16 @@ from needs import in_ci, need
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; f6: the NAT64 lab), named after
-# their pid
-STALE = re.compile(r"^(f[abkl6]\d+)-(c|gw|s|gw2|i)$")
+# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; f6: the NAT64 lab;
+# fd: the Docker host lab of test_netns_docker), named after their pid
+STALE = re.compile(r"^(f[abkl6d]\d+)-(c|gw|s|gw2|i|dc|dh)$")
 
 
 def pytest_sessionstart(session):
     """Remove labs left by an earlier run that was killed (its pid is gone)."""
     if os.geteuid() != 0:
         return
+    from ftpalg.lab.dockerhost import DockerLab
     from ftpalg.lab.lab import Lab
 
     try:
@@ -34,7 +35,7 @@ def pytest_sessionstart(session):
         return
     for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
         if not os.path.exists(f"/proc/{prefix[2:]}"):
-            Lab(prefix).down()
+            (DockerLab if prefix.startswith("fd") else Lab)(prefix).down()
 
 
 @pytest.hookimpl(tryfirst=True)

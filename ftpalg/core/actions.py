@@ -29,13 +29,16 @@ from .events import (
     Translation,
 )
 from .flow import C2S, S2C, Flow
-from .kernel import Kernel, Pinhole, PinholeBusy
+from .kernel import Kernel, NotForwarded, Pinhole, PinholeBusy
 from .pinholes import PinholeBook
 from .policy import Limits, Mapping
 from .seqadj import MASK, KernelAdj
 from .session import Decision, Session, Transfer
 
 MAX_LOOKUPS = 3  # NAT mapping look-ups tried per connection before its first announcement
+NOT_FORWARDED = ("this host opened the control connection itself (a client on the gateway, or docker-proxy "
+                 "relaying one): the kernel gave it no helper, so no pinhole can be opened for it; it passes "
+                 "untouched. ftpalg serves forwarded connections (or the connection is older than ftpalg's rules)")
 
 Spans = list[tuple[int, int, int]]  # where a line lies: (segment seq, offset in it, length) per segment
 
@@ -55,6 +58,10 @@ class Actions:
         self.events: list[Event] = []
 
     # ---- reporting ------------------------------------------------------------------------
+    def not_forwarded(self, key: FlowKey) -> None:
+        """A control connection (original tuple ``key``) that this host did not forward."""
+        self.events.append(Refused(Reason.NOT_FORWARDED, NOT_FORWARDED, key))
+
     def refuse(self, reason: Reason, detail: str, flow: Flow | None = None, line: bytes | None = None,
                subject: str = "") -> None:
         key = None if flow is None else flow.key
@@ -158,7 +165,11 @@ class Actions:
                   now: float) -> tuple[Pinhole, bytes] | None:
         """Open the pinhole an accepted announcement (in ``line``, ``orig`` as it came, before
         any translation) asks for; the pinhole and the line to send, or None: nothing opened."""
+        if flow.passing is not None:
+            return None  # said already (learn_mapping)
         if flow.mapping is None and not self.learn_mapping(flow, force=True):
+            if flow.passing is not None:
+                return None
             self.refuse(Reason.NO_NAT_MAPPING, "conntrack has no entry for the control connection", flow, orig)
             return None
         m = flow.mapping
@@ -260,7 +271,12 @@ class Actions:
             return False
         flow.lookups += 1
         self.counters["nat_lookups"] += 1
-        found = self.kernel.mapping(flow.key)
+        try:
+            found = self.kernel.mapping(flow.key)
+        except NotForwarded as e:
+            flow.passing = e.other  # the table lets it pass from now on
+            self.not_forwarded(flow.key)
+            return False
         if found is None:
             return False
         self.index_reply(flow, *found)

@@ -25,7 +25,7 @@ from .actions import Actions
 from .addr import FlowKey, addr_text, hostport, key_text
 from .events import DROPS, HELD, PASS, Close, Closing, DropWhy, Event, Reason, Verdict
 from .flow import C2S, S2C, Flow
-from .kernel import Kernel, Pinhole
+from .kernel import Kernel, NotForwarded, Pinhole
 from .nat64 import Nat64
 from .packet import ACK, FIN, RST, SYN, DecodeError, decode
 from .pinholes import PinholeBook
@@ -42,6 +42,7 @@ IDLE_CHECK_SELECTED = 30.0
 TICK = 1.0  # seconds between sweeps of the table (pinhole expiry, ended connections)
 REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
+PASSING_CAP = 4096  # connections not forwarded by this host remembered (both tuples each), oldest forgotten
 _CTL = SYN | FIN | RST | ACK
 _PASSIVE = re.compile(rb"22[789]")  # a passive reply's code, somewhere in a server segment
 _RESET = Closing(Close.CONTROL_RESET, "control connection reset")
@@ -77,6 +78,10 @@ class Alg:
         # start): a flow seen again continues from there, not from a guess.
         self.evicted: OrderedDict[FlowKey, tuple[int | None, bool]] = OrderedDict()
         self.tracked = 0  # flows (control connections) in ``flows``
+        # Control connections this host did not forward (kernel.NotForwarded: opened on the
+        # gateway itself): tuple -> the other direction's tuple; their packets pass untouched,
+        # said once (``Reason.NOT_FORWARDED``), until their FIN or RST.
+        self.passing: dict[FlowKey, FlowKey] = {}
         self._next_tick = 0.0
 
     def drain(self) -> list[Event]:
@@ -111,6 +116,10 @@ class Alg:
             out = self.walk.steady(hit[0], hit[1], seg, now)
             if out is not _SLOW:
                 return out
+        if hit is None and key in self.passing:
+            if seg.flags & (FIN | RST):
+                self.passing.pop(self.passing.pop(key), None)
+            return PASS
         if seg.truncated:  # cannot be rewritten: a copy must never be sent back for a packet
             self.actions.refuse(Reason.TRUNCATED, f"copy {len(raw)} of {seg.total_len} bytes")
             if hit is not None and hit[0].corrected:
@@ -158,6 +167,8 @@ class Alg:
                 return PASS
             hit = (new, C2S)
         res = self.walk.segment(hit[0], hit[1], seg, now, token)
+        if hit[0].passing is not None and res is not HELD and not hit[0].waiting:
+            self._let_pass(hit[0], hit[0].passing)
         return HELD if res is HELD else self.walk.final(res)
 
     def _pick_up_by_reply(self, reply: FlowKey, now: float, ack: int | None) -> tuple[Flow, int] | None:
@@ -168,7 +179,12 @@ class Alg:
         if self.tracked >= self.limits.max_flows:
             return None
         self.counters["nat_lookups"] += 1
-        found = self.kernel.by_reply(reply)
+        try:
+            found = self.kernel.by_reply(reply)
+        except NotForwarded as e:
+            self.actions.not_forwarded(e.other)
+            self._remember_passing(e.other, reply)
+            return None
         if found is None:
             return None
         orig, corrected, awaiting = found
@@ -183,6 +199,17 @@ class Alg:
             flow.session.resume(awaiting)
             self.actions.hand_over(flow, b"")
         return flow, S2C
+
+    def _let_pass(self, flow: Flow, reply: FlowKey) -> None:
+        """Forget a flow this host did not forward; its packets pass untouched from now on."""
+        self.end(flow, "not forwarded by this host")
+        self._remember_passing(flow.key, reply)
+
+    def _remember_passing(self, orig: FlowKey, reply: FlowKey) -> None:
+        passing = self.passing
+        while len(passing) >= 2 * PASSING_CAP:
+            passing.pop(next(iter(passing)))
+        passing[orig], passing[reply] = reply, orig
 
     @staticmethod
     def _reused(flow: Flow, d: int, seq: int) -> bool:

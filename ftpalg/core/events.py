@@ -34,6 +34,9 @@ class Reason(StrEnum):
     NO_NAT_MAPPING = "no_nat_mapping"
     NO_FREE_PORT = "no_free_port"
     PINHOLE_FAILED = "pinhole_failed"
+    # a control connection this host did not forward: opened on the gateway itself (a client
+    # there, docker-proxy); it passes untouched, no pinhole can be opened for it
+    NOT_FORWARDED = "not_forwarded"
     NO_SEQ_ADJUST = "no_seq_adjust"
     PINHOLE_CAP = "pinhole_cap"
     CLIENT_PINHOLE_CAP = "client_pinhole_cap"

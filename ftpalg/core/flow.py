@@ -23,7 +23,7 @@ C2S, S2C = 0, 1
 
 class Flow:
     __slots__ = ("key", "reply_key", "mapping", "dirs", "session", "pinhole", "last_pinhole", "closed_at",
-                 "last_seen", "logged", "lookups", "following")
+                 "last_seen", "logged", "lookups", "following", "passing")
 
     def __init__(self, key: FlowKey, now: float, selected: bool = False, xlat: Xlat | None = None) -> None:
         self.key = key
@@ -38,6 +38,9 @@ class Flow:
         self.logged: tuple[str, ...] = ()  # reasons reported for it (a few; an empty set is 216 bytes)
         self.lookups = 0  # NAT mapping look-ups tried
         self.following = False  # the kernel was asked to queue its whole stream (selected mode)
+        # not forwarded by this host (kernel.NotForwarded): its reply tuple; the table lets
+        # its packets pass untouched from now on
+        self.passing: FlowKey | None = None
 
     @property
     def corrected(self) -> bool:

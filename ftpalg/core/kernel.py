@@ -62,13 +62,25 @@ class PinholeBusy(Exception):
     """The public port of a pinhole is already expected by another connection."""
 
 
+class NotForwarded(Exception):
+    """The control connection cannot carry pinholes: the kernel gave it no helper, because
+    it did not pass this host's prerouting as a new connection. This host opened it itself
+    (a client on the gateway, or ``docker-proxy`` relaying one to a container), or it is
+    older than ftpalg's rules. ``other``: its tuple in the other direction (the reply tuple
+    for ``mapping``, the original for ``by_reply``)."""
+
+    def __init__(self, other: FlowKey) -> None:
+        super().__init__("the connection has no conntrack helper")
+        self.other = other
+
+
 class Kernel(Protocol):
     """Conntrack and its expectations, for the core."""
 
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         """The reply tuple (src, sport, dst, dport) of the connection whose original tuple
         is ``key``, and whether the kernel holds any sequence correction for it; None if
-        conntrack has no such connection."""
+        conntrack has no such connection. Raise NotForwarded if it cannot carry pinholes."""
 
     def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
         """The sequence adjustment the kernel holds for ``direction`` of the connection whose
@@ -77,7 +89,8 @@ class Kernel(Protocol):
 
     def by_reply(self, key: FlowKey) -> Found | None:
         """The connection whose reply tuple is ``key`` (a packet of the server's side met
-        before any of the client's); None if conntrack has no such connection."""
+        before any of the client's); None if conntrack has no such connection. Raise
+        NotForwarded if it cannot carry pinholes."""
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` (0 = client -> server)

@@ -4,11 +4,13 @@ topology x client x mode x server, every download checked by SHA-256.
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
 that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and the NAT64 lab
 (see nat64.py: IPv6-only clients, Tayga and MASQUERADE of its pool, IPv4-only servers, one
-without EPSV), runs every cell with no ALG, starts ``ftpalg run`` in the three gateways (no
-options; in the NAT64 gateway only the NAT64 option, ``nat64.NAT64_OPTIONS``), runs every cell
-again, prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells
-run in parallel: most failures without ftpalg are timeouts. The NAT64 table has a few cells
-only (the NAT64 tests have the full matrix, uploads included).
+without EPSV) and a Docker host (dockerhost.py: Debian's dockerd in a namespace, vsftpd in a
+container that publishes only port 21; left out when docker.io is not installed), all three at
+once, runs every cell with no ALG, starts ``ftpalg run`` in every gateway (no options; in the
+NAT64 gateway only the NAT64 option, ``nat64.NAT64_OPTIONS``), runs every cell again, prints
+the matrix and removes everything it created, also on failure or Ctrl-C. Cells run in
+parallel: most failures without ftpalg are timeouts. The NAT64 and Docker tables have a few
+cells only (their tests have the full matrices, uploads included).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import clients, nat64, servers
+from . import clients, docker, nat64, servers
+from .dockerhost import CLIENT as DOCKER_CLIENT
+from .dockerhost import PUBLISHED, DockerLab
 from .lab import (
     CLIENTS,
     CLIENTS6,
@@ -49,7 +54,7 @@ class Topology:
     source: str
     targets: tuple[tuple[str, str], ...]  # (server kind, address the client connects to)
     family: int
-    nat64: bool = False  # in the NAT64 lab, not the lab
+    lab: str = ""  # the lab it is in: "" (lab.py's), NAT64 or DOCKER
     kinds: tuple[clients.ClientKind, ...] = ()  # the client kinds it shows (none: every one of the family)
 
     def target(self, kind: str) -> str:
@@ -71,8 +76,15 @@ def topologies() -> list[Topology]:
         Topology("nat64", f"IPv6-only client {nat64.CLIENTS6[0]} -> gw (tayga {nat64.PREFIX6}, MASQUERADE) -> "
                  f"IPv4-only servers at {nat64.PREFIX6.split('/')[0]}203.0.113.x",
                  "client", nat64.CLIENTS6[0], tuple((k, nat64.SERVERS6[k]) for k in NAT64_SERVERS), 6,
-                 nat64=True, kinds=NAT64_KINDS),
+                 lab=NAT64, kinds=NAT64_KINDS),
+        # vsftpd only: a few cells (every server: python -m ftpalg.lab.dockerhost)
+        Topology("docker-host", "client 192.0.2.100 -> Docker host (dockerd's rules: FORWARD DROP, DNAT of "
+                 "-p 192.0.2.2:21:21 only) -> vsftpd in a container", "outside", DOCKER_CLIENT,
+                 (("vsftpd", PUBLISHED["vsftpd"]),), 4, lab=DOCKER),
     ]
+
+
+NAT64, DOCKER = "nat64", "docker"
 
 
 NAT64_SERVERS = ("vsftpd", servers.NO_EPSV_KIND)
@@ -95,13 +107,16 @@ class Outcome:
     detail: str
 
 
-def cells() -> list[Cell]:
+def cells(labs: frozenset[str] = frozenset({"", NAT64, DOCKER})) -> list[Cell]:
+    """The cells of the topologies in ``labs``."""
     out = []
     for t in topologies():
+        if t.lab not in labs:
+            continue
         for k in t.kinds or clients.kinds(family=t.family):
             for server, _ in t.targets:
                 # behind NAT64 the ALG translates what the server lacks
-                if t.nat64 or k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
+                if t.lab == NAT64 or k.mode in SERVER_MODES.get(server, DEFAULT_SERVER_MODES):
                     out.append(Cell(t, k, server))
     return out
 
@@ -111,8 +126,8 @@ def failure_reason(text: str, rc: int | None) -> str:
     return clients.failure_reason(text, rc, CELL_TIMEOUT)
 
 
-def run_cell(labs: dict[bool, Lab], cell: Cell, want: str, tag: str) -> Outcome:
-    lab = labs[cell.topo.nat64]
+def run_cell(labs: dict[str, Lab], cell: Cell, want: str, tag: str) -> Outcome:
+    lab = labs[cell.topo.lab]
     out = lab.state / "demo" / f"{tag}-{cell.topo.key}-{cell.client.name}-{cell.client.mode}-{cell.server}"
     out.unlink(missing_ok=True)
     ns = getattr(lab, cell.topo.client_ns)
@@ -134,18 +149,20 @@ def run_cell(labs: dict[bool, Lab], cell: Cell, want: str, tag: str) -> Outcome:
     return Outcome(False, failure_reason(text, rc))
 
 
-def matrix(labs: dict[bool, Lab], tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
-    """Every cell in its lab (``labs``: the NAT64 lab under True); each lab has its own
-    random files, so the checksum is the cell's lab's."""
+def matrix(labs: dict[str, Lab], tag: str, todo: list[Cell]) -> dict[Cell, Outcome]:
+    """Every cell in its lab (``labs``: by ``Topology.lab``); each lab has its own random
+    files, so the checksum is the cell's lab's."""
     want = {k: sha256(lab.files / FILE) for k, lab in labs.items()}
     for lab in labs.values():
         (lab.state / "demo").mkdir(exist_ok=True)
     with ThreadPoolExecutor(WORKERS) as pool:
-        return dict(zip(todo, pool.map(lambda c: run_cell(labs, c, want[c.topo.nat64], tag), todo), strict=True))
+        return dict(zip(todo, pool.map(lambda c: run_cell(labs, c, want[c.topo.lab], tag), todo), strict=True))
 
 
 def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
     for t in topologies():
+        if not any(c.topo == t for c in without):
+            continue
         kinds = [k for k, _ in t.targets]
         rows = sorted({(c.client.name, c.client.mode) for c in without if c.topo == t},
                       key=lambda r: (clients.CLIENT_NAMES.index(r[0]), clients.MODES.index(r[1])))
@@ -183,12 +200,22 @@ def _mark(o: Outcome) -> str:
     return "ok" if o.ok else "FAIL"
 
 
+def _docker_up(lab: DockerLab) -> None:
+    lab.up()
+    lab.start_docker()
+
+
 def main(prefix: str = "ftpalg-demo") -> int:
     lab, lab64 = Lab(prefix), nat64.Nat64Lab(f"{prefix}6")
-    labs: dict[bool, Lab] = {False: lab, True: lab64}
+    labs: dict[str, Lab] = {"": lab, NAT64: lab64}
     # (lab, gateway, ftpalg's options): no options but NAT64's, as an admin starts it
-    gateways = [(lab, lab.gw, ()), (lab, lab.gw2, ()), (lab64, lab64.gw, nat64.NAT64_OPTIONS)]
-    todo = cells()
+    gateways: list[tuple[Lab, str, tuple[str, ...]]] = [(lab, lab.gw, ()), (lab, lab.gw2, ()),
+                                                        (lab64, lab64.gw, nat64.NAT64_OPTIONS)]
+    missing = docker.missing()
+    if not missing:
+        dlab = labs[DOCKER] = DockerLab(f"{prefix}-dk", kinds=("vsftpd",))
+        gateways.append((dlab, dlab.host, ()))
+    todo = cells(frozenset(labs))
     rcs: list[int] = []
     leftover: list[str] = []
     logs = ""
@@ -196,15 +223,23 @@ def main(prefix: str = "ftpalg-demo") -> int:
     try:
         print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
               "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
-        lab.up()
-        print("building the NAT64 lab: IPv6-only clients -> gw (tayga, MASQUERADE of its pool; FORWARD policy "
-              "DROP) -> IPv4-only servers", flush=True)
-        lab64.up()
+        print("building the NAT64 lab meanwhile: IPv6-only clients -> gw (tayga, MASQUERADE of its pool; FORWARD "
+              "policy DROP) -> IPv4-only servers", flush=True)
+        ups: list[Callable[[], None]] = [lab.up, lab64.up]
+        if DOCKER in labs:
+            print("building the Docker host meanwhile: dockerd in a namespace, vsftpd in a container publishing "
+                  "only -p 192.0.2.2:21:21; an outside client", flush=True)
+            ups.append(lambda: _docker_up(dlab))
+        else:
+            print(f"no Docker host: {', '.join(missing)} not installed (apt-get install {docker.PACKAGE})")
+        with ThreadPoolExecutor(len(ups)) as pool:
+            for job in [pool.submit(up) for up in ups]:
+                job.result()
         print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
         without = matrix(labs, "without", todo)
         before = [g.ruleset(gw) for g, gw, _ in gateways]
-        print("starting `ftpalg run` in gw and gw2, and `ftpalg run "
-              f"{' '.join(nat64.NAT64_OPTIONS)}` in the NAT64 gateway ...", flush=True)
+        print(f"starting `ftpalg run` in gw, gw2{' and the Docker host' if DOCKER in labs else ''}, and "
+              f"`ftpalg run {' '.join(nat64.NAT64_OPTIONS)}` in the NAT64 gateway ...", flush=True)
         procs = [(g, g.start_ftpalg(*opts, gw=gw)) for g, gw, opts in gateways]
         try:
             print("the same cells with ftpalg ...", flush=True)
@@ -217,8 +252,8 @@ def main(prefix: str = "ftpalg-demo") -> int:
         for g in labs.values():
             for f in sorted((g.state / "demo").glob("*.log")):
                 print(f"--- {f.name}\n{f.read_text()[-1500:]}")
-        lab64.down()
-        lab.down()
+        for g in reversed(labs.values()):
+            g.down()
     show(without, with_)
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
