@@ -17,8 +17,9 @@ from needs import in_ci, need
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces), named after their pid
-STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$")
+# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; fn: the service
+# lab of test_netns_service), named after their pid
+STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$|^(fn\d+)-(c|node|p\d)$")
 
 
 def pytest_sessionstart(session):
@@ -26,14 +27,15 @@ def pytest_sessionstart(session):
     if os.geteuid() != 0:
         return
     from ftpalg.lab.lab import Lab
+    from ftpalg.lab.service import ServiceLab
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     except OSError:
         return
-    for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
+    for prefix in {m.group(1) or m.group(3) for n in names if (m := STALE.match(n))}:
         if not os.path.exists(f"/proc/{prefix[2:]}"):
-            Lab(prefix).down()
+            (ServiceLab if prefix.startswith("fn") else Lab)(prefix).down()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -151,7 +151,7 @@ class Lab:
         return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
 
     @property
-    def gateways(self) -> tuple[str, str]:
+    def gateways(self) -> tuple[str, ...]:
         return (self.gw, self.gw2)
 
     @property

@@ -1,0 +1,443 @@
+"""A load-balanced FTP service in the shape of a Kubernetes node running kube-proxy in
+iptables mode: three replicas of one FTP server behind the rules kube-proxy writes, an
+outside client. ``ServiceLab`` builds it in network namespaces named ``<prefix>-<suffix>``::
+
+  <p>-c     outside client   eth0  192.168.49.100/24; 192.0.2.0/24 via 192.168.49.2; no
+                                   route to the pod or service networks
+    │ eth0 ── eth0
+  <p>-node  the node         eth0  192.168.49.2/24 (node IP), 192.0.2.10/32 and 192.0.2.11/32
+            (gateway)              (the services' load-balancer IPs: on the node, as kube-vip
+                                   puts them; a port no service publishes is refused at once)
+                             cni0  10.244.0.1/24 (a bridge, the veths of the pods in it, as the
+                                   bridge CNI plugin makes it)
+                             ip_forward, route_localnet; kube-proxy's ruleset (``kube_proxy_rules``):
+                             nat PREROUTING/OUTPUT -> KUBE-SERVICES -> KUBE-EXT-* (KUBE-MARK-MASQ)
+                             -> KUBE-SVC-* (-m statistic --mode random --probability 1/3, 1/2)
+                             -> KUBE-SEP-* (DNAT to the pod); POSTROUTING -> KUBE-POSTROUTING
+                             (MASQUERADE --random-fully of packets marked 0x4000); NodePorts in
+                             KUBE-NODEPORTS; filter FORWARD policy DROP but KUBE-FORWARD (marked
+                             packets, RELATED,ESTABLISHED)
+    │ vethN ── eth0 (N = 0, 1, 2)
+  <p>-pN    replica N (pod)  eth0  10.244.0.2+N/24, default via 10.244.0.1; two vsftpd:
+                             :21   default configuration (what ftpalg needs: nothing published
+                                   but the control port, no address configured)
+                             :2121 configured as FTP images tell Kubernetes users: passive ports
+                                   30000-30009 (pasv_min_port/pasv_max_port), 227 announcing the
+                                   service's load-balancer IP (pasv_address)
+                             every replica serves ``FILE`` with contents of its own and says
+                             which replica it is in its banner ("220 replica N of 3")
+
+Services (``SERVICES``; chain names hashed as kube-proxy hashes them, ``port_proto_hash``):
+
+* ``ftp/ftp`` (type LoadBalancer): ClusterIP 10.96.0.21, load-balancer IP 192.0.2.10; port
+  ``control`` 21 -> 21, NodePort 30021. Only the control port is published.
+* ``ftp/ftp-classic`` (type LoadBalancer, no NodePorts): ClusterIP 10.96.0.22, load-balancer
+  IP 192.0.2.11; port ``control`` 21 -> 2121 and ``pasv-30000`` .. ``pasv-30009`` -> the same
+  port: the passive range published, each port a service of its own to kube-proxy, balanced
+  on its own.
+* ``default/kubernetes`` (ClusterIP 10.96.0.1:443 -> 192.168.49.2:6443), as every cluster has.
+
+The outside client reaches the services at ``ENTRIES``: each load-balancer IP on port 21, and
+``ftp/ftp``'s NodePort on the node IP. kube-proxy masquerades that traffic
+(externalTrafficPolicy Cluster, the default): a replica sees every client as 10.244.0.1.
+No FTP conntrack helper anywhere; bridge-nf-call-iptables is on in the node (a new namespace's
+default here), as Kubernetes requires. The node sends its ICMP errors without a rate limit
+(``icmp_ratelimit`` 0): a data connection the ruleset sends nowhere fails quickly. Not for
+production paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import servers
+from .lab import EPHEMERAL_PORTS, Lab
+from .netns import add_namespaces, link_batch, run_all
+
+NODE_NET = "192.168.49"
+NODE_IP = f"{NODE_NET}.2"
+CLIENT = f"{NODE_NET}.100"
+LB_NET = "192.0.2"
+POD_NET = "10.244.0"
+CLUSTER_CIDR = "10.244.0.0/16"
+CNI_GATEWAY = f"{POD_NET}.1"
+REPLICAS = 3
+PODS = tuple(f"{POD_NET}.{2 + i}" for i in range(REPLICAS))
+CLASSIC_PORT = 2121  # the pods' second vsftpd, configured for a published passive range
+PASSIVE_RANGE = (30000, 30009)
+FILE = "replica.bin"
+FILE_SIZE = 256 * 1024
+MASQ_MARK = 0x4000
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target: int
+    node_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ip: str
+    ports: tuple[ServicePort, ...]
+    lb_ip: str | None = None
+    endpoints: tuple[str, ...] = PODS
+
+    def port_name(self, p: ServicePort) -> str:
+        """kube-proxy's ServicePortName string: ``namespace/name:port``."""
+        return f"{self.namespace}/{self.name}:{p.name}"
+
+
+SERVICES = (
+    Service("default", "kubernetes", "10.96.0.1", (ServicePort("https", 443, 6443),), endpoints=(NODE_IP,)),
+    Service("ftp", "ftp", "10.96.0.21", (ServicePort("control", 21, 21, 30021),), f"{LB_NET}.10"),
+    Service("ftp", "ftp-classic", "10.96.0.22",
+            (ServicePort("control", 21, CLASSIC_PORT),
+             *[ServicePort(f"pasv-{p}", p, p) for p in range(PASSIVE_RANGE[0], PASSIVE_RANGE[1] + 1)]),
+            f"{LB_NET}.11"),
+)
+LB_FTP = f"{LB_NET}.10"
+LB_CLASSIC = f"{LB_NET}.11"
+NODE_PORT = 30021
+ENTRIES = {
+    "lb": (LB_FTP, 21),  # ftp/ftp: only the control port published
+    "lb-classic": (LB_CLASSIC, 21),  # ftp/ftp-classic: the passive range published too
+    "nodeport": (NODE_IP, NODE_PORT),  # ftp/ftp's NodePort
+}
+"""Where the outside client connects: name -> (address, port)."""
+CONTROL_PORTS = (21, NODE_PORT)
+"""The ports clients connect to for FTP control connections: what ``ftpalg run`` is given
+(``--control-port``) on this node."""
+
+
+# ---- kube-proxy's ruleset -----------------------------------------------------------------------
+def port_proto_hash(service_port_name: str, protocol: str = "tcp") -> str:
+    """kube-proxy's chain-name hash (pkg/proxy/iptables/proxier.go ``portProtoHash``): the first
+    16 characters of base32(sha256(name + protocol))."""
+    return base64.b32encode(hashlib.sha256((service_port_name + protocol).encode()).digest()).decode()[:16]
+
+
+def _probability(remaining: int) -> str:
+    """kube-proxy's ``--probability`` of the first of ``remaining`` endpoints."""
+    return f"{1.0 / remaining:0.10f}"
+
+
+def _service_rules(svc: Service) -> tuple[list[str], list[str]]:
+    """(chains, rules) of one service in the nat table, in kube-proxy's form."""
+    chains: list[str] = []
+    rules: list[str] = []
+    for p in svc.ports:
+        spn = svc.port_name(p)
+        h = port_proto_hash(spn)
+        svc_chain, ext_chain = f"KUBE-SVC-{h}", f"KUBE-EXT-{h}"
+        chains.append(svc_chain)
+        rules.append(f'-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p tcp -m comment --comment "{spn} cluster IP" '
+                     f"-m tcp --dport {p.port} -j {svc_chain}")
+        external = svc.lb_ip is not None or p.node_port is not None
+        if external:
+            chains.append(ext_chain)
+            if svc.lb_ip is not None:
+                rules.append(f'-A KUBE-SERVICES -d {svc.lb_ip}/32 -p tcp -m comment --comment "{spn} loadbalancer IP" '
+                             f"-m tcp --dport {p.port} -j {ext_chain}")
+            if p.node_port is not None:
+                rules.append(f'-A KUBE-NODEPORTS -p tcp -m comment --comment "{spn}" -m tcp --dport {p.node_port} '
+                             f"-j {ext_chain}")
+            rules.append(f'-A {ext_chain} -m comment --comment "masquerade traffic for {spn} external destinations" '
+                         "-j KUBE-MARK-MASQ")
+            rules.append(f"-A {ext_chain} -j {svc_chain}")
+        rules.append(f'-A {svc_chain} ! -s {CLUSTER_CIDR} -d {svc.cluster_ip}/32 -p tcp -m comment --comment '
+                     f'"{spn} cluster IP" -m tcp --dport {p.port} -j KUBE-MARK-MASQ')
+        n = len(svc.endpoints)
+        for i, ep in enumerate(svc.endpoints):
+            endpoint = f"{ep}:{p.target}"
+            sep = "KUBE-SEP-" + port_proto_hash(spn, "tcp" + endpoint)
+            chains.append(sep)
+            pick = f" -m statistic --mode random --probability {_probability(n - i)}" if i < n - 1 else ""
+            rules.append(f'-A {svc_chain} -m comment --comment "{spn} -> {endpoint}"{pick} -j {sep}')
+            rules.append(f'-A {sep} -s {ep}/32 -m comment --comment "{spn}" -j KUBE-MARK-MASQ')
+            rules.append(f'-A {sep} -p tcp -m comment --comment "{spn}" -m tcp -j DNAT --to-destination {endpoint}')
+    return chains, rules
+
+
+def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
+    """iptables-restore text of the node: kube-proxy's (and kubelet's) tables in iptables mode,
+    as kube-proxy 1.28+ writes them (chain names, comments, the masquerade mark and its
+    clearing, ``--random-fully``); the filter FORWARD policy DROP (as a Docker-era node has)."""
+    chains: list[str] = []
+    rules: list[str] = []
+    for svc in services:
+        c, r = _service_rules(svc)
+        chains += c
+        rules += r
+    rules.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last '
+                 'rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    mark = f"{MASQ_MARK:#x}"
+    return "\n".join([
+        "*mangle",
+        ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":KUBE-IPTABLES-HINT - [0:0]", ":KUBE-KUBELET-CANARY - [0:0]", ":KUBE-PROXY-CANARY - [0:0]",
+        "COMMIT",
+        "*filter",
+        ":INPUT ACCEPT [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]",
+        *[f":{c} - [0:0]" for c in ("KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD", "KUBE-KUBELET-CANARY",
+                                     "KUBE-NODEPORTS", "KUBE-PROXY-CANARY", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")],
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+        "-j KUBE-PROXY-FIREWALL",
+        '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" '
+        "-j KUBE-EXTERNAL-SERVICES",
+        "-A INPUT -j KUBE-FIREWALL",
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+        "-j KUBE-PROXY-FIREWALL",
+        '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" '
+        "-j KUBE-EXTERNAL-SERVICES",
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+        "-j KUBE-PROXY-FIREWALL",
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "-A OUTPUT -j KUBE-FIREWALL",
+        '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" '
+        "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate '
+        "RELATED,ESTABLISHED -j ACCEPT",
+        "COMMIT",
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]",
+        *[f":{c} - [0:0]" for c in ("KUBE-KUBELET-CANARY", "KUBE-MARK-MASQ", "KUBE-NODEPORTS", "KUBE-POSTROUTING",
+                                     "KUBE-PROXY-CANARY", "KUBE-SERVICES", *chains)],
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
+        f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
+        f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE '
+        "--random-fully",
+        *rules,
+        "COMMIT",
+        "",
+    ])
+
+
+# ---- the lab ----------------------------------------------------------------------------------------
+SUFFIXES = ("c", "node", *[f"p{i}" for i in range(REPLICAS)])
+_SYSCTLS = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.ip_local_port_range='{} {}'".format(*EPHEMERAL_PORTS), "net.ipv4.tcp_tw_reuse=1"]
+
+
+def banner(replica: int) -> str:
+    """What replica ``replica`` says after 220."""
+    return f"replica {replica} of {REPLICAS}"
+
+
+@dataclass
+class ServiceLab(Lab):
+    """The node, its replicas and an outside client (see the module's docstring). ``gw`` is
+    the node: ``start_ftpalg``, ``ruleset``, ``expectations`` and the rest of ``Lab``'s
+    gateway methods work on it."""
+
+    prefix: str = "ftpalg-svc"
+    hashes: dict[int, str] = field(default_factory=dict)
+    """Replica -> SHA-256 of its ``FILE``."""
+
+    @property
+    def client(self) -> str:
+        return f"{self.prefix}-c"
+
+    @property
+    def gw(self) -> str:
+        return f"{self.prefix}-node"
+
+    @property
+    def node(self) -> str:
+        return self.gw
+
+    def pod(self, i: int) -> str:
+        return f"{self.prefix}-p{i}"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return (self.node,)
+
+    def root(self, i: int) -> Path:
+        """The files replica ``i`` serves."""
+        return self.state / f"p{i}" / "pub"
+
+    def up(self, servers: bool = True) -> None:
+        self.down()
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            self._build()
+            for i in range(REPLICAS):
+                root = self.root(i)
+                root.mkdir(parents=True, exist_ok=True)
+                root.parent.chmod(0o755)
+                root.chmod(0o755)
+                data = os.urandom(FILE_SIZE)
+                (root / FILE).write_bytes(data)
+                self.hashes[i] = hashlib.sha256(data).hexdigest()
+            if servers:
+                self.start_servers()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        p = self.prefix
+        add_namespaces([f"{p}-{s}" for s in SUFFIXES],
+                       [(f"{p}-c", "eth0", f"{p}-node", "eth0"),
+                        *[(f"{p}-node", f"veth{i}", f"{p}-p{i}", "eth0") for i in range(REPLICAS)]])
+        scripts = self.state / "setup"
+        scripts.mkdir(parents=True, exist_ok=True)
+        node = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} net.ipv4.ip_forward=1 net.ipv4.conf.all.route_localnet=1 "
+                "net.ipv4.icmp_ratelimit=0",
+                "h=/proc/sys/net/netfilter/nf_conntrack_helper; if [ -e $h ]; then echo 0 > $h; fi",
+                "ip -batch - <<'EOF'", "link add cni0 type bridge",
+                *link_batch({"eth0": [f"{NODE_IP}/24", f"{LB_FTP}/32", f"{LB_CLASSIC}/32"],
+                              "cni0": [f"{CNI_GATEWAY}/24"]}),
+                *[f"link set veth{i} master cni0 up" for i in range(REPLICAS)], "EOF",
+                "iptables-restore <<'EOF'", kube_proxy_rules().rstrip("\n"), "EOF"]
+        client = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
+                  *link_batch({"eth0": [f"{CLIENT}/24"]}), f"route add {LB_NET}.0/24 via {NODE_IP}", "EOF"]
+        jobs = [self._script("node", node), self._script("c", client)]
+        for i, addr in enumerate(PODS):
+            jobs.append(self._script(f"p{i}", ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
+                                               *link_batch({"eth0": [f"{addr}/24"]}),
+                                               f"route add default via {CNI_GATEWAY}", "EOF"]))
+        run_all(jobs)
+
+    def _script(self, suffix: str, lines: list[str]) -> tuple[list[str], None]:
+        path = self.state / "setup" / f"{suffix}.sh"
+        path.write_text("\n".join(lines) + "\n")
+        return ["ip", "netns", "exec", f"{self.prefix}-{suffix}", "sh", str(path)], None
+
+    def start_servers(self) -> None:
+        """Two vsftpd in every replica: the default one on 21, the "classic" one on 2121."""
+        started = []
+        want: dict[str, list[tuple[str, int]]] = {}
+        for i, addr in enumerate(PODS):
+            extra = f"ftpd_banner={banner(i)}"
+            classic = f"{extra}\npasv_min_port={PASSIVE_RANGE[0]}\npasv_max_port={PASSIVE_RANGE[1]}"
+            for port, conf, pasv in ((21, extra, None), (CLASSIC_PORT, classic, LB_CLASSIC)):
+                state = self.state / f"p{i}" / f"vsftpd-{port}"
+                argv = servers.server_command("vsftpd", addr, self.root(i), state, port, pasv, conf)
+                started.append(self.popen(self.pod(i), argv, state / "server.out", stdin_log=True))
+                want.setdefault(self.pod(i), []).append((addr, port))
+        self.wait_ports(want, watch=started)
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def sessions(self, entry: str, client: str, mode: str, n: int,
+                 timeout: float = 5.0) -> list[SessionResult]:
+        """Run ``n`` sessions one after the other from the outside client to ``ENTRIES[entry]``,
+        each downloading ``FILE`` with ``client`` ("ftplib" or "curl") in ``mode`` (see
+        ``service_clients.MODES``)."""
+        return self.sessions_start(entry, client, mode, n, timeout).result()
+
+    def matrix(self, cells: dict[Cell, int], parallel: int = 8,
+               timeout: float = 5.0) -> dict[Cell, list[SessionResult]]:
+        """As many sessions of each cell as ``cells`` says; up to ``parallel`` cells at a time."""
+        todo = list(cells.items())
+        running: list[tuple[Cell, Sessions]] = []
+        out: dict[Cell, list[SessionResult]] = {}
+        try:
+            while todo or running:
+                while todo and len(running) < parallel:
+                    c, n = todo.pop(0)
+                    running.append((c, self.sessions_start(c.entry, c.client, c.mode, n, timeout)))
+                c, s = running.pop(0)
+                out[c] = s.result()
+        finally:
+            for _, s in running:
+                s.proc.kill()
+                s.proc.communicate()
+        return out
+
+    def sessions_start(self, entry: str, client: str, mode: str, n: int, timeout: float = 5.0) -> Sessions:
+        host, port = ENTRIES[entry]
+        argv = ["ip", "netns", "exec", self.client, sys.executable, "-m", "ftpalg.lab.service_clients",
+                client, mode, host, str(port), FILE, str(n), "--timeout", str(timeout)]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return Sessions(self, p, n * (2 * timeout + 5) + 10)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Sessions of one kind: to ``ENTRIES[entry]`` with ``client`` in ``mode``."""
+
+    entry: str
+    client: str
+    mode: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry} {self.client} {self.mode}"
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """One session: the replica its control connection reached (from the banner; None if it
+    never got one), the SHA-256 of what it downloaded (None if nothing), the error if any."""
+
+    replica: int | None
+    sha256: str | None
+    error: str
+
+    def reached(self, lab: ServiceLab) -> int | None:
+        """The replica whose file the data connection brought, or None."""
+        return next((i for i, h in lab.hashes.items() if h == self.sha256), None)
+
+    def own_replica(self, lab: ServiceLab) -> bool:
+        """The download is the file of the replica of its own control connection."""
+        return self.replica is not None and self.reached(lab) == self.replica
+
+    def outcome(self, lab: ServiceLab) -> str:
+        """"ok", "wrong replica" or the error."""
+        if self.own_replica(lab):
+            return "ok"
+        if self.reached(lab) is not None:
+            return "wrong replica"
+        return self.error or "no file"
+
+
+@dataclass
+class Sessions:
+    """Sessions running in the client namespace; ``result()`` waits for them."""
+
+    lab: ServiceLab
+    proc: subprocess.Popen[str]
+    timeout: float
+
+    def result(self) -> list[SessionResult]:
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        results = []
+        for line in out.splitlines():
+            d = json.loads(line)
+            results.append(SessionResult(d["replica"], d["sha256"], d["error"]))
+        if self.proc.returncode != 0 and not results:
+            results.append(SessionResult(None, None, f"client program failed ({self.proc.returncode}): "
+                                                    f"{err.strip()[-500:]}"))
+        return results
