@@ -2,10 +2,14 @@
 topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
-that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), runs every cell
-with no ALG, starts ``ftpalg run`` (no options) in both gateways, runs every cell again,
+that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and the service
+lab (service.py: a Kubernetes node with kube-proxy's iptables rules in front of three vsftpd
+replicas), runs every cell with no ALG, starts ``ftpalg run`` in both gateways (no options)
+and in the node (its control ports: 21 and the service's NodePort), runs every cell again,
 prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells run
-in parallel: most failures without ftpalg are timeouts.
+in parallel: most failures without ftpalg are timeouts. A cell of the service is
+``SERVICE_SESSIONS`` sessions, passing only if every data connection reached the replica of
+its own control connection.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import clients
+from . import clients, service
 from .lab import (
     CLIENTS,
     CLIENTS6,
@@ -30,6 +34,7 @@ from .lab import (
     Lab,
     sha256,
 )
+from .service_clients import MODES as SERVICE_MODES
 
 FILE = "big.bin"
 CELL_TIMEOUT = 6.0  # seconds; a cell that takes longer failed (typically: a dropped SYN)
@@ -38,6 +43,9 @@ WORKERS = 24
 SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
 DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
 _REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
+SERVICE_SESSIONS = 6  # per cell of the service: all 6 on their own replica by chance: 1 in 729
+SERVICE_TITLE = ("client 192.168.49.100 -> node (kube-proxy's iptables rules: random choice among 3 vsftpd "
+                 "replicas, DNAT, masquerade)")
 
 
 @dataclass(frozen=True)
@@ -168,12 +176,47 @@ def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
             print(f"  {c.topo.key} / {c.client.label} / {c.server}: {o.detail}")
 
 
+def service_cells() -> dict[service.Cell, int]:
+    return {service.Cell(e, "ftplib", m): SERVICE_SESSIONS for m in SERVICE_MODES for e in service.ENTRIES}
+
+
+def service_outcome(lab: service.ServiceLab, results: list[service.SessionResult]) -> Outcome:
+    """A service cell passes if every session's data connection reached its own replica."""
+    bad = Counter(r.outcome(lab) for r in results if not r.own_replica(lab))
+    if not bad and len(results) == SERVICE_SESSIONS:
+        return Outcome(True, "ok")
+    return Outcome(False, ", ".join(f"{n} x {why}" for why, n in bad.most_common()) or "no sessions")
+
+
+def show_service(without: dict[service.Cell, Outcome], with_: dict[service.Cell, Outcome]) -> None:
+    entries = list(service.ENTRIES)
+    a, b = sum(o.ok for o in without.values()), sum(o.ok for o in with_.values())
+    print(f"\n[service] {SERVICE_TITLE}\n  without ftpalg {a}/{len(with_)} pass, with ftpalg {b}/{len(with_)} pass "
+          f"(a cell: {SERVICE_SESSIONS} sessions, each data connection to its own control connection's replica)")
+    print("  " + f"{'client':<7}{'mode':<10}" + "".join(f"{e:<15}" for e in entries))
+    for mode in SERVICE_MODES:
+        line = f"  {'ftplib':<7}{mode:<10}"
+        for e in entries:
+            c = service.Cell(e, "ftplib", mode)
+            line += f"{_mark(without[c]) + ' -> ' + _mark(with_[c]):<15}"
+        print(line.rstrip())
+    print("  lb: load-balancer IP publishing port 21 only; lb-classic: the passive range published too (vsftpd "
+          "pasv_address); nodeport: the NodePort; PASV-PEER: the 227 address ignored")
+    why = Counter(o.detail for o in without.values() if not o.ok)
+    for detail, n in why.most_common(3):
+        print(f"  without ftpalg {n:>3} x {detail[:90]}")
+    for c, o in with_.items():
+        if not o.ok:
+            print(f"  FAILED with ftpalg: {c.label}: {o.detail}")
+
+
 def _mark(o: Outcome) -> str:
     return "ok" if o.ok else "FAIL"
 
 
 def main(prefix: str = "ftpalg-demo") -> int:
     lab = Lab(prefix)
+    svc = service.ServiceLab(f"{prefix}-svc")
     todo = cells()
     rcs: list[int] = []
     leftover: list[str] = []
@@ -181,29 +224,40 @@ def main(prefix: str = "ftpalg-demo") -> int:
     t0 = time.monotonic()
     try:
         print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
-              "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
+              "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways; and a Kubernetes node "
+              "(kube-proxy's iptables rules) in front of 3 vsftpd replicas", flush=True)
         lab.up()
-        print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
+        svc.up()
+        print(f"{len(todo)} cells (topology x client x mode x server) and {len(service_cells())} of the service, "
+              "without ftpalg ...", flush=True)
         without = matrix(lab, "without", todo)
-        before = {gw: lab.ruleset(gw) for gw in lab.gateways}
-        print("starting `ftpalg run` in gw and gw2 ...", flush=True)
-        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2)]  # no options: as an admin starts it
+        svc_without = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
+        gateways = (*lab.gateways, svc.node)
+        before = {gw: (svc if gw == svc.node else lab).ruleset(gw) for gw in gateways}
+        print("starting `ftpalg run` in gw, gw2 and the node ...", flush=True)
+        # no options: as an admin starts it; the node: its control ports, as docs/kubernetes.md says
+        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2),
+                 svc.start_ftpalg(*[a for p in service.CONTROL_PORTS for a in ("--control-port", str(p))])]
         try:
             print("the same cells with ftpalg ...", flush=True)
             with_ = matrix(lab, "with", todo)
+            svc_with = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
         finally:
-            rcs = [lab.stop_ftpalg(p) for p in procs]
-        leftover = [gw for gw in lab.gateways if lab.ruleset(gw) != before[gw]]
-        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways)
+            rcs = [lab.stop_ftpalg(p) for p in procs[:2]] + [svc.stop_ftpalg(procs[2])]
+        leftover = [gw for gw in gateways if (svc if gw == svc.node else lab).ruleset(gw) != before[gw]]
+        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways) + svc.ftpalg_log()
     finally:
         for f in sorted((lab.state / "demo").glob("*.log")):
             print(f"--- {f.name}\n{f.read_text()[-1500:]}")
         lab.down()
+        svc.down()
     show(without, with_)
+    show_service(svc_without, svc_with)
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
           f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
-    ok = all(o.ok for o in with_.values()) and rcs == [0, 0] and not leftover and "Traceback" not in logs
+    ok = (all(o.ok for o in with_.values()) and all(o.ok for o in svc_with.values()) and rcs == [0, 0, 0]
+          and not leftover and "Traceback" not in logs)
     print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:
         print(logs[-4000:])
