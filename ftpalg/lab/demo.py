@@ -44,8 +44,8 @@ SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
 DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
 _REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
 SERVICE_SESSIONS = 6  # per cell of the service: all 6 on their own replica by chance: 1 in 729
-SERVICE_TITLE = ("client 192.168.49.100 -> node (kube-proxy's iptables rules: random choice among 3 vsftpd "
-                 "replicas, DNAT, masquerade)")
+SERVICE_TITLE = ("client 192.168.49.100 (and a pod) -> node (kube-proxy's iptables rules: random choice among "
+                 "3 vsftpd replicas, DNAT, masquerade)")
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def show_service(without: dict[service.Cell, Outcome], with_: dict[service.Cell,
             line += f"{_mark(without[c]) + ' -> ' + _mark(with_[c]):<15}"
         print(line.rstrip())
     print("  lb: load-balancer IP publishing port 21 only; lb-classic: the passive range published too (vsftpd "
-          "pasv_address); nodeport: the NodePort; PASV-PEER: the 227 address ignored")
+          "pasv_address); nodeport: the NodePort; clusterip: from a client pod; PASV-PEER: the 227 address ignored")
     why = Counter(o.detail for o in without.values() if not o.ok)
     for detail, n in why.most_common(3):
         print(f"  without ftpalg {n:>3} x {detail[:90]}")

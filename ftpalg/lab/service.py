@@ -1,24 +1,30 @@
 """A load-balanced FTP service in the shape of a Kubernetes node running kube-proxy in
 iptables mode: three replicas of one FTP server behind the rules kube-proxy writes, an
-outside client. ``ServiceLab`` builds it in network namespaces named ``<prefix>-<suffix>``::
+outside client and a client pod. ``ServiceLab`` builds it in network namespaces named
+``<prefix>-<suffix>``::
 
-  <p>-c     outside client   eth0  192.168.49.100/24; 192.0.2.0/24 via 192.168.49.2; no
-                                   route to the pod or service networks
+  <p>-c     outside client   eth0  192.168.49.100/24 (the client), 192.168.49.1/24 (the LAN's
+            and the LAN's          router: forwards, routes nothing but 192.0.2.0/24 via
+            router                 192.168.49.2; no route to the pod or service networks)
     │ eth0 ── eth0
   <p>-node  the node         eth0  192.168.49.2/24 (node IP), 192.0.2.10/32 and 192.0.2.11/32
             (gateway)              (the services' load-balancer IPs: on the node, as kube-vip
-                                   puts them; a port no service publishes is refused at once)
+                                   puts them; a port no service publishes is refused at once);
+                                   default via 192.168.49.1
                              cni0  10.244.0.1/24 (a bridge, the veths of the pods in it, as the
                                    bridge CNI plugin makes it)
-                             ip_forward, route_localnet; kube-proxy's ruleset (``kube_proxy_rules``):
+                             ip_forward, route_localnet; the ruleset of ``kube_proxy_rules``:
                              nat PREROUTING/OUTPUT -> KUBE-SERVICES -> KUBE-EXT-* (KUBE-MARK-MASQ)
                              -> KUBE-SVC-* (-m statistic --mode random --probability 1/3, 1/2)
                              -> KUBE-SEP-* (DNAT to the pod); POSTROUTING -> KUBE-POSTROUTING
                              (MASQUERADE --random-fully of packets marked 0x4000); NodePorts in
                              KUBE-NODEPORTS; filter FORWARD policy DROP but KUBE-FORWARD (marked
-                             packets, RELATED,ESTABLISHED)
-    │ vethN ── eth0 (N = 0, 1, 2)
-  <p>-pN    replica N (pod)  eth0  10.244.0.2+N/24, default via 10.244.0.1; two vsftpd:
+                             packets, RELATED,ESTABLISHED); flannel's FLANNEL-FWD (from or to a
+                             pod) and FLANNEL-POSTRTG (pods' traffic out masqueraded)
+    │ vethN ── eth0 (N = 0, 1, 2)                      │ vethc ── eth0
+  <p>-pN    replica N (pod)  eth0  10.244.0.2+N/24     <p>-cp  client pod  10.244.0.10/24
+                             default via 10.244.0.1            default via 10.244.0.1
+                             two vsftpd:
                              :21   default configuration (what ftpalg needs: nothing published
                                    but the control port, no address configured)
                              :2121 configured as FTP images tell Kubernetes users: passive ports
@@ -37,13 +43,14 @@ Services (``SERVICES``; chain names hashed as kube-proxy hashes them, ``port_pro
   on its own.
 * ``default/kubernetes`` (ClusterIP 10.96.0.1:443 -> 192.168.49.2:6443), as every cluster has.
 
-The outside client reaches the services at ``ENTRIES``: each load-balancer IP on port 21, and
-``ftp/ftp``'s NodePort on the node IP. kube-proxy masquerades that traffic
-(externalTrafficPolicy Cluster, the default): a replica sees every client as 10.244.0.1.
-No FTP conntrack helper anywhere; bridge-nf-call-iptables is on in the node (a new namespace's
-default here), as Kubernetes requires. The node sends its ICMP errors without a rate limit
-(``icmp_ratelimit`` 0): a data connection the ruleset sends nowhere fails quickly. Not for
-production paths.
+The clients reach the services at ``ENTRIES``: the outside client each load-balancer IP on
+port 21 and ``ftp/ftp``'s NodePort on the node IP, which kube-proxy masquerades
+(externalTrafficPolicy Cluster, the default: a replica sees the client as 10.244.0.1); the
+client pod ``ftp/ftp``'s ClusterIP, not masqueraded. No FTP conntrack helper anywhere;
+bridge-nf-call-iptables is on in the node (a new namespace's default here), as Kubernetes
+requires. The node and the router send ICMP errors without a rate limit (``icmp_ratelimit``
+0): a data connection that goes nowhere fails in about a second, not at the client's timeout.
+Not for production paths.
 """
 
 from __future__ import annotations
@@ -65,12 +72,14 @@ from .netns import add_namespaces, link_batch, run_all
 NODE_NET = "192.168.49"
 NODE_IP = f"{NODE_NET}.2"
 CLIENT = f"{NODE_NET}.100"
+ROUTER = f"{NODE_NET}.1"
 LB_NET = "192.0.2"
 POD_NET = "10.244.0"
 CLUSTER_CIDR = "10.244.0.0/16"
 CNI_GATEWAY = f"{POD_NET}.1"
 REPLICAS = 3
 PODS = tuple(f"{POD_NET}.{2 + i}" for i in range(REPLICAS))
+CLIENT_POD = f"{POD_NET}.10"
 CLASSIC_PORT = 2121  # the pods' second vsftpd, configured for a published passive range
 PASSIVE_RANGE = (30000, 30009)
 FILE = "replica.bin"
@@ -112,11 +121,12 @@ LB_FTP = f"{LB_NET}.10"
 LB_CLASSIC = f"{LB_NET}.11"
 NODE_PORT = 30021
 ENTRIES = {
-    "lb": (LB_FTP, 21),  # ftp/ftp: only the control port published
-    "lb-classic": (LB_CLASSIC, 21),  # ftp/ftp-classic: the passive range published too
-    "nodeport": (NODE_IP, NODE_PORT),  # ftp/ftp's NodePort
+    "lb": ("c", LB_FTP, 21),  # ftp/ftp: only the control port published
+    "lb-classic": ("c", LB_CLASSIC, 21),  # ftp/ftp-classic: the passive range published too
+    "nodeport": ("c", NODE_IP, NODE_PORT),  # ftp/ftp's NodePort
+    "clusterip": ("cp", "10.96.0.21", 21),  # ftp/ftp's ClusterIP, from a client pod
 }
-"""Where the outside client connects: name -> (address, port)."""
+"""Who connects where: name -> (the client's namespace suffix, address, port)."""
 CONTROL_PORTS = (21, NODE_PORT)
 """The ports clients connect to for FTP control connections: what ``ftpalg run`` is given
 (``--control-port``) on this node."""
@@ -171,10 +181,24 @@ def _service_rules(svc: Service) -> tuple[list[str], list[str]]:
     return chains, rules
 
 
+POD_SUBNET = f"{POD_NET}.0/24"  # this node's share of CLUSTER_CIDR
+FLANNEL_MASQ = (
+    (f"-m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x}", "RETURN"),
+    (f"-s {POD_SUBNET} -d {CLUSTER_CIDR}", "RETURN"),
+    (f"-s {CLUSTER_CIDR} -d {POD_SUBNET}", "RETURN"),
+    (f"! -s {CLUSTER_CIDR} -d {POD_SUBNET}", "RETURN"),
+    (f"-s {CLUSTER_CIDR} ! -d 224.0.0.0/4", "MASQUERADE --random-fully"),
+    (f"! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR}", "MASQUERADE --random-fully"),
+)
+"""flannel's FLANNEL-POSTRTG (pods' own traffic out of the cluster masqueraded)."""
+
+
 def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
     """iptables-restore text of the node: kube-proxy's (and kubelet's) tables in iptables mode,
     as kube-proxy 1.28+ writes them (chain names, comments, the masquerade mark and its
-    clearing, ``--random-fully``); the filter FORWARD policy DROP (as a Docker-era node has)."""
+    clearing, ``--random-fully``), and the CNI's: flannel's FLANNEL-FWD (accept what comes
+    from or goes to a pod) and FLANNEL-POSTRTG; the filter FORWARD policy DROP (as a node with
+    Docker has it)."""
     chains: list[str] = []
     rules: list[str] = []
     for svc in services:
@@ -192,8 +216,9 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
         "COMMIT",
         "*filter",
         ":INPUT ACCEPT [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]",
-        *[f":{c} - [0:0]" for c in ("KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD", "KUBE-KUBELET-CANARY",
-                                     "KUBE-NODEPORTS", "KUBE-PROXY-CANARY", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")],
+        *[f":{c} - [0:0]" for c in ("FLANNEL-FWD", "KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
+                                     "KUBE-KUBELET-CANARY", "KUBE-NODEPORTS", "KUBE-PROXY-CANARY",
+                                     "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")],
         '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
         "-j KUBE-PROXY-FIREWALL",
         '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
@@ -206,12 +231,14 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
         '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" '
         "-j KUBE-EXTERNAL-SERVICES",
+        '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
         '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
         "-j KUBE-PROXY-FIREWALL",
         '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         "-A OUTPUT -j KUBE-FIREWALL",
         '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" '
         "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        *[f'-A FLANNEL-FWD -{d} {CLUSTER_CIDR} -m comment --comment "flanneld forward" -j ACCEPT' for d in "sd"],
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
         f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate '
@@ -219,11 +246,13 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
         "COMMIT",
         "*nat",
         ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]",
-        *[f":{c} - [0:0]" for c in ("KUBE-KUBELET-CANARY", "KUBE-MARK-MASQ", "KUBE-NODEPORTS", "KUBE-POSTROUTING",
-                                     "KUBE-PROXY-CANARY", "KUBE-SERVICES", *chains)],
+        *[f":{c} - [0:0]" for c in ("FLANNEL-POSTRTG", "KUBE-KUBELET-CANARY", "KUBE-MARK-MASQ", "KUBE-NODEPORTS",
+                                     "KUBE-POSTROUTING", "KUBE-PROXY-CANARY", "KUBE-SERVICES", *chains)],
         '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+        *[f'-A FLANNEL-POSTRTG {m} -m comment --comment "flanneld masq" -j {t}' for m, t in FLANNEL_MASQ],
         f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
         f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
         f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}",
@@ -236,7 +265,7 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
 
 
 # ---- the lab ----------------------------------------------------------------------------------------
-SUFFIXES = ("c", "node", *[f"p{i}" for i in range(REPLICAS)])
+SUFFIXES = ("c", "node", *[f"p{i}" for i in range(REPLICAS)], "cp")
 _SYSCTLS = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.ip_local_port_range='{} {}'".format(*EPHEMERAL_PORTS), "net.ipv4.tcp_tw_reuse=1"]
 
@@ -305,23 +334,25 @@ class ServiceLab(Lab):
     def _build(self) -> None:
         p = self.prefix
         add_namespaces([f"{p}-{s}" for s in SUFFIXES],
-                       [(f"{p}-c", "eth0", f"{p}-node", "eth0"),
+                       [(f"{p}-c", "eth0", f"{p}-node", "eth0"), (f"{p}-node", "vethc", f"{p}-cp", "eth0"),
                         *[(f"{p}-node", f"veth{i}", f"{p}-p{i}", "eth0") for i in range(REPLICAS)]])
         scripts = self.state / "setup"
         scripts.mkdir(parents=True, exist_ok=True)
-        node = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} net.ipv4.ip_forward=1 net.ipv4.conf.all.route_localnet=1 "
-                "net.ipv4.icmp_ratelimit=0",
+        routing = "net.ipv4.ip_forward=1 net.ipv4.icmp_ratelimit=0"
+        node = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing} net.ipv4.conf.all.route_localnet=1",
                 "h=/proc/sys/net/netfilter/nf_conntrack_helper; if [ -e $h ]; then echo 0 > $h; fi",
                 "ip -batch - <<'EOF'", "link add cni0 type bridge",
                 *link_batch({"eth0": [f"{NODE_IP}/24", f"{LB_FTP}/32", f"{LB_CLASSIC}/32"],
                               "cni0": [f"{CNI_GATEWAY}/24"]}),
-                *[f"link set veth{i} master cni0 up" for i in range(REPLICAS)], "EOF",
+                *[f"link set veth{i} master cni0 up" for i in range(REPLICAS)], "link set vethc master cni0 up",
+                f"route add default via {ROUTER}", "EOF",
                 "iptables-restore <<'EOF'", kube_proxy_rules().rstrip("\n"), "EOF"]
-        client = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
-                  *link_batch({"eth0": [f"{CLIENT}/24"]}), f"route add {LB_NET}.0/24 via {NODE_IP}", "EOF"]
+        client = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing}", "ip -batch - <<'EOF'",
+                  *link_batch({"eth0": [f"{CLIENT}/24", f"{ROUTER}/24"]}), f"route add {LB_NET}.0/24 via {NODE_IP}",
+                  "EOF"]
         jobs = [self._script("node", node), self._script("c", client)]
-        for i, addr in enumerate(PODS):
-            jobs.append(self._script(f"p{i}", ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
+        for pod, addr in [*[(f"p{i}", a) for i, a in enumerate(PODS)], ("cp", CLIENT_POD)]:
+            jobs.append(self._script(pod, ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
                                                *link_batch({"eth0": [f"{addr}/24"]}),
                                                f"route add default via {CNI_GATEWAY}", "EOF"]))
         run_all(jobs)
@@ -348,7 +379,7 @@ class ServiceLab(Lab):
     # ---- sessions -----------------------------------------------------------------------------
     def sessions(self, entry: str, client: str, mode: str, n: int,
                  timeout: float = 5.0) -> list[SessionResult]:
-        """Run ``n`` sessions one after the other from the outside client to ``ENTRIES[entry]``,
+        """Run ``n`` sessions one after the other from the client of ``ENTRIES[entry]`` to its address,
         each downloading ``FILE`` with ``client`` ("ftplib" or "curl") in ``mode`` (see
         ``service_clients.MODES``)."""
         return self.sessions_start(entry, client, mode, n, timeout).result()
@@ -373,8 +404,8 @@ class ServiceLab(Lab):
         return out
 
     def sessions_start(self, entry: str, client: str, mode: str, n: int, timeout: float = 5.0) -> Sessions:
-        host, port = ENTRIES[entry]
-        argv = ["ip", "netns", "exec", self.client, sys.executable, "-m", "ftpalg.lab.service_clients",
+        where, host, port = ENTRIES[entry]
+        argv = ["ip", "netns", "exec", f"{self.prefix}-{where}", sys.executable, "-m", "ftpalg.lab.service_clients",
                 client, mode, host, str(port), FILE, str(n), "--timeout", str(timeout)]
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return Sessions(self, p, n * (2 * timeout + 5) + 10)
