@@ -12,20 +12,24 @@ of what the data connection brought."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter
 
 import pytest
 
+from ftpalg.lab.netns import run
 from ftpalg.lab.service import (
     CONTROL_PORTS,
     ENTRIES,
     PASSIVE_RANGE,
     REPLICAS,
+    SERVICES,
     Cell,
     ServiceLab,
     SessionResult,
+    kube_proxy_sync,
     port_proto_hash,
 )
 from ftpalg.lab.service_clients import CLIENTS, MODES
@@ -131,3 +135,26 @@ def test_with_ftpalg_every_data_connection_reaches_its_own_replica(svc):
     assert log.count("pinhole open") == sum(CELLS.values())
     assert (svc.ruleset(), saved(svc)) == before
     assert not svc.expectations()
+
+
+def test_kube_proxy_syncs_under_ftpalg(svc):
+    """kube-proxy rewrites its chains at every sync (every endpoint change, and at least
+    hourly): ftpalg's rules stay, and sessions go on reaching their own replica, also while the
+    endpoints are listed in another order (other replicas behind each KUBE-SEP chain)."""
+    before = svc.ruleset(), saved(svc)
+    p = svc.start_ftpalg(*[a for port in CONTROL_PORTS for a in ("--control-port", str(port))])
+    try:
+        ours = svc.ruleset()
+        shuffled = [dataclasses.replace(s, endpoints=s.endpoints[::-1]) for s in SERVICES]
+        for text in (kube_proxy_sync(shuffled), kube_proxy_sync()):
+            run(["ip", "netns", "exec", svc.node, "iptables-restore", "--noflush", "-w", "5"], input=text)
+            assert "-A PREROUTING -j FTPALG-QUEUE" in svc.gw_rules()
+            assert (svc.ruleset() == ours) == (text == kube_proxy_sync())  # the shuffle changed the rules
+            cells = {Cell(e, "ftplib", m): 3 for e in ("lb", "lb-classic") for m in ("PASV", "EPSV", "PORT")}
+            results = svc.matrix(cells)
+            assert all(r.own_replica(svc) for rs in results.values() for r in rs), table(svc, results)
+        assert svc.ruleset() == ours
+    finally:
+        rc = svc.stop_ftpalg(p)
+    assert rc == 0
+    assert (svc.ruleset(), saved(svc)) == before

@@ -264,6 +264,22 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
     ])
 
 
+def kube_proxy_sync(services: Iterable[Service] = SERVICES) -> str:
+    """What a full sync of kube-proxy restores (``iptables-restore --noflush``): its own chains
+    of the filter and nat tables, each declared (which empties it) and filled again; the
+    built-in chains and their jumps, which it keeps by other means, are left alone."""
+    out: list[str] = []
+    table = ""
+    for line in kube_proxy_rules(services).splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        if table not in ("filter", "nat"):
+            continue
+        if line.startswith(("*", "COMMIT", ":KUBE-", "-A KUBE-")):
+            out.append(line)
+    return "\n".join([*out, ""])
+
+
 # ---- the lab ----------------------------------------------------------------------------------------
 SUFFIXES = ("c", "node", *[f"p{i}" for i in range(REPLICAS)], "cp")
 _SYSCTLS = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
