@@ -195,7 +195,7 @@ FLANNEL_MASQ = (
 
 def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
     """iptables-restore text of the node: kube-proxy's (and kubelet's) tables in iptables mode,
-    as kube-proxy 1.28+ writes them (chain names, comments, the masquerade mark and its
+    as its recent releases write them (chain names, comments, the masquerade mark and its
     clearing, ``--random-fully``), and the CNI's: flannel's FLANNEL-FWD (accept what comes
     from or goes to a pod) and FLANNEL-POSTRTG; the filter FORWARD policy DROP (as a node with
     Docker has it)."""
