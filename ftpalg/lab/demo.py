@@ -3,10 +3,11 @@ topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
 that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and the service
-lab (service.py: a Kubernetes node with kube-proxy's iptables rules in front of three vsftpd
-replicas), runs every cell with no ALG, starts ``ftpalg run`` in both gateways (no options)
-and in the node (its control ports: 21 and the service's NodePort), runs every cell again,
-prints the matrix and removes everything it created, also on failure or Ctrl-C. Cells run
+lab (service.py: two Kubernetes nodes with kube-proxy's iptables rules in front of three
+vsftpd replicas), runs every cell with no ALG, starts ``ftpalg run`` in both gateways (no
+options) and in both nodes (their control ports: 21, the NodePort, the pods' port 2121), runs
+every cell again, prints the matrix and removes everything it created, also on failure or
+Ctrl-C. Cells run
 in parallel: most failures without ftpalg are timeouts. A cell of the service is
 ``SERVICE_SESSIONS`` sessions, passing only if every data connection reached the replica of
 its own control connection.
@@ -232,20 +233,21 @@ def main(prefix: str = "ftpalg-demo") -> int:
               "without ftpalg ...", flush=True)
         without = matrix(lab, "without", todo)
         svc_without = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
-        gateways = (*lab.gateways, svc.node)
-        before = {gw: (svc if gw == svc.node else lab).ruleset(gw) for gw in gateways}
-        print("starting `ftpalg run` in gw, gw2 and the node ...", flush=True)
-        # no options: as an admin starts it; the node: its control ports, as docs/kubernetes.md says
-        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2),
-                 svc.start_ftpalg(*[a for p in service.CONTROL_PORTS for a in ("--control-port", str(p))])]
+        before = {gw: lab.ruleset(gw) for gw in lab.gateways}
+        svc_before = svc.rulesets()
+        print("starting `ftpalg run` in gw, gw2 and both nodes ...", flush=True)
+        # no options: as an admin starts it; the nodes: their control ports, as docs/kubernetes.md says
+        procs = [lab.start_ftpalg(), lab.start_ftpalg(gw=lab.gw2)]
         try:
+            procs += svc.start_ftpalg_everywhere()
             print("the same cells with ftpalg ...", flush=True)
             with_ = matrix(lab, "with", todo)
             svc_with = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
         finally:
-            rcs = [lab.stop_ftpalg(p) for p in procs[:2]] + [svc.stop_ftpalg(procs[2])]
-        leftover = [gw for gw in gateways if (svc if gw == svc.node else lab).ruleset(gw) != before[gw]]
-        logs = "".join(lab.ftpalg_log(gw) for gw in lab.gateways) + svc.ftpalg_log()
+            rcs = [lab.stop_ftpalg(p) for p in procs[:2]] + svc.stop_ftpalg_everywhere(procs[2:])
+        leftover = [gw for gw in lab.gateways if lab.ruleset(gw) != before[gw]]
+        leftover += [gw for gw, r in svc.rulesets().items() if r != svc_before[gw]]
+        logs = "".join(lab.ftpalg_log(gw) for gw in (*lab.gateways, *svc.gateways))
     finally:
         for f in sorted((lab.state / "demo").glob("*.log")):
             print(f"--- {f.name}\n{f.read_text()[-1500:]}")
@@ -256,7 +258,7 @@ def main(prefix: str = "ftpalg-demo") -> int:
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
           f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
-    ok = (all(o.ok for o in with_.values()) and all(o.ok for o in svc_with.values()) and rcs == [0, 0, 0]
+    ok = (all(o.ok for o in with_.values()) and all(o.ok for o in svc_with.values()) and rcs == [0] * 4
           and not leftover and "Traceback" not in logs)
     print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:

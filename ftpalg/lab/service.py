@@ -1,37 +1,40 @@
-"""A load-balanced FTP service in the shape of a Kubernetes node running kube-proxy in
-iptables mode: three replicas of one FTP server behind the rules kube-proxy writes, an
-outside client and a client pod. ``ServiceLab`` builds it in network namespaces named
-``<prefix>-<suffix>``::
+"""A load-balanced FTP service in the shape of a Kubernetes cluster running kube-proxy in
+iptables mode: three replicas of one FTP server on two nodes, behind the rules kube-proxy
+writes, an outside client and a client pod. ``ServiceLab`` builds it in network namespaces
+named ``<prefix>-<suffix>``::
 
-  <p>-c     outside client   eth0  192.168.49.100/24 (the client), 192.168.49.1/24 (the LAN's
-            and the LAN's          router: forwards, routes nothing but 192.0.2.0/24 via
-            router                 192.168.49.2; no route to the pod or service networks)
-    │ eth0 ── eth0
-  <p>-node  the node         eth0  192.168.49.2/24 (node IP), 192.0.2.10/32 and 192.0.2.11/32
-            (gateway)              (the services' load-balancer IPs: on the node, as kube-vip
-                                   puts them; a port no service publishes is refused at once);
-                                   default via 192.168.49.1
-                             cni0  10.244.0.1/24 (a bridge, the veths of the pods in it, as the
-                                   bridge CNI plugin makes it)
-                             ip_forward, route_localnet; the ruleset of ``kube_proxy_rules``:
-                             nat PREROUTING/OUTPUT -> KUBE-SERVICES -> KUBE-EXT-* (KUBE-MARK-MASQ)
-                             -> KUBE-SVC-* (-m statistic --mode random --probability 1/3, 1/2)
-                             -> KUBE-SEP-* (DNAT to the pod); POSTROUTING -> KUBE-POSTROUTING
-                             (MASQUERADE --random-fully of packets marked 0x4000); NodePorts in
-                             KUBE-NODEPORTS; filter FORWARD policy DROP but KUBE-FORWARD (marked
-                             packets, RELATED,ESTABLISHED); flannel's FLANNEL-FWD (from or to a
-                             pod) and FLANNEL-POSTRTG (pods' traffic out masqueraded)
-    │ vethN ── eth0 (N = 0, 1, 2)                      │ vethc ── eth0
-  <p>-pN    replica N (pod)  eth0  10.244.0.2+N/24     <p>-cp  client pod  10.244.0.10/24
-                             default via 10.244.0.1            default via 10.244.0.1
-                             two vsftpd:
+  <p>-c     outside client,  lan (a bridge: the LAN's switch, no netfilter on its frames; ports
+            the LAN's router       n0, n1): 192.168.49.100/24 (the client), 192.168.49.1/24 (the
+            and switch             router: forwards; 192.0.2.0/24 via 192.168.49.2; the service
+                                   network 10.96.0.0/12 answered locally, so that a port no
+                                   Service publishes is refused at once; no route to the pods)
+    │ n0 ── eth0                                   │ n1 ── eth0
+  <p>-node  node A           eth0  192.168.49.2/24,       <p>-node2  node B   eth0  192.168.49.3/24
+            (the clients           192.0.2.10/32 and                 cni0  10.244.1.1/24
+            come in here)          192.0.2.11/32 (the                10.244.0.0/24 via
+                                   load-balancer IPs, held           192.168.49.2
+                                   here as kube-vip holds them)
+                             cni0  10.244.0.1/24 (a bridge, the pods' veths in it, as the bridge
+                                   CNI plugin makes it); 10.244.1.0/24 via 192.168.49.3
+                                   (flannel's host-gw backend)
+    both: default via 192.168.49.1, ip_forward, route_localnet, the same kube-proxy ruleset
+    (``kube_proxy_rules``): nat PREROUTING/OUTPUT -> KUBE-SERVICES -> KUBE-EXT-*
+    (KUBE-MARK-MASQ) -> KUBE-SVC-* (-m statistic --mode random --probability 1/3, 1/2) ->
+    KUBE-SEP-* (DNAT to the pod); POSTROUTING -> KUBE-POSTROUTING (MASQUERADE --random-fully
+    of packets marked 0x4000); NodePorts in KUBE-NODEPORTS; filter FORWARD policy DROP but
+    KUBE-FORWARD (marked packets, RELATED,ESTABLISHED); flannel's FLANNEL-FWD (from or to a
+    pod) and FLANNEL-POSTRTG (the pods' own traffic out of the pod network masqueraded)
+    │ veth0, veth1, vethc ── eth0                  │ veth2 ── eth0
+  <p>-p0, <p>-p1  replicas 0, 1  10.244.0.2, .3    <p>-p2  replica 2  10.244.1.2
+  <p>-cp          client pod     10.244.0.10       (default via its node's cni0 address)
+                             every replica runs two vsftpd:
                              :21   default configuration (what ftpalg needs: nothing published
                                    but the control port, no address configured)
                              :2121 configured as FTP images tell Kubernetes users: passive ports
                                    30000-30009 (pasv_min_port/pasv_max_port), 227 announcing the
                                    service's load-balancer IP (pasv_address)
-                             every replica serves ``FILE`` with contents of its own and says
-                             which replica it is in its banner ("220 replica N of 3")
+                             and serves ``FILE`` with contents of its own and says which
+                             replica it is in its banner ("220 replica N of 3")
 
 Services (``SERVICES``; chain names hashed as kube-proxy hashes them, ``port_proto_hash``):
 
@@ -43,14 +46,13 @@ Services (``SERVICES``; chain names hashed as kube-proxy hashes them, ``port_pro
   on its own.
 * ``default/kubernetes`` (ClusterIP 10.96.0.1:443 -> 192.168.49.2:6443), as every cluster has.
 
-The clients reach the services at ``ENTRIES``: the outside client each load-balancer IP on
-port 21 and ``ftp/ftp``'s NodePort on the node IP, which kube-proxy masquerades
-(externalTrafficPolicy Cluster, the default: a replica sees the client as 10.244.0.1); the
-client pod ``ftp/ftp``'s ClusterIP, not masqueraded. No FTP conntrack helper anywhere;
-bridge-nf-call-iptables is on in the node (a new namespace's default here), as Kubernetes
-requires. The node and the router send ICMP errors without a rate limit (``icmp_ratelimit``
-0): a data connection that goes nowhere fails in about a second, not at the client's timeout.
-Not for production paths.
+The clients reach the services at ``ENTRIES``, all through node A: the outside client each
+load-balancer IP on port 21 and ``ftp/ftp``'s NodePort on node A's address, which kube-proxy
+masquerades (externalTrafficPolicy Cluster, the default: replicas 0 and 1 see the client as
+10.244.0.1, replica 2 as 192.168.49.2); the client pod ``ftp/ftp``'s ClusterIP, not
+masqueraded. No FTP conntrack helper anywhere; bridge-nf-call-iptables is on in the nodes (a
+new namespace's default here), as Kubernetes requires. The nodes and the router send ICMP
+errors without a rate limit (``icmp_ratelimit`` 0). Not for production paths.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -70,16 +73,20 @@ from .lab import EPHEMERAL_PORTS, Lab
 from .netns import add_namespaces, link_batch, run_all
 
 NODE_NET = "192.168.49"
-NODE_IP = f"{NODE_NET}.2"
+NODES = (f"{NODE_NET}.2", f"{NODE_NET}.3")
+"""The nodes' addresses: node A (the one the clients reach, holding the load-balancer IPs, the
+client pod and replicas 0 and 1) and node B (replica 2)."""
+NODE_IP = NODES[0]
 CLIENT = f"{NODE_NET}.100"
 ROUTER = f"{NODE_NET}.1"
 LB_NET = "192.0.2"
-POD_NET = "10.244.0"
 CLUSTER_CIDR = "10.244.0.0/16"
-CNI_GATEWAY = f"{POD_NET}.1"
+SERVICE_CIDR = "10.96.0.0/12"
+POD_NETS = ("10.244.0", "10.244.1")  # each node's /24 of CLUSTER_CIDR, its cni0 at .1
 REPLICAS = 3
-PODS = tuple(f"{POD_NET}.{2 + i}" for i in range(REPLICAS))
-CLIENT_POD = f"{POD_NET}.10"
+POD_NODE = (0, 0, 1)  # the node of each replica
+PODS = ("10.244.0.2", "10.244.0.3", "10.244.1.2")
+CLIENT_POD = "10.244.0.10"  # on node A
 CLASSIC_PORT = 2121  # the pods' second vsftpd, configured for a published passive range
 PASSIVE_RANGE = (30000, 30009)
 FILE = "replica.bin"
@@ -127,9 +134,12 @@ ENTRIES = {
     "clusterip": ("cp", "10.96.0.21", 21),  # ftp/ftp's ClusterIP, from a client pod
 }
 """Who connects where: name -> (the client's namespace suffix, address, port)."""
-CONTROL_PORTS = (21, NODE_PORT)
-"""The ports clients connect to for FTP control connections: what ``ftpalg run`` is given
-(``--control-port``) on this node."""
+CONTROL_PORTS = (21, CLASSIC_PORT, NODE_PORT)
+"""What ``ftpalg run`` is given (``--control-port``) on every node: each port a control
+connection is opened to as a node sees it before its DNAT. The services' port 21 and the
+NodePort where the clients come in; on the node of a replica reached from another node, the
+port the other node DNATed to (the target port: 2121 of ``ftp/ftp-classic``)."""
+FTPALG_ARGS = tuple(a for port in CONTROL_PORTS for a in ("--control-port", str(port)))
 
 
 # ---- kube-proxy's ruleset -----------------------------------------------------------------------
@@ -181,24 +191,24 @@ def _service_rules(svc: Service) -> tuple[list[str], list[str]]:
     return chains, rules
 
 
-POD_SUBNET = f"{POD_NET}.0/24"  # this node's share of CLUSTER_CIDR
-FLANNEL_MASQ = (
-    (f"-m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x}", "RETURN"),
-    (f"-s {POD_SUBNET} -d {CLUSTER_CIDR}", "RETURN"),
-    (f"-s {CLUSTER_CIDR} -d {POD_SUBNET}", "RETURN"),
-    (f"! -s {CLUSTER_CIDR} -d {POD_SUBNET}", "RETURN"),
-    (f"-s {CLUSTER_CIDR} ! -d 224.0.0.0/4", "MASQUERADE --random-fully"),
-    (f"! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR}", "MASQUERADE --random-fully"),
-)
-"""flannel's FLANNEL-POSTRTG (pods' own traffic out of the cluster masqueraded)."""
+def flannel_masq(node: int) -> list[tuple[str, str]]:
+    """flannel's FLANNEL-POSTRTG on node ``node``: (match, target); pods' own traffic leaving
+    the cluster network is masqueraded."""
+    subnet = f"{POD_NETS[node]}.0/24"
+    return [(f"-m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x}", "RETURN"),
+            (f"-s {subnet} -d {CLUSTER_CIDR}", "RETURN"),
+            (f"-s {CLUSTER_CIDR} -d {subnet}", "RETURN"),
+            (f"! -s {CLUSTER_CIDR} -d {subnet}", "RETURN"),
+            (f"-s {CLUSTER_CIDR} ! -d 224.0.0.0/4", "MASQUERADE --random-fully"),
+            (f"! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR}", "MASQUERADE --random-fully")]
 
 
-def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
+def kube_proxy_rules(services: Iterable[Service] = SERVICES, node: int = 0) -> str:
     """iptables-restore text of the node: kube-proxy's (and kubelet's) tables in iptables mode,
     as its recent releases write them (chain names, comments, the masquerade mark and its
     clearing, ``--random-fully``), and the CNI's: flannel's FLANNEL-FWD (accept what comes
-    from or goes to a pod) and FLANNEL-POSTRTG; the filter FORWARD policy DROP (as a node with
-    Docker has it)."""
+    from or goes to a pod) and FLANNEL-POSTRTG of node ``node``; the filter FORWARD policy
+    DROP (as a node with Docker has it). kube-proxy's part is the same on every node."""
     chains: list[str] = []
     rules: list[str] = []
     for svc in services:
@@ -252,7 +262,7 @@ def kube_proxy_rules(services: Iterable[Service] = SERVICES) -> str:
         '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
         '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
-        *[f'-A FLANNEL-POSTRTG {m} -m comment --comment "flanneld masq" -j {t}' for m, t in FLANNEL_MASQ],
+        *[f'-A FLANNEL-POSTRTG {m} -m comment --comment "flanneld masq" -j {t}' for m, t in flannel_masq(node)],
         f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
         f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
         f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}",
@@ -281,7 +291,8 @@ def kube_proxy_sync(services: Iterable[Service] = SERVICES) -> str:
 
 
 # ---- the lab ----------------------------------------------------------------------------------------
-SUFFIXES = ("c", "node", *[f"p{i}" for i in range(REPLICAS)], "cp")
+SUFFIXES = ("c", "node", "node2", *[f"p{i}" for i in range(REPLICAS)], "cp")
+NODE_SUFFIXES = ("node", "node2")
 _SYSCTLS = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.ip_local_port_range='{} {}'".format(*EPHEMERAL_PORTS), "net.ipv4.tcp_tw_reuse=1"]
 
@@ -293,9 +304,9 @@ def banner(replica: int) -> str:
 
 @dataclass
 class ServiceLab(Lab):
-    """The node, its replicas and an outside client (see the module's docstring). ``gw`` is
-    the node: ``start_ftpalg``, ``ruleset``, ``expectations`` and the rest of ``Lab``'s
-    gateway methods work on it."""
+    """The nodes, the replicas and the clients (see the module's docstring). ``gw`` is node
+    A, ``gateways`` both nodes: ``start_ftpalg``, ``ruleset``, ``expectations`` and the rest
+    of ``Lab``'s gateway methods work on either."""
 
     prefix: str = "ftpalg-svc"
     hashes: dict[int, str] = field(default_factory=dict)
@@ -321,8 +332,36 @@ class ServiceLab(Lab):
         return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
 
     @property
+    def node2(self) -> str:
+        return f"{self.prefix}-node2"
+
+    @property
     def gateways(self) -> tuple[str, ...]:
-        return (self.node,)
+        return (self.node, self.node2)
+
+    def start_ftpalg_everywhere(self) -> list[subprocess.Popen[bytes]]:
+        """``ftpalg run`` on every node (as a DaemonSet runs it), with ``FTPALG_ARGS``."""
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for gw in self.gateways:
+                procs.append(self.start_ftpalg(*FTPALG_ARGS, gw=gw))
+        except BaseException:
+            self.stop_ftpalg_everywhere(procs)
+            raise
+        return procs
+
+    def stop_ftpalg_everywhere(self, procs: list[subprocess.Popen[bytes]]) -> list[int]:
+        """Stop them; their exit statuses."""
+        return [self.stop_ftpalg(p) for p in procs]
+
+    def rulesets(self) -> dict[str, tuple[str, str]]:
+        """Node -> its nft ruleset and its iptables-save without comments and counters: what
+        must be the same before ftpalg starts and after it exits."""
+        out = {}
+        for gw in self.gateways:
+            saved = "".join(x for x in self.gw_rules(gw).splitlines(True) if not x.startswith("#"))
+            out[gw] = (self.ruleset(gw), re.sub(r"\[\d+:\d+\]", "[0:0]", saved))
+        return out
 
     def root(self, i: int) -> Path:
         """The files replica ``i`` serves."""
@@ -350,27 +389,40 @@ class ServiceLab(Lab):
     def _build(self) -> None:
         p = self.prefix
         add_namespaces([f"{p}-{s}" for s in SUFFIXES],
-                       [(f"{p}-c", "eth0", f"{p}-node", "eth0"), (f"{p}-node", "vethc", f"{p}-cp", "eth0"),
-                        *[(f"{p}-node", f"veth{i}", f"{p}-p{i}", "eth0") for i in range(REPLICAS)]])
+                       [(f"{p}-c", "n0", f"{p}-node", "eth0"), (f"{p}-c", "n1", f"{p}-node2", "eth0"),
+                        (f"{p}-node", "vethc", f"{p}-cp", "eth0"),
+                        *[(f"{p}-{NODE_SUFFIXES[POD_NODE[i]]}", f"veth{i}", f"{p}-p{i}", "eth0")
+                          for i in range(REPLICAS)]])
         scripts = self.state / "setup"
         scripts.mkdir(parents=True, exist_ok=True)
         routing = "net.ipv4.ip_forward=1 net.ipv4.icmp_ratelimit=0"
-        node = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing} net.ipv4.conf.all.route_localnet=1",
+        jobs = []
+        for n, suffix in enumerate(NODE_SUFFIXES):
+            other = 1 - n
+            eth0 = [f"{NODES[n]}/24"] + ([f"{LB_FTP}/32", f"{LB_CLASSIC}/32"] if n == 0 else [])
+            pods = [f"veth{i}" for i in range(REPLICAS) if POD_NODE[i] == n] + (["vethc"] if n == 0 else [])
+            jobs.append(self._script(suffix, [
+                "set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing} net.ipv4.conf.all.route_localnet=1",
                 "h=/proc/sys/net/netfilter/nf_conntrack_helper; if [ -e $h ]; then echo 0 > $h; fi",
                 "ip -batch - <<'EOF'", "link add cni0 type bridge",
-                *link_batch({"eth0": [f"{NODE_IP}/24", f"{LB_FTP}/32", f"{LB_CLASSIC}/32"],
-                              "cni0": [f"{CNI_GATEWAY}/24"]}),
-                *[f"link set veth{i} master cni0 up" for i in range(REPLICAS)], "link set vethc master cni0 up",
+                *link_batch({"eth0": eth0, "cni0": [f"{POD_NETS[n]}.1/24"]}),
+                *[f"link set {v} master cni0 up" for v in pods],
+                f"route add {POD_NETS[other]}.0/24 via {NODES[other]}",  # flannel's host-gw backend
                 f"route add default via {ROUTER}", "EOF",
-                "iptables-restore <<'EOF'", kube_proxy_rules().rstrip("\n"), "EOF"]
-        client = ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing}", "ip -batch - <<'EOF'",
-                  *link_batch({"eth0": [f"{CLIENT}/24", f"{ROUTER}/24"]}), f"route add {LB_NET}.0/24 via {NODE_IP}",
-                  "EOF"]
-        jobs = [self._script("node", node), self._script("c", client)]
-        for pod, addr in [*[(f"p{i}", a) for i, a in enumerate(PODS)], ("cp", CLIENT_POD)]:
+                "iptables-restore <<'EOF'", kube_proxy_rules(node=n).rstrip("\n"), "EOF"]))
+        # the LAN: a plain switch (no netfilter on bridged frames), the client and the router on it
+        jobs.append(self._script("c", [
+            "set -e", f"sysctl -qw {' '.join(_SYSCTLS)} {routing} net.bridge.bridge-nf-call-iptables=0",
+            "ip -batch - <<'EOF'", "link add lan type bridge", "link set n0 master lan up",
+            "link set n1 master lan up", *link_batch({"lan": [f"{CLIENT}/24", f"{ROUTER}/24"]}),
+            f"route add {LB_NET}.0/24 via {NODE_IP}",
+            # the service network is not routed outside the cluster: answered here at once (a
+            # TCP reset, not an ICMP error that a connecting socket may take as a soft one)
+            f"route add local {SERVICE_CIDR} dev lo", "EOF"]))
+        for pod, addr, node in [*[(f"p{i}", a, POD_NODE[i]) for i, a in enumerate(PODS)], ("cp", CLIENT_POD, 0)]:
             jobs.append(self._script(pod, ["set -e", f"sysctl -qw {' '.join(_SYSCTLS)}", "ip -batch - <<'EOF'",
-                                               *link_batch({"eth0": [f"{addr}/24"]}),
-                                               f"route add default via {CNI_GATEWAY}", "EOF"]))
+                                           *link_batch({"eth0": [f"{addr}/24"]}),
+                                           f"route add default via {POD_NETS[node]}.1", "EOF"]))
         run_all(jobs)
 
     def _script(self, suffix: str, lines: list[str]) -> tuple[list[str], None]:
