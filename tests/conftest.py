@@ -19,7 +19,7 @@ settings.load_profile("ftpalg")
 
 # labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; fn: the service
 # lab of test_netns_service), named after their pid
-STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$|^(fn\d+)-(c|node|p\d)$")
+STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$|^(fn\d+)-(c|node2?|p\d|cp)$")
 
 
 def pytest_sessionstart(session):

@@ -45,8 +45,8 @@ SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
 DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
 _REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
 SERVICE_SESSIONS = 6  # per cell of the service: all 6 on their own replica by chance: 1 in 729
-SERVICE_TITLE = ("client 192.168.49.100 (and a pod) -> node (kube-proxy's iptables rules: random choice among "
-                 "3 vsftpd replicas, DNAT, masquerade)")
+SERVICE_TITLE = ("client 192.168.49.100 (and a pod) -> node A (kube-proxy's iptables rules: random choice among "
+                 "3 vsftpd replicas on 2 nodes, DNAT, masquerade)")
 
 
 @dataclass(frozen=True)
@@ -225,13 +225,15 @@ def main(prefix: str = "ftpalg-demo") -> int:
     t0 = time.monotonic()
     try:
         print("building the lab: inside clients -> gw (MASQUERADE, NAT66) -> internet -> gw2 (DNAT tcp/21, "
-              "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways; and a Kubernetes node "
-              "(kube-proxy's iptables rules) in front of 3 vsftpd replicas", flush=True)
+              "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways; and two Kubernetes "
+              "nodes (kube-proxy's iptables rules) in front of 3 vsftpd replicas", flush=True)
         lab.up()
         svc.up()
         print(f"{len(todo)} cells (topology x client x mode x server) and {len(service_cells())} of the service, "
               "without ftpalg ...", flush=True)
         without = matrix(lab, "without", todo)
+        # the service's cells after the others, not beside them: on a busy machine the others'
+        # 6-second cells then time out
         svc_without = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
         before = {gw: lab.ruleset(gw) for gw in lab.gateways}
         svc_before = svc.rulesets()
