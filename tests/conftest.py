@@ -18,8 +18,9 @@ settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
 # labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; f6: the NAT64 lab;
-# fd: the Docker host lab of test_netns_docker), named after their pid
-STALE = re.compile(r"^(f[abkl6d]\d+)-(c|gw|s|gw2|i|dc|dh)$")
+# fd: the Docker host lab of test_netns_docker; fn: the service lab of test_netns_service),
+# named after their pid
+STALE = re.compile(r"^(f[abkl6d]\d+)-(c|gw|s|gw2|i|dc|dh)$|^(fn\d+)-(c|node2?|p\d|cp)$")
 
 
 def pytest_sessionstart(session):
@@ -28,14 +29,16 @@ def pytest_sessionstart(session):
         return
     from ftpalg.lab.dockerhost import DockerLab
     from ftpalg.lab.lab import Lab
+    from ftpalg.lab.service import ServiceLab
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     except OSError:
         return
-    for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
+    for prefix in {m.group(1) or m.group(3) for n in names if (m := STALE.match(n))}:
         if not os.path.exists(f"/proc/{prefix[2:]}"):
-            (DockerLab if prefix.startswith("fd") else Lab)(prefix).down()
+            kind = DockerLab if prefix.startswith("fd") else ServiceLab if prefix.startswith("fn") else Lab
+            kind(prefix).down()
 
 
 @pytest.hookimpl(tryfirst=True)

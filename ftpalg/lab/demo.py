@@ -2,15 +2,20 @@
 topology x client x mode x server, every download checked by SHA-256.
 
 Builds the lab (see lab.py: clients behind a MASQUERADE gateway, servers behind a gateway
-that forwards only port 21, both at once, IPv6 with NAT66 and without NAT) and the NAT64 lab
-(see nat64.py: IPv6-only clients, Tayga and MASQUERADE of its pool, IPv4-only servers, one
-without EPSV) and a Docker host (dockerhost.py: Debian's dockerd in a namespace, vsftpd in a
-container that publishes only port 21; left out when docker.io is not installed), all three at
-once, runs every cell with no ALG, starts ``ftpalg run`` in every gateway (no options; in the
-NAT64 gateway only the NAT64 option, ``nat64.NAT64_OPTIONS``), runs every cell again, prints
-the matrix and removes everything it created, also on failure or Ctrl-C. Cells run in
-parallel: most failures without ftpalg are timeouts. The NAT64 and Docker tables have a few
-cells only (their tests have the full matrices, uploads included).
+that forwards only port 21, both at once, IPv6 with NAT66 and without NAT), the NAT64 lab (see
+nat64.py: IPv6-only clients, Tayga and MASQUERADE of its pool, IPv4-only servers, one without
+EPSV), a Docker host (dockerhost.py: Debian's dockerd in a namespace, vsftpd in a container
+that publishes only port 21; left out when docker.io is not installed) and the service lab
+(service.py: two Kubernetes nodes with kube-proxy's iptables rules in front of three vsftpd
+replicas), all at once; runs every cell with no ALG, starts ``ftpalg run`` in every gateway
+(no options; in the NAT64 gateway only the NAT64 option, ``nat64.NAT64_OPTIONS``; in the nodes
+their control ports: 21, the NodePort, the pods' port 2121), runs every cell again, prints the
+matrix and removes everything it created, also on failure or Ctrl-C. Cells run in parallel:
+most failures without ftpalg are timeouts. The NAT64 and Docker tables have a few cells only
+(their tests have the full matrices, uploads included). A cell of the service is
+``SERVICE_SESSIONS`` sessions, passing only if every data connection reached the replica of
+its own control connection; the service's cells run after the others (beside them, on a busy
+machine, the others' 6-second cells time out).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import clients, docker, nat64, servers
+from . import clients, docker, nat64, servers, service
 from .dockerhost import CLIENT as DOCKER_CLIENT
 from .dockerhost import PUBLISHED, DockerLab
 from .lab import (
@@ -37,6 +42,7 @@ from .lab import (
     Lab,
     sha256,
 )
+from .service_clients import MODES as SERVICE_MODES
 
 FILE = "big.bin"
 CELL_TIMEOUT = 6.0  # seconds; a cell that takes longer failed (typically: a dropped SYN)
@@ -44,6 +50,9 @@ WORKERS = 24
 # What the servers themselves implement (LPRT/LPSV: only the lab's pyftpdlib, RFC 1639).
 SERVER_MODES = {"pyftpdlib": set(clients.MODES)}
 DEFAULT_SERVER_MODES = {"PORT", "EPRT", "PASV", "EPSV"}
+SERVICE_SESSIONS = 6  # per cell of the service: all 6 on their own replica by chance: 1 in 729
+SERVICE_TITLE = ("client 192.168.49.100 (and a pod) -> node A (kube-proxy's iptables rules: random choice among "
+                 "3 vsftpd replicas on 2 nodes, DNAT, masquerade)")
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,40 @@ def show(without: dict[Cell, Outcome], with_: dict[Cell, Outcome]) -> None:
             print(f"  {c.topo.key} / {c.client.label} / {c.server}: {o.detail}")
 
 
+def service_cells() -> dict[service.Cell, int]:
+    return {service.Cell(e, "ftplib", m): SERVICE_SESSIONS for m in SERVICE_MODES for e in service.ENTRIES}
+
+
+def service_outcome(lab: service.ServiceLab, results: list[service.SessionResult]) -> Outcome:
+    """A service cell passes if every session's data connection reached its own replica."""
+    bad = Counter(r.outcome(lab) for r in results if not r.own_replica(lab))
+    if not bad and len(results) == SERVICE_SESSIONS:
+        return Outcome(True, "ok")
+    return Outcome(False, ", ".join(f"{n} x {why}" for why, n in bad.most_common()) or "no sessions")
+
+
+def show_service(without: dict[service.Cell, Outcome], with_: dict[service.Cell, Outcome]) -> None:
+    entries = list(service.ENTRIES)
+    a, b = sum(o.ok for o in without.values()), sum(o.ok for o in with_.values())
+    print(f"\n[service] {SERVICE_TITLE}\n  without ftpalg {a}/{len(with_)} pass, with ftpalg {b}/{len(with_)} pass "
+          f"(a cell: {SERVICE_SESSIONS} sessions, each data connection to its own control connection's replica)")
+    print("  " + f"{'client':<7}{'mode':<10}" + "".join(f"{e:<15}" for e in entries))
+    for mode in SERVICE_MODES:
+        line = f"  {'ftplib':<7}{mode:<10}"
+        for e in entries:
+            c = service.Cell(e, "ftplib", mode)
+            line += f"{_mark(without[c]) + ' -> ' + _mark(with_[c]):<15}"
+        print(line.rstrip())
+    print("  lb: load-balancer IP publishing port 21 only; lb-classic: the passive range published too (vsftpd "
+          "pasv_address); nodeport: the NodePort; clusterip: from a client pod; PASV-PEER: the 227 address ignored")
+    why = Counter(o.detail for o in without.values() if not o.ok)
+    for detail, n in why.most_common(3):
+        print(f"  without ftpalg {n:>3} x {detail[:90]}")
+    for c, o in with_.items():
+        if not o.ok:
+            print(f"  FAILED with ftpalg: {c.label}: {o.detail}")
+
+
 def _mark(o: Outcome) -> str:
     return "ok" if o.ok else "FAIL"
 
@@ -216,6 +259,9 @@ def main(prefix: str = "ftpalg-demo") -> int:
         dlab = labs[DOCKER] = DockerLab(f"{prefix}-dk", kinds=("vsftpd",))
         gateways.append((dlab, dlab.host, ()))
     todo = cells(frozenset(labs))
+    svc = service.ServiceLab(f"{prefix}-svc")
+    svc_without: dict[service.Cell, Outcome] = {}
+    svc_with: dict[service.Cell, Outcome] = {}
     rcs: list[int] = []
     leftover: list[str] = []
     logs = ""
@@ -225,7 +271,9 @@ def main(prefix: str = "ftpalg-demo") -> int:
               "IPv6 without NAT) -> inside servers; FORWARD policy DROP on both gateways", flush=True)
         print("building the NAT64 lab meanwhile: IPv6-only clients -> gw (tayga, MASQUERADE of its pool; FORWARD "
               "policy DROP) -> IPv4-only servers", flush=True)
-        ups: list[Callable[[], None]] = [lab.up, lab64.up]
+        print("building two Kubernetes nodes (kube-proxy's iptables rules) in front of 3 vsftpd replicas meanwhile",
+              flush=True)
+        ups: list[Callable[[], None]] = [lab.up, lab64.up, svc.up]
         if DOCKER in labs:
             print("building the Docker host meanwhile: dockerd in a namespace, vsftpd in a container publishing "
                   "only -p 192.0.2.2:21:21; an outside client", flush=True)
@@ -237,29 +285,40 @@ def main(prefix: str = "ftpalg-demo") -> int:
                 job.result()
         print(f"{len(todo)} cells (topology x client x mode x server), without ftpalg ...", flush=True)
         without = matrix(labs, "without", todo)
+        print(f"and the service's {len(service_cells())} cells ...", flush=True)
+        svc_without = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
         before = [g.ruleset(gw) for g, gw, _ in gateways]
+        svc_before = svc.rulesets()
         print(f"starting `ftpalg run` in gw, gw2{' and the Docker host' if DOCKER in labs else ''}, and "
-              f"`ftpalg run {' '.join(nat64.NAT64_OPTIONS)}` in the NAT64 gateway ...", flush=True)
+              f"`ftpalg run {' '.join(nat64.NAT64_OPTIONS)}` in the NAT64 gateway, and in both nodes with "
+              "their control ports ...", flush=True)
         procs = [(g, g.start_ftpalg(*opts, gw=gw)) for g, gw, opts in gateways]
+        svc_procs = []
         try:
+            svc_procs = svc.start_ftpalg_everywhere()
             print("the same cells with ftpalg ...", flush=True)
             with_ = matrix(labs, "with", todo)
+            svc_with = {c: service_outcome(svc, r) for c, r in svc.matrix(service_cells()).items()}
         finally:
-            rcs = [g.stop_ftpalg(p) for g, p in procs]
+            rcs = [g.stop_ftpalg(p) for g, p in procs] + svc.stop_ftpalg_everywhere(svc_procs)
         leftover = [gw for (g, gw, _), was in zip(gateways, before, strict=True) if g.ruleset(gw) != was]
-        logs = "".join(g.ftpalg_log(gw) for g, gw, _ in gateways)
+        leftover += [gw for gw, r in svc.rulesets().items() if r != svc_before[gw]]
+        logs = "".join(g.ftpalg_log(gw) for g, gw, _ in gateways) + "".join(svc.ftpalg_log(gw) for gw in svc.gateways)
     finally:
         for g in labs.values():
             for f in sorted((g.state / "demo").glob("*.log")):
                 print(f"--- {f.name}\n{f.read_text()[-1500:]}")
+        svc.down()
         for g in reversed(labs.values()):
             g.down()
     show(without, with_)
+    show_service(svc_without, svc_with)
     opened = logs.count("pinhole open")
     print(f"\nftpalg: exit codes {rcs}, {opened} pinholes opened, gateways whose ruleset differs after exit: "
           f"{len(leftover)}; {time.monotonic() - t0:.0f} s in all")
-    ok = (all(o.ok for o in with_.values()) and rcs == [0] * len(gateways) and not leftover
-          and "Traceback" not in logs)
+    ok = (all(o.ok for o in with_.values()) and len(svc_with) == len(service_cells())
+          and all(o.ok for o in svc_with.values()) and rcs == [0] * (len(gateways) + len(svc_procs))
+          and not leftover and "Traceback" not in logs)
     print("RESULT:", "every transfer works with ftpalg" if ok else "some transfers FAILED with ftpalg")
     if not ok:
         print(logs[-4000:])
