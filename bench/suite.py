@@ -236,6 +236,13 @@ def client(lab: Lab, ns: str, args: list[str], timeout: float = 120, cpus: str |
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def retransmissions(lab: Lab, ns: str) -> int:
+    """TCP segments retransmitted in namespace ``ns`` so far (/proc/net/snmp, RetransSegs)."""
+    text = lab.ns(ns, ["cat", "/proc/net/snmp"], check=False).stdout
+    tcp = [line.split() for line in text.splitlines() if line.startswith("Tcp:")]
+    return int(dict(zip(tcp[0], tcp[1], strict=False)).get("RetransSegs", 0)) if len(tcp) >= 2 else 0
+
+
 def tree_cpu(pid: int) -> float:
     """utime + stime (seconds) of ``pid`` and every live descendant (workers)."""
     parents: dict[int, int] = {}
@@ -364,11 +371,16 @@ def section_sessions(lab: Lab, plan: Plan, workers_opt: bool, partial: dict[str,
         cell: dict[str, Any] = {"round": r, "variant": v, "topo": topo, "mode": mode}
         rn = runs[gw]
         before = probe(lab, rn) if rn.proc is not None else None
+        ends = (ns, lab.server if topo == "client-nat" else lab.inside)  # the clients' and vsftpd's
+        resent = sum(retransmissions(lab, e) for e in ends)
         args = ["sessions", host, "--mode", mode, "--procs", str(plan.sess_procs), "--duration", str(plan.sess_seconds),
                 "--start-at", f"{time.time() + 0.8:.3f}", "--name", SMALL[0], "--size", str(SMALL[1])]
         try:
             cell.update(client(lab, ns, args + (["--source", source] if source else []),
                                timeout=plan.sess_seconds + 90))
+            n = cell["ok"] + cell["late"] + cell["failed"]
+            if n:
+                cell["retrans_per_session"] = (sum(retransmissions(lab, e) for e in ends) - resent) / n
         except LabError as e:
             cell["error"] = str(e)[-500:]
         if before is not None:
@@ -427,7 +439,7 @@ def section_sessions(lab: Lab, plan: Plan, workers_opt: bool, partial: dict[str,
     return {"variants": variants, "cells": cells, "summary": summary}
 
 
-PER_SESSION = ("queued_per_session", "cpu_us_per_session", "cpu_us_per_packet")
+PER_SESSION = ("queued_per_session", "cpu_us_per_session", "cpu_us_per_packet", "retrans_per_session")
 
 
 def per_session(cell: dict[str, Any]) -> dict[str, float]:
@@ -820,6 +832,9 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             w1q = q.get("ftpalg-w1")
             row(f"queued per session {key}", q, "", "w1 <= 4",
                 verdict(None if w1q is None or math.isnan(w1q) else w1q <= 4), digits=2)
+        for key, per in summ.items():
+            row(f"TCP retransmissions per session {key}", {v: x.get("retrans_per_session") for v, x in per.items()},
+                "clients' and server's, any segment", digits=2)
         for key, per in summ.items():
             c = {v: x.get("cpu_us_per_session") for v, x in per.items()}
             pk = per.get("ftpalg-w1", {}).get("cpu_us_per_packet")
