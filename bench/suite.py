@@ -684,9 +684,10 @@ def section_memory(plan: Plan) -> dict[str, Any]:
 
 
 def section_lab_memory(lab: Lab, plan: Plan, workers_opt: bool) -> dict[str, Any]:
-    """ftpalg's RSS growth with ``lab_conns`` idle control connections through gw (NOOP
-    sent, so each is tracked), opened at 1000/s (the queue rule's SYN rate) from 20 client
-    addresses to the flood server (pyftpdlib, no connection cap), held until counted."""
+    """ftpalg's RSS growth with ``lab_conns`` idle control connections through gw (PASV
+    sent, so each is tracked: ftpalg sees only what may carry an address), opened at 1000/s
+    from 20 client addresses to the flood server (pyftpdlib, no connection cap), held until
+    counted."""
     from ftpalg.lab import floods
 
     floods.start_server(lab)
@@ -704,7 +705,7 @@ def section_lab_memory(lab: Lab, plan: Plan, workers_opt: bool) -> dict[str, Any
         flood = subprocess.Popen(["ip", "netns", "exec", lab.client, PY, "-m", "ftpalg.lab.floods", "connect",
                                   floods.FLOOD_SERVER, *[a for s in sources for a in ("--source", s)],
                                   "--count", str(plan.lab_conns), "--rate", str(rate), "--hold", f"{hold:.0f}",
-                                  "--say", "NOOP"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                                  "--say", "PASV"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         try:
             deadline = time.monotonic() + plan.lab_conns / rate + 15
             best = (0, 0)  # tracked, rss
