@@ -3,7 +3,7 @@ against a do-nothing NFQUEUE handler), through real kernel NAT in the namespace 
 
     .venv/bin/python bench/suite.py [--quick] [--out DIR] [--only a,b,...]      (root)
 
-Sections (``--only`` takes their names; default all, ~12 min on a 2-core VM, ``--quick`` ~6 min):
+Sections (``--only`` takes their names; default all, ~12 min on a 2-core VM, ``--quick`` ~4 min):
 
   rtt         NOOP round trip on an established control connection, client -> gw
               (MASQUERADE) -> vsftpd: none | kernel helper | nfq-null (ftpalg's queue rules,
@@ -1028,7 +1028,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="short rounds, a smoke test (~6 min)")
+    ap.add_argument("--quick", action="store_true", help="short rounds, a smoke test (~4 min)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where suite.json and suite.png go")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     args = ap.parse_args()
