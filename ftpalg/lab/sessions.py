@@ -1,7 +1,8 @@
 """Many FTP sessions at once from a lab namespace: ``python -m ftpalg.lab.sessions HOST
 SESSIONS TRANSFERS WORKERS MODE SHA256 [SOURCE]`` runs SESSIONS control connections (WORKERS at
 a time), each doing TRANSFERS downloads of small.txt in MODE, and prints one JSON line:
-sessions and transfers that checked out (SHA-256), failures with their reason, seconds.
+sessions and transfers that checked out (SHA-256), failures with their reason, seconds, and
+how long the slowest sessions took (p99, max).
 Used by tests and bench/ under injected faults; run it with ``ip netns exec``."""
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from .ftpclient import LabFTP
 
 
-def session(host: str, transfers: int, mode: str, want: str, source: str | None) -> tuple[int, str]:
-    """Transfers that checked out, and the first failure ('' if none)."""
+def session(host: str, transfers: int, mode: str, want: str, source: str | None) -> tuple[int, str, float]:
+    """Transfers that checked out, the first failure ('' if none), and the seconds it took."""
+    t0 = time.monotonic()
+    ok, why = _session(host, transfers, mode, want, source)
+    return ok, why, time.monotonic() - t0
+
+
+def _session(host: str, transfers: int, mode: str, want: str, source: str | None) -> tuple[int, str]:
     ok = 0
     try:
         ftp = LabFTP(mode, timeout=30)
@@ -40,11 +47,14 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     with ThreadPoolExecutor(int(workers)) as pool:
         results = list(pool.map(lambda _: session(host, int(transfers), mode, want, source), range(int(n))))
-    failures = [why for _, why in results if why]
+    failures = [why for _, why, _ in results if why]
+    took = sorted(t for _, _, t in results)
     print(json.dumps({
-        "sessions": int(n), "sessions_ok": sum(1 for _, why in results if not why),
-        "transfers": int(n) * int(transfers), "transfers_ok": sum(ok for ok, _ in results),
+        "sessions": int(n), "sessions_ok": sum(1 for _, why, _ in results if not why),
+        "transfers": int(n) * int(transfers), "transfers_ok": sum(ok for ok, _, _ in results),
         "failures": failures[:10], "seconds": round(time.monotonic() - t0, 2),
+        "session_p99_s": round(took[min(len(took) - 1, int(0.99 * len(took)))], 3) if took else None,
+        "session_max_s": round(took[-1], 3) if took else None,
     }))
     return 0 if not failures else 1
 
