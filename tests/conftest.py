@@ -78,3 +78,11 @@ def lab():
     yield lab
     lab.down()
     assert not lab.exists()
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """ftpalg's wheel, built once per run (tests/wheels.py)."""
+    from wheels import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist"))

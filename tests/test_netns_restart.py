@@ -115,10 +115,11 @@ def caught(pid: int, sig: int) -> bool:
     return bool(mask >> (sig - 1) & 1)
 
 
-def rules_of(lab: Lab) -> tuple[str, str, str]:
-    """The gateway's nftables ruleset and iptables-save/ip6tables-save (without their dated
-    comment lines and the chains' packet counters)."""
-    return lab.ruleset(), *(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", out) for out in (lab.gw_rules(), lab.gw_rules6()))
+def rules_of(lab: Lab, gw: str | None = None) -> tuple[str, str, str]:
+    """A gateway's (gw1's by default) nftables ruleset and iptables-save/ip6tables-save
+    (without their dated comment lines and the chains' packet counters)."""
+    return lab.ruleset(gw), *(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", out)
+                              for out in (lab.gw_rules(gw), lab.gw_rules6(gw)))
 
 
 def left_in(lab: Lab, within: float = 3.0) -> list[str]:
@@ -217,19 +218,21 @@ def test_a_stop_at_any_point_of_start_up_exits_0_and_leaves_the_ruleset_as_found
 LOAD_SESSIONS = 3000  # about 10 s of sessions, 8 at a time, from one client (the issue's load)
 
 
-def _load(lab: Lab, mode: str) -> subprocess.Popen[str]:
-    """Sessions in a loop that need ftpalg for each transfer: PORT from the client behind gw's
-    MASQUERADE (the PORT must be rewritten), or PASV with the 227 address trusted from an
-    outside client to the inside vsftpd behind gw2's DNAT (the 227 must be rewritten)."""
+def start_load(lab: Lab, mode: str, sessions: int = LOAD_SESSIONS, clients: int = 8) -> subprocess.Popen[str]:
+    """Sessions in a loop that need ftpalg for each transfer, ``clients`` at a time: PORT from the
+    client behind gw's MASQUERADE (the PORT must be rewritten), or PASV with the 227 address
+    trusted from an outside client to the inside vsftpd behind gw2's DNAT (the 227 must be
+    rewritten). ``sessions`` 0: until its standard input is closed."""
     from ftpalg.lab.topology import OUTSIDE_CLIENTS, PUBLIC_OF
 
     want = sha256(lab.files / "small.txt")
     if mode == "PORT":
-        ns, args = lab.client, [SERVERS["vsftpd"], str(LOAD_SESSIONS), "1", "8", "PORT", want]
+        ns, args = lab.client, [SERVERS["vsftpd"], str(sessions), "1", str(clients), "PORT", want]
     else:
-        ns, args = lab.server, [PUBLIC_OF["vsftpd"], str(LOAD_SESSIONS), "1", "8", "PASV", want, OUTSIDE_CLIENTS[0]]
+        ns, args = lab.server, [PUBLIC_OF["vsftpd"], str(sessions), "1", str(clients), "PASV", want,
+                                  OUTSIDE_CLIENTS[0]]
     return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "ftpalg.lab.sessions", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("mode", ["PORT", "PASV"])
@@ -242,7 +245,7 @@ def test_restarts_under_load_lose_no_session(lab, mode):
     gw = lab.gw if mode == "PORT" else lab.gw2
     before = lab.ruleset(gw)
     p = lab.start_ftpalg(gw=gw)
-    load = _load(lab, mode)
+    load = start_load(lab, mode)
     time.sleep(1.0)
     restarts = 0
     logs: list[str] = []
