@@ -125,9 +125,17 @@ def gateways(lab, wheels) -> Iterator[dict[str, Gateway]]:
 
 
 # ---- restarts, a crash and an upgrade under load -------------------------------------------
+def queue_bound(gw: Gateway, queue: int = 2121) -> bool:
+    """Whether a process has bound NFQUEUE ``queue`` in the gateway's namespace."""
+    table = gw.lab.ns(gw.ns, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return any(line.split()[:1] == [str(queue)] for line in table.splitlines())
+
+
 def restart(gws: list[Gateway], runs: int) -> None:
+    """``systemctl restart``: it returns once the new ftpalg has bound the queue (Type=notify)."""
     for gw in gws:
         gw.box.systemctl("restart", "ftpalg")
+        assert queue_bound(gw)
     for gw in gws:
         gw.wait_bound(runs)
 
@@ -153,6 +161,7 @@ def upgrade(gws: list[Gateway], runs: int, wheel: Path) -> None:
         assert f"ftpalg {UPGRADE}: " in out and "replaced      /etc/systemd/system/ftpalg.service" in out, out
         print(f"ftpalg install --force: {time.monotonic() - t0:.1f} s")
         gw.box.run(["sh", "-c", "systemctl daemon-reload && systemctl restart ftpalg"])
+        assert queue_bound(gw)
         print(f"restart: {time.monotonic() - t0:.1f} s")
     for gw in gws:
         gw.wait_bound(runs)
@@ -211,6 +220,12 @@ def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateway
         assert "ftpalg.service: Scheduled restart job, restart counter is at 1." in messages, log
         assert messages.count("ftpalg.service: Failed with result") == 1, log  # the crash, nothing else
         assert "Traceback" not in messages and " ERROR " not in messages, log
+        # ftpalg's lines without a time of their own (the journal has it): "ftpalg INFO ..."
+        ours = [line for line in messages.splitlines() if not line.startswith(("ftpalg.service", "Start", "Stop"))]
+        assert ours and all(re.match(r"ftpalg (INFO|WARNING) ", line) for line in ours), ours[:5]
+        configuration = "; configuration: /etc/ftpalg/ftpalg.toml"
+        assert messages.count(f"version {ftpalg.__version__}{configuration}") == runs - 1, log
+        assert messages.count(f"version {UPGRADE}{configuration}") == 1, log
         # the upgrade runs: the unit says which installation wrote it, the process runs the new code
         assert f"(ftpalg {UPGRADE})" in gw.box.systemctl("cat", "ftpalg")
         version = gw.box.run(["/opt/ftpalg/bin/python", "-c", "import ftpalg; print(ftpalg.__version__)"]).stdout
