@@ -26,6 +26,7 @@ def pytest_sessionstart(session):
     if os.geteuid() != 0:
         return
     from ftpalg.lab.lab import Lab
+    from ftpalg.lab.systemd import remove_stale
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -34,6 +35,7 @@ def pytest_sessionstart(session):
     for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
         if not os.path.exists(f"/proc/{prefix[2:]}"):
             Lab(prefix).down()
+            remove_stale(prefix)  # test_systemd.py's containers' cgroups
 
 
 @pytest.hookimpl(tryfirst=True)

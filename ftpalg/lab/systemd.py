@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +110,38 @@ def own_cgroup() -> str:
     raise LabError("no cgroup2 hierarchy (/proc/self/cgroup has no 0:: line): systemd needs one")
 
 
+def in_cgroup2(script: str, cgroup: str) -> bool:
+    """``script`` run with the cgroup2 hierarchy mounted at $1 (in a mount namespace of its own:
+    the host may not have it mounted), $2 ``cgroup``; whether it exited 0."""
+    with tempfile.TemporaryDirectory(prefix="ftpalg-cgroup-") as mnt:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                               f'mount -t cgroup2 none "$1" && {{ {script}; }}', "cgroup", mnt, cgroup],
+                              capture_output=True).returncode == 0
+
+
+def remove_cgroup(cgroup: str, timeout: float = 5.0) -> None:
+    """A container's cgroup and those systemd made in it, once their processes are gone."""
+    deadline = time.monotonic() + timeout
+    while not in_cgroup2('find "$1$2" -depth -type d -exec rmdir {} + 2>/dev/null; [ ! -e "$1$2" ]', cgroup):
+        if time.monotonic() > deadline:
+            raise LabError(f"cgroup {cgroup} could not be removed")
+        time.sleep(0.1)  # its last processes are exiting
+
+
+def remove_stale(prefix: str) -> None:
+    """The cgroups of containers around the namespaces of lab ``prefix`` (a test run that was
+    killed): every process in them killed, then removed."""
+    top = own_cgroup()
+    with tempfile.TemporaryDirectory(prefix="ftpalg-cgroup-") as mnt:
+        listing = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                                  'mount -t cgroup2 none "$1" && ls "$1$2"', "ls", mnt, top or "/"],
+                                 capture_output=True, text=True).stdout.split()
+    for name in listing:
+        if name.startswith(f"ftpalg-lab-{prefix}-"):
+            in_cgroup2('echo 1 > "$1$2/cgroup.kill"', f"{top}/{name}")
+            remove_cgroup(f"{top}/{name}")
+
+
 class Systemd:
     """One container with systemd as PID 1 in network namespace ``netns``; ``state`` holds
     its root's mount point and its console log."""
@@ -174,22 +207,9 @@ class Systemd:
             try:
                 self.proc.wait(timeout if self.pid else 0)
             except subprocess.TimeoutExpired:
-                self._cgroup('echo 1 > "$1$2/cgroup.kill"')
+                in_cgroup2('echo 1 > "$1$2/cgroup.kill"', self.cgroup)
                 self.proc.wait(10)
-        deadline = time.monotonic() + 5
-        while not self._cgroup('find "$1$2" -depth -type d -exec rmdir {} + 2>/dev/null; [ ! -e "$1$2" ]'):
-            if time.monotonic() > deadline:
-                raise LabError(f"cgroup {self.cgroup} could not be removed")
-            time.sleep(0.1)  # its last processes are exiting
-
-    def _cgroup(self, script: str) -> bool:
-        """``script`` run with the cgroup2 hierarchy mounted at $1 (in a mount namespace of its
-        own: the host may not have it mounted), $2 the container's cgroup; whether it exited 0."""
-        mnt = self.state / "root"
-        mnt.mkdir(parents=True, exist_ok=True)
-        return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                               f'mount -t cgroup2 none "$1" && {{ {script}; }}', "cgroup", str(mnt), self.cgroup],
-                              capture_output=True).returncode == 0
+        remove_cgroup(self.cgroup)
 
     # ---- inside ----------------------------------------------------------------------------
     def argv(self, argv: list[str]) -> list[str]:
