@@ -38,6 +38,10 @@ ETC = ("passwd", "group", "shadow", "gshadow", "nsswitch.conf", "ld.so.cache", "
        "alternatives", "protocols", "services", "hosts", "host.conf", "ethertypes", "iproute2", "xtables",
        "localtime", "login.defs", "python3", "python3.11")
 
+# Not wanted in the container: logins (logind also needs D-Bus, not installed everywhere)
+MASK = ("systemd-logind.service", "getty.target", "console-getty.service", "systemd-update-utmp.service",
+        "systemd-update-utmp-runlevel.service")
+
 # Stage 1, in a private mount namespace inside the lab namespace: a cgroup of its own (in the
 # cgroup2 hierarchy, mounted here for a moment), then the namespaces of stage 2.
 STAGE1 = r"""
@@ -64,6 +68,7 @@ mount -o remount,bind,ro usr
 for f in $ETC; do if [ -e "/etc/$f" ]; then cp -a "/etc/$f" etc/; fi; done
 ln -s ../usr/lib/os-release etc/os-release
 mkdir -p etc/systemd/system
+for unit in $MASK; do ln -s /dev/null "etc/systemd/system/$unit"; done
 od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > etc/machine-id
 echo >> etc/machine-id
 echo "$name" > etc/hostname
@@ -91,7 +96,7 @@ mkdir .old
 pivot_root . .old
 umount -l /.old
 rmdir /.old
-exec env -u STAGE2 -u ETC -u SYSTEMD container=ftpalg-lab "$SYSTEMD" --unit=multi-user.target </dev/null
+exec env -u STAGE2 -u ETC -u MASK -u SYSTEMD container=ftpalg-lab "$SYSTEMD" --unit=multi-user.target </dev/null
 """
 
 
@@ -151,6 +156,7 @@ class Systemd:
         self.cgroup = f"{own_cgroup()}/ftpalg-lab-{name}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0  # systemd's pid on the host
+        self.failed = ""  # the units that failed during the boot (systemctl --failed)
 
     # ---- up and down -----------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +165,7 @@ class Systemd:
             raise LabError(f"{SYSTEMD} is missing (Debian package systemd)")
         root = self.state / "root"
         root.mkdir(parents=True, exist_ok=True)
-        env = {**CLEAN_ENV, "STAGE2": STAGE2, "ETC": " ".join(ETC), "SYSTEMD": str(SYSTEMD)}
+        env = {**CLEAN_ENV, "STAGE2": STAGE2, "ETC": " ".join(ETC), "MASK": " ".join(MASK), "SYSTEMD": str(SYSTEMD)}
         binds = [str(w) for host, inside, ro in self.binds for w in (host, inside, "ro" if ro else "rw")]
         with open(self.state / "console.log", "ab") as out:
             self.proc = subprocess.Popen(
@@ -168,8 +174,8 @@ class Systemd:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait(self, timeout: float = 30.0) -> None:
-        """Until systemd has booted (``is-system-running --wait``): running, or degraded with
-        the units that failed named."""
+        """Until systemd has booted (``is-system-running --wait``): running, or degraded (some
+        unit failed: ``failed`` names them; ftpalg's tests look at ftpalg's unit)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while not self.pid:
@@ -195,8 +201,7 @@ class Systemd:
                                f"{self.console()}")
             time.sleep(0.05)  # its private socket is not there yet
         if state == "degraded":
-            failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False).stdout
-            raise LabError(f"systemd in {self.netns} booted degraded:\n{failed}")
+            self.failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False).stdout
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Power off (the services stopped the ordinary way), then the cgroups removed; every
