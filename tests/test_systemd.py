@@ -11,8 +11,8 @@ upgrade of the installed package is installed while the old version serves (a wh
 higher version, ``pip install``, ``ftpalg install --force``, ``systemctl daemon-reload``), and
 with 4 clients looping PORT sessions through gw1 and 4 looping PASV sessions (the 227 address
 trusted) through gw2, each download checked by SHA-256: the ``systemctl restart`` that
-completes the upgrade, a crash (``kill -9`` of the main process, restarted by the unit's
-``Restart=on-failure``) and two more ``systemctl restart``. A ``systemctl stop`` leaves the
+completes the upgrade, two more, and a crash (``kill -9`` of the main process, restarted by
+the unit's ``Restart=on-failure``). A ``systemctl stop`` leaves the
 ruleset exactly as found, and so does a stop or a restart that arrives at any moment of
 start-up, with systemd recording no failure.
 """
@@ -169,16 +169,19 @@ def install_upgrade(gws: list[Gateway], wheel: Path) -> None:
 
 def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateways, wheels, tmp_path):
     """The upgrade is installed while the old version serves; under load, the restart that
-    completes it, a crash, and two more restarts."""
+    completes it, two more restarts and a crash."""
     gws = list(gateways.values())
     marks = {gw.ns: gw.cursor() for gw in gws}
     install_upgrade(gws, wheels[1])
     loads = {mode: start_load(lab, mode, 0, clients=4) for mode in ("PORT", "PASV")}
-    steps = [("systemctl restart (the upgrade)", restart), ("kill -9 (a crash)", crash),
-             ("systemctl restart", restart), ("systemctl restart", restart)]
+    # the crash last: a segment dropped several times waits longer each time (TCP's backoff),
+    # and steps closer than that would add up (seen: PORT sessions stalled 13 s by a crash and
+    # a restart 2.5 s apart)
+    steps = [("systemctl restart (the upgrade)", restart), ("systemctl restart", restart),
+             ("systemctl restart", restart), ("kill -9 (a crash)", crash)]
     start = time.monotonic()
     try:
-        time.sleep(0.5)  # the old version serves, its files replaced
+        time.sleep(1.0)  # the old version serves, its files replaced
         for what, step in steps:
             assert all(p.poll() is None for p in loads.values()), f"the load ended before {what}"
             t0 = time.monotonic()
@@ -187,7 +190,7 @@ def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateway
                   f"bound again")
             for gw in gws:
                 assert "FTPALG-QUEUE" in lab.ruleset(gw.ns)
-            time.sleep(0.5)
+            time.sleep(1.0)
     finally:
         results = {}
         for mode, p in loads.items():
@@ -204,7 +207,7 @@ def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateway
     # Every session's download checked out (a PORT or 227 that passed unrewritten would fail).
     # What may be left (tests/test_netns_restart.py): a 227 whose PASV the old run saw reaches
     # the new one, which opens nothing for a reply no PASV of its own asked for.
-    assert results["PORT"]["sessions"] > 100 and results["PASV"]["sessions"] > 100, results
+    assert results["PORT"]["sessions"] > 50 and results["PASV"]["sessions"] > 50, results
     assert results["PORT"]["sessions_ok"] == results["PORT"]["sessions"], results["PORT"]
     assert results["PASV"]["sessions"] - results["PASV"]["sessions_ok"] <= 4, results["PASV"]
 
