@@ -29,6 +29,25 @@ APT_PACKAGES+=(firewalld)
 # above or Essential (util-linux: setpriv, unshare): in CI (CI=true) a missing one fails its
 # test instead of skipping it (tests/needs.py).
 APT_PACKAGES+=(systemd)
+# man-db: tests/test_docgen.py and test_packaging.py render the manual pages and find them by
+# name where `ftpalg install` puts them (`man -M STAGE/usr/local/share/man ftpalg`).
+APT_PACKAGES+=(man-db)
+# tayga: the NAT64 lab's translator (ftpalg/lab/nat64.py runs it in a gateway's namespace, in
+# the foreground; the package's init script is installed disabled, K01 in every runlevel, and
+# the guard below keeps the install from starting it). python3-twisted: the NAT64 lab's server
+# without EPSV (Twisted's FTP server, run with the system python3).
+APT_PACKAGES+=(tayga python3-twisted)
+# docker.io: tests/test_netns_docker.py and the demo run Debian's Docker engine inside a lab
+# namespace (ftpalg/lab/docker.py); the host never runs it, see mask_host_docker.
+APT_PACKAGES+=(docker.io)
+
+# The same for docker.io: its units would start dockerd in the host's namespace (and its
+# FORWARD policy DROP with it). The lab starts /usr/sbin/dockerd itself, inside a namespace.
+mask_host_docker() {
+    command -v systemctl > /dev/null || return 0
+    systemctl --quiet disable docker.service docker.socket > /dev/null 2>&1 || true
+    systemctl --quiet mask docker.service docker.socket > /dev/null 2>&1 || true
+}
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -65,6 +84,7 @@ install_debian_packages() {
     rm -f "$log"
     for p in "${missing[@]}"; do
         [ "$p" = firewalld ] && mask_host_firewalld
+        [ "$p" = docker.io ] && mask_host_docker
     done
     return 0
 }

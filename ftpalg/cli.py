@@ -1,4 +1,4 @@
-"""Command line: ``ftpalg run | check-config | demo | lab up/down | rules``."""
+"""Command line: ``ftpalg run | check-config | status | doctor | demo | lab up/down | rules``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(doc, indent=2) if args.json else render(doc))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .linux.doctor import main
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the scratch namespaces are removed on SIGTERM too
+    return main(args.cfg, args.json, not args.no_trials)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -148,6 +155,8 @@ OPTION_KEYS = {
     "audit_file": "audit.file",
     "metrics_listen": "metrics.listen",
     "status_socket": "status.socket",
+    "nat64_pool": "nat64.pool",
+    "nat64_prefix": "nat64.prefix",
 }
 _SWITCHES = {"install_rules": ("--rules", "--no-rules"), "audit": ("--audit", "--no-audit")}
 
@@ -186,10 +195,15 @@ def parser() -> argparse.ArgumentParser:
     from . import config, explain, install
     from .config import DEFAULT_QUEUE
 
-    ap = argparse.ArgumentParser(prog="ftpalg", description="FTP-aware NAT application-level gateway")
+    ap = argparse.ArgumentParser(
+        prog="ftpalg", description="FTP-aware NAT application-level gateway. `ftpalg run` watches the FTP control "
+        "connections through a Linux gateway over NFQUEUE, rewrites the private address a peer announces (PORT, EPRT, "
+        "227, 229, ...) to the public one the other side can reach, and opens a one-shot conntrack expectation for "
+        "exactly the data connection announced; the kernel keeps doing NAT, conntrack and the data path. Its "
+        "configuration file is described in ftpalg.toml(5).")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (default info)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(title="commands", dest="cmd", required=True)
     # Every option below defaults to None ("not given"): only given ones override the file.
 
     def config_file(p: argparse.ArgumentParser) -> None:
@@ -206,13 +220,13 @@ def parser() -> argparse.ArgumentParser:
                             "one per core the gateway can spare")
         p.add_argument("--queue", metavar="all|selected",
                        help="which control segments leave the kernel (default selected: only those that may carry an "
-                            "address, see README; all: every one with payload, SYN, FIN, RST); gateway.queue")
+                            "address; all: every one with payload, SYN, FIN, RST); gateway.queue in ftpalg.toml(5)")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         ports_and_queue(r)
         r.add_argument("--pinhole-timeout", metavar="SECONDS",
                        help="forget an unused pinhole (expectation) after this long (default 120)")
-        lim = r.add_argument_group("policy and limits (see README, Security model)")
+        lim = r.add_argument_group("policy and limits (see docs/security.md)")
         lim.add_argument("--min-port", metavar="PORT",
                          help="never open a pinhole to a port below this (default 1024; 1 allows any)")
         lim.add_argument("--max-flows", metavar="N",
@@ -239,6 +253,12 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--status-socket", metavar="SOCKET",
                        help='unix socket of `ftpalg status`: "@name" abstract, or a path; "" = off '
                             "(default @ftpalg-status)")
+        r.add_argument("--nat64-pool", metavar="CIDR[,CIDR]",
+                       help="IPv4 pool(s) of a NAT64 translator on this gateway (Tayga's dynamic-pool): control "
+                            "connections from them are translated for IPv6-only clients (RFC 6384, "
+                            'docs/nat64.md); "" = off (default)')
+        r.add_argument("--nat64-prefix", metavar="PREFIX",
+                       help="the translator's IPv6 prefix (e.g. 2001:db8:64::/96), needed for LPSV only")
         r.add_argument("--audit", action=argparse.BooleanOptionalAction, default=None,
                        help="one structured line per transfer (default off)")
         r.add_argument("--audit-file", metavar="PATH",
@@ -264,6 +284,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--status-socket", metavar="SOCKET", help="the socket `ftpalg run` serves (default @ftpalg-status)")
     st.add_argument("--json", action="store_true", help="the raw JSON document")
     st.set_defaults(func=cmd_status, configured=True)
+
+    doc = sub.add_parser("doctor", help="preflight: can ftpalg run here? (kernel features tried in scratch "
+                                        "namespaces, conflicts, forwarded control ports)",
+                         description="Check this gateway (its network namespace, read-only) and try the kernel "
+                                     "features ftpalg needs in scratch namespaces of its own. One line per check; "
+                                     "exit 0 all ok, 1 ftpalg run would fail, 3 warnings only, 2 bad configuration.")
+    config_file(doc)
+    ports_and_queue(doc)
+    doc.add_argument("--queue-backend", metavar="auto|nft|iptables", help="as for ftpalg run")
+    doc.add_argument("--json", action="store_true", help="the checks as a JSON document")
+    doc.add_argument("--no-trials", action="store_true",
+                     help="only the read-only checks of this namespace (no scratch namespaces, nothing loaded)")
+    doc.set_defaults(func=cmd_doctor, configured=True)
 
     d = sub.add_parser("demo", help="lab demo: active-mode FTP through NAT without and with ftpalg")
     d.add_argument("--prefix", default="ftpalg-demo", help="name prefix of the lab's namespaces")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.nat64 import PREFIX_LENGTHS
+from .core.nat64 import Nat64 as Translator
 from .core.policy import DEFAULT_LIMITS, Limits
 
 DEFAULT_PATH = Path("/etc/ftpalg/ftpalg.toml")
@@ -112,6 +114,15 @@ class Status:
 
 
 @dataclass(frozen=True)
+class Nat64:
+    pool: tuple[str, ...] = ()  # the translator's IPv4 pools (CIDR): their connections are translated
+    prefix: str = ""  # the translator's IPv6 prefix (RFC 6052), for LPSV's 228; "": none
+
+    def translator(self) -> Translator | None:
+        return Translator.of(self.pool, self.prefix)
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: Gateway = field(default_factory=Gateway)
     policy: Policy = field(default_factory=Policy)
@@ -119,6 +130,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     metrics: Metrics = field(default_factory=Metrics)
     status: Status = field(default_factory=Status)
+    nat64: Nat64 = field(default_factory=Nat64)
     # Where it came from (not part of equality): the file, or "built-in defaults", and for
     # each key not at its default, the file or the option that set it.
     source: str = field(default="built-in defaults", compare=False)
@@ -146,7 +158,7 @@ class Config:
     def alg_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``core.alg.Alg`` besides its kernel port."""
         return {"control_ports": self.control_ports, "pinhole_timeout": self.gateway.pinhole_timeout,
-                "limits": self.limits(), "selected": self.queue_selected}
+                "limits": self.limits(), "selected": self.queue_selected, "nat64": self.nat64.translator()}
 
     def override(self, values: Mapping[str, tuple[object, str]]) -> Config:
         """A copy with ``values`` (key -> (value, origin)) checked and set."""
@@ -330,34 +342,91 @@ def _path_or_empty(v: object) -> str:
     return s
 
 
+def _pools(v: object) -> tuple[str, ...]:
+    if isinstance(v, OptionText):  # "192.168.255.0/24" or "a/24,b/24"; "" = none
+        v = [p.strip() for p in v.split(",") if p.strip()]
+    elif isinstance(v, str):
+        v = [v] if v.strip() else []
+    if not isinstance(v, list | tuple):
+        raise _Problem(f"must be an IPv4 network (\"192.168.255.0/24\") or an array of them, not {_describe(v)}")
+    out = []
+    for i, p in enumerate(v):
+        where = f"element {i + 1}: " if len(v) > 1 else ""
+        if not isinstance(p, str):
+            raise _Problem(f"{where}must be an IPv4 network as a string, not {_describe(p)}")
+        try:
+            net = ipaddress.IPv4Network(p.strip(), strict=False)
+        except ValueError:
+            raise _Problem(f"{where}{json.dumps(p)} is not an IPv4 network (a.b.c.d/n)") from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
+def _prefix(v: object) -> str:
+    s = _str(v).strip()
+    if not s:
+        return s
+    try:
+        net = ipaddress.IPv6Network(s, strict=False)
+    except ValueError:
+        raise _Problem(f"{json.dumps(s)} is not an IPv6 prefix (e.g. \"2001:db8:64::/96\")") from None
+    if net.prefixlen not in PREFIX_LENGTHS:
+        raise _Problem(f"/{net.prefixlen} is not a length RFC 6052 embeds IPv4 addresses after "
+                       f"({', '.join(f'/{n}' for n in PREFIX_LENGTHS)})")
+    return str(net)
+
+
 @dataclass(frozen=True)
 class Key:
     check: Callable[[object], Any]
-    doc: str
+    doc: str  # what the key does, its range: deploy/ftpalg.toml and ftpalg.toml(5) are made from it (docgen.py)
 
 
 KEYS: dict[str, Key] = {
-    "gateway.control_ports": Key(_port_list, "FTP control ports (1..65535; duplicates merged)"),
-    "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number (0..65535)"),
-    "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), "auto | nft | iptables"),
-    "gateway.queue": Key(_enum(QUEUE_MODES), "selected | all (selected: only segments that may carry an "
-                         "address; all: every segment with payload, SYN, FIN, RST)"),
-    "gateway.workers": Key(_ranged(1, MAX_WORKERS), f"worker processes, one queue each (1..{MAX_WORKERS})"),
-    "gateway.install_rules": Key(_bool, "false: load deploy/ rules yourself (--no-rules)"),
-    "gateway.pinhole_timeout": Key(_pinhole_timeout, "seconds, > 0 and <= 86400"),
-    "policy.min_port": Key(_ranged(1, 65535), "no pinhole to a port below this (1..65535)"),
-    "policy.max_flows": Key(_ranged(1), "control connections tracked at once (>= 1)"),
-    "policy.max_pinholes": Key(_ranged(1), "live pinholes in total (>= 1)"),
-    "policy.max_pinholes_per_client": Key(_ranged(1), "live pinholes of one client address (>= 1)"),
-    "policy.max_held_bytes": Key(_ranged(1), "bytes of segments held back (>= 1)"),
-    "log.level": Key(_enum(LOG_LEVELS), "debug | info | warning | error"),
-    "audit.enabled": Key(_bool, "one structured line per transfer"),
-    "audit.file": Key(_path_or_empty, '"": the log; else an absolute path appended to'),
-    "metrics.listen": Key(_listen, 'host:port or [v6]:port of the Prometheus endpoint; "": off'),
-    "status.socket": Key(_socket, '"@name": abstract socket; else an absolute path; "": off'),
+    "gateway.control_ports": Key(_port_list, "FTP control ports whose connections are watched (1..65535; "
+                                 "duplicates merged). A public port forwarded to another inside port needs both, "
+                                 "e.g. [21, 2121]."),
+    "gateway.queue_num": Key(_ranged(0, 65535), "NFQUEUE number the control segments are queued to (0..65535)."),
+    "gateway.queue_backend": Key(_enum(QUEUE_BACKENDS), 'How control segments are queued: "auto" or "iptables" '
+                                 "(iptables' NFQUEUE target, the tested path), or \"nft\" (nft's queue statement: "
+                                 "opt-in, untested with traffic)."),
+    "gateway.queue": Key(_enum(QUEUE_MODES), 'Which control segments leave the kernel: "selected" (only those that '
+                         "may carry or continue a data address: PORT/EPRT/LPRT/PASV/EPSV/LPSV/AUTH/ALGS from the "
+                         "client, 227/228/229/234 from the server, a line split across segments, whole streams "
+                         'while ftpalg asks for them, and FINs; needs the iptables backend) or "all" (every segment '
+                         "with payload, SYN, FIN and RST; what the audit log needs: with audit.enabled it is "
+                         "\"all\" whatever this says)."),
+    "gateway.workers": Key(_ranged(1, MAX_WORKERS), "Worker processes, each on its own queue (queue_num, "
+                           f"queue_num + 1, ...; 1..{MAX_WORKERS}). One per core the gateway can spare for ftpalg; "
+                           "both directions of a control connection always reach the same worker (docs/deploying.md, "
+                           '"Several workers").'),
+    "gateway.install_rules": Key(_bool, "false: do not install/remove table inet ftpalg and the queue rule; load the "
+                                 "rule files yourself (ftpalg install puts them in /etc/ftpalg/rules/)."),
+    "gateway.pinhole_timeout": Key(_pinhole_timeout, "Seconds after which an unused pinhole (expectation) is forgotten "
+                                   f"(> 0, <= {MAX_PINHOLE_TIMEOUT:g})."),
+    "policy.min_port": Key(_ranged(1, 65535), "Never open a pinhole to a port below this (1..65535; 1 allows any)."),
+    "policy.max_flows": Key(_ranged(1), "Control connections tracked at once; at the cap the least recently seen "
+                            "idle ones are forgotten (>= 1)."),
+    "policy.max_pinholes": Key(_ranged(1), "Live pinholes in total; beyond, announcements open nothing (>= 1)."),
+    "policy.max_pinholes_per_client": Key(_ranged(1), "Live pinholes of one FTP client address (>= 1)."),
+    "policy.max_held_bytes": Key(_ranged(1), "Bytes of segments held back for split lines or reordering, in total "
+                                 "(>= 1)."),
+    "log.level": Key(_enum(LOG_LEVELS), '"debug", "info", "warning" or "error".'),
+    "audit.enabled": Key(_bool, "One structured line per transfer."),
+    "audit.file": Key(_path_or_empty, '"": the lines go to the log (stderr / journald); else an absolute path they '
+                      "are appended to (--audit-file also turns audit on)."),
+    "metrics.listen": Key(_listen, 'host:port ([v6]:port for IPv6) of the Prometheus endpoint; "" = off.'),
+    "status.socket": Key(_socket, "Unix socket that `ftpalg status` talks to: \"@name\" = an abstract socket (one per "
+                         'network namespace, no file), else an absolute path; "" = off.'),
+    "nat64.pool": Key(_pools, "IPv4 pools of a NAT64 translator on this gateway (CIDR, one or an array, "
+                      "e.g. Tayga's dynamic-pool): a control connection from an address in a pool is a translated one "
+                      "(RFC 6384: EPSV/EPRT/ALGS translated, docs/nat64.md); []: off."),
+    "nat64.prefix": Key(_prefix, "The translator's IPv6 prefix (RFC 6052: /32, /40, /48, /56, /64 or /96), needed "
+                        'for LPSV\'s 228 and to refuse an EPRT naming an address under it; "": none.'),
 }
 SECTIONS: dict[str, type] = {"gateway": Gateway, "policy": Policy, "log": Log, "audit": Audit,
-                             "metrics": Metrics, "status": Status}
+                             "metrics": Metrics, "status": Status, "nat64": Nat64}
 
 
 def check(key: str, value: object, origin: str) -> Any:

@@ -10,9 +10,11 @@ wheel's RECORD; running from a source checkout, they are read from its ``deploy/
 * ``/etc/ftpalg/ftpalg.toml``: the default configuration, only if there is none (an admin's
   configuration is never overwritten);
 * ``/etc/ftpalg/rules/``: the rule files, for ``--no-rules`` (what ``ftpalg rules ...`` prints
-  for the default configuration).
+  for the default configuration);
+* ``/usr/local/share/man/man8/ftpalg.8``, ``.../man5/ftpalg.toml.5``: the manual pages, package
+  data of ftpalg (made by ``ftpalg/docgen.py``), where ``man ftpalg`` finds them.
 
-A unit or rule file that exists and differs is kept unless ``--force``. ``--root DIR`` writes
+A unit, rule file or manual page that exists and differs is kept unless ``--force``. ``--root DIR`` writes
 under a staging directory, ``--dry-run`` only says what would be done. The unit runs ftpalg
 as a dynamic user (neither owner nor group of anything): every file of this installation must
 be readable by others, and outside the directories the unit hides (``ProtectHome``,
@@ -42,6 +44,9 @@ CONFIG = DEFAULT_PATH
 RULES_DIR = Path("/etc/ftpalg/rules")
 RULE_FILES = ("ftpalg.nft", "ftpalg-queue.nft", "queue.iptables", "queue.ip6tables")
 DEPLOY_FILES = ("ftpalg.service", "ftpalg.toml", *RULE_FILES)
+MAN_DIR = Path("/usr/local/share/man")  # in man-db's search path (manpath.config), outside the package manager's
+MAN_SOURCE = Path(__file__).resolve().parent / "man"  # package data
+MAN_PAGES = ("ftpalg.8", "ftpalg.toml.5")
 # What the unit hides from the service, whatever the permissions (see deploy/ftpalg.service).
 HIDDEN = {Path("/root"): "ProtectHome=yes", Path("/home"): "ProtectHome=yes", Path("/run/user"): "ProtectHome=yes",
           Path("/tmp"): "PrivateTmp=yes", Path("/var/tmp"): "PrivateTmp=yes", Path("/dev"): "PrivateDevices=yes"}
@@ -99,6 +104,11 @@ def unit_text(template: str, command: list[str]) -> str:
     if n != 1:
         raise InstallError(f"the unit template has {n} ExecStart= lines, not 1")
     return f"# Written by `ftpalg install` (ftpalg {__version__}): ExecStart= is that installation's ftpalg.\n" + text
+
+
+def man_path(page: str) -> Path:
+    """Where a manual page goes: ``ftpalg.toml.5`` in ``man5/``."""
+    return MAN_DIR / f"man{page.rsplit('.', 1)[1]}" / page
 
 
 # ---- can the service's user read this installation? ----------------------------------------
@@ -250,7 +260,8 @@ def _install(args: argparse.Namespace) -> int:
     command = ftpalg_command()
     items = [Item(UNIT, unit_text((src / "ftpalg.service").read_text(), command), False),
              Item(CONFIG, (src / "ftpalg.toml").read_text(), True),
-             *(Item(RULES_DIR / n, (src / n).read_text(), False) for n in RULE_FILES)]
+             *(Item(RULES_DIR / n, (src / n).read_text(), False) for n in RULE_FILES),
+             *(Item(man_path(n), (MAN_SOURCE / n).read_text(), False) for n in MAN_PAGES)]
     plan: list[tuple[Item, Path, str, str]] = []  # item, where, action, note
     for it in items:
         where = _staged(root, it.path)
@@ -313,7 +324,9 @@ def _install(args: argparse.Namespace) -> int:
     for c in NEXT:
         print(f"  {c}", file=out)
     print(f"  {command[0]} status", file=out)
-    print(f"(install_rules = false / --no-rules: load the rule files in {RULES_DIR}/ yourself, see README)", file=out)
+    print("  man ftpalg; man ftpalg.toml", file=out)
+    print(f"(install_rules = false / --no-rules: load the rule files in {RULES_DIR}/ yourself, see "
+          "docs/deploying.md)", file=out)
     if root == Path("/") and not Path("/run/systemd/system").is_dir():
         print("\nnote: systemd is not running on this machine (no /run/systemd/system): the unit is in place but "
               "cannot be started here", file=out)
@@ -322,13 +335,15 @@ def _install(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """``ftpalg install`` on the CLI's subparsers."""
-    p = sub.add_parser("install", help="install the systemd unit, the default configuration and the rule files",
+    p = sub.add_parser("install", help="install the systemd unit, the default configuration, the rule files and the "
+                       "manual pages",
                        description=f"Write {UNIT} (ExecStart= this installation's ftpalg), {CONFIG} (only if "
-                                   f"absent: never overwritten) and the rule files to {RULES_DIR}/ (for "
-                                   "--no-rules). A unit or rule file that differs is kept unless --force. Then: "
+                                   f"absent: never overwritten), the rule files to {RULES_DIR}/ (for "
+                                   f"--no-rules) and the manual pages ftpalg(8) and ftpalg.toml(5) to {MAN_DIR}/. "
+                                   "A unit, rule file or manual page that differs is kept unless --force. Then: "
                                    f"{NEXT[0]}")
     p.add_argument("--root", metavar="DIR", help="write under DIR instead of / (staging, tests)")
     p.add_argument("--dry-run", action="store_true", help="say what would be written, write nothing")
     p.add_argument("--force", action="store_true",
-                   help="replace a unit or rule file that differs (never the configuration)")
+                   help="replace a unit, rule file or manual page that differs (never the configuration)")
     p.set_defaults(func=cmd_install)

@@ -17,24 +17,29 @@ from needs import in_ci, need
 settings.register_profile("ftpalg", deadline=None)
 settings.load_profile("ftpalg")
 
-# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces), named after their pid
-STALE = re.compile(r"^(f[abkl]\d+)-(c|gw|s|gw2|i)$")
+# labs made by tests and bench/ (fk: test_linux_kernel's three namespaces; f6: the NAT64 lab;
+# fd: the Docker host lab of test_netns_docker; fn: the service lab of test_netns_service),
+# named after their pid
+STALE = re.compile(r"^(f[abkl6d]\d+)-(c|gw|s|gw2|i|dc|dh)$|^(fn\d+)-(c|node2?|p\d|cp)$")
 
 
 def pytest_sessionstart(session):
     """Remove labs left by an earlier run that was killed (its pid is gone)."""
     if os.geteuid() != 0:
         return
+    from ftpalg.lab.dockerhost import DockerLab
     from ftpalg.lab.lab import Lab
+    from ftpalg.lab.service import ServiceLab
     from ftpalg.lab.systemd import remove_stale
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     except OSError:
         return
-    for prefix in {m.group(1) for n in names if (m := STALE.match(n))}:
+    for prefix in {m.group(1) or m.group(3) for n in names if (m := STALE.match(n))}:
         if not os.path.exists(f"/proc/{prefix[2:]}"):
-            Lab(prefix).down()
+            kind = DockerLab if prefix.startswith("fd") else ServiceLab if prefix.startswith("fn") else Lab
+            kind(prefix).down()
             remove_stale(prefix)  # test_systemd.py's containers' cgroups
 
 

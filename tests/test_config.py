@@ -113,6 +113,13 @@ GOOD = [
     ("status", "socket", '"@other"', "@other"),
     ("status", "socket", '"/run/ftpalg/status.sock"', "/run/ftpalg/status.sock"),
     ("status", "socket", '""', ""),
+    ("nat64", "pool", '"192.168.255.0/24"', ("192.168.255.0/24",)),
+    ("nat64", "pool", '["192.168.255.7/24", "10.64.0.0/16", "192.168.255.0/24"]',
+     ("192.168.255.0/24", "10.64.0.0/16")),
+    ("nat64", "pool", "[]", ()),
+    ("nat64", "prefix", '"2001:db8:64::/96"', "2001:db8:64::/96"),
+    ("nat64", "prefix", '"64:FF9B::/96"', "64:ff9b::/96"),
+    ("nat64", "prefix", '""', ""),
 ]
 
 
@@ -188,6 +195,11 @@ BAD = [
     ("status", "socket", '"ftpalg.sock"', 'must be "@name" (abstract) or an absolute path'),
     ("status", "socket", '"/' + "x" * 107 + '"', "is longer than 107 bytes"),
     ("status", "socket", '"@a\\u0000b"', "must not contain a NUL character"),
+    ("nat64", "pool", '"192.168.255.0/33"', "is not an IPv4 network"),
+    ("nat64", "pool", "[24]", "must be an IPv4 network as a string, not an integer"),
+    ("nat64", "pool", '["2001:db8::/96"]', "is not an IPv4 network"),
+    ("nat64", "prefix", '"2001:db8::/80"', "/80 is not a length RFC 6052"),
+    ("nat64", "prefix", '"192.168.0.0/16"', "is not an IPv6 prefix"),
 ]
 
 
@@ -475,7 +487,8 @@ def test_serve_builds_everything_from_the_config(tmp_path, monkeypatch):
     assert serve(c) == 0  # the fake queue "runs" until a stop
     calls = Recorder.calls
     assert calls["Alg"][1] == {"control_ports": frozenset({21, 2121}), "pinhole_timeout": 30.0,
-                               "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False}
+                               "limits": Limits(min_port=1, max_flows=10), "selected": True, "audit": False,
+                               "nat64": None}
     assert calls["StaticRules"][0] == (frozenset({21, 2121}), 7, "iptables", 1, True)
     assert calls["LinuxKernel"][0][1] == 30.0
     assert calls["QueueHandler"][0][1] == 7

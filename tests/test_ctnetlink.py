@@ -30,8 +30,9 @@ class KernelSocket:
     """What the kernel answers, one datagram per answer, as netlink_rcv_skb does: each
     request of a sendmsg in turn, an ACK when asked for one or on error."""
 
-    def __init__(self, extension: bool = True) -> None:
+    def __init__(self, extension: bool = True, helper: str | None = "sane") -> None:
         self.extension = extension  # the entry has a sequence-adjustment extension
+        self.helper = helper  # the entry's conntrack helper (ftpalg's rules attach "sane")
         self.seqadj: dict[int, KernelAdj] = {}
         # expectation tuple attribute -> (kernel id, CTA_EXPECT_MASTER attribute), as the
         # kernel's table: one expectation per tuple, each with an id of its own
@@ -61,6 +62,8 @@ class KernelSocket:
         subsys, kind = mtype >> 8, mtype & 0xFF
         if subsys == ct.NFNL_SUBSYS_CTNETLINK and kind == ct.IPCTNL_MSG_CT_GET:
             attrs = ct.tuple_attr(REPLY, ct.CTA_TUPLE_REPLY)
+            if self.helper is not None:
+                attrs += ct._attr(ct.CTA_HELP, ct._attr(ct.CTA_HELP_NAME, self.helper.encode() + b"\0"), True)
             for d, a in self.seqadj.items():
                 attrs += ct._seqadj_attr(ct.CTA_SEQ_ADJ_REPLY if d else ct.CTA_SEQ_ADJ_ORIG, a)
             msg = struct.pack("=BBH", 2, 0, 0) + attrs

@@ -385,7 +385,7 @@ CASES: list[Case] = [
          "'yyyPORT ...', mid-line for the server", (_bad_checksum_line_end,)),
     Case("gap-resync-trusts-segment-end", "a segment far ahead (a gap) ending in LF makes the next segment a line "
          "start; the hole-filling data may overwrite it at the server", (_gap_then_line_start,),
-         xfail="known, documented (README, Security model): after a gap the segment's final LF is taken as a "
+         xfail="known, documented (docs/security.md): after a gap the segment's final LF is taken as a "
                "line end, which picking a session up after a failover needs; a client can only announce its own "
                "address and a port >= --min-port this way, as it could on a line of its own"),
     Case("evicted-flow-picked-up-mid-line", "flow-cap eviction while a line is open: the flow is picked up again "

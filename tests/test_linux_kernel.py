@@ -141,6 +141,15 @@ IN_GATEWAY = textwrap.dedent("""
     held = nl.get(key).seqadj[1]
     out["adj"] = [[x.pos, x.before, x.after] for x in (first, then, held, k.seq_state(key, 1), k.seq_state(key, 0))]
     out["corrected"] = k.mapping(key)[1]
+    # a passive command handed over for the next ftpalg, in the entry's labels, the others kept
+    nl.label(key, 127, True)
+    k.hand_over(key, b"LPSV")
+    out["handed"] = [k.by_reply(reply).awaiting.decode(), f"{nl.get(key).labels:x}"]
+    k.hand_over(key, b"EPSV")
+    out["handed"].append(k.by_reply(reply).awaiting.decode())
+    k.hand_over(key, b"")
+    out["handed"] += [k.by_reply(reply).awaiting.decode(), f"{nl.get(key).labels:x}"]
+    nl.label(key, 127, False)
     ph = Pinhole(id=7, peer=server, public=public, public_port=50000, inside=client, inside_port=50000,
                  expires=0.0, master=key, active=True, form="PORT")
 
@@ -199,6 +208,15 @@ table ip nat {
     }
 }
 """
+# a rule that tests a label: the kernel gives new connections the labels extension
+LABELS = """
+table ip labelled {
+    chain pre {
+        type filter hook prerouting priority 0;
+        ct label 127 counter
+    }
+}
+"""
 
 
 @pytest.fixture
@@ -224,7 +242,7 @@ def routed():
             run("ip", "-n", g, "link", "set", gw_dev, "up")
             run("ip", "-n", ns, "route", "add", "default", "via", gw_addr)
         run("ip", "netns", "exec", g, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        run("ip", "netns", "exec", g, "nft", "-f", "-", input=nft_rules([21]) + MASQUERADE)
+        run("ip", "netns", "exec", g, "nft", "-f", "-", input=nft_rules([21]) + MASQUERADE + LABELS)
         yield c, g, s
     finally:
         for ns in (c, g, s):
@@ -261,3 +279,4 @@ def test_linux_kernel_on_a_real_connection(routed):
     for spared in out["spared"]:  # the other connection's expectation, still there
         assert len(spared) == 1 and f"master-src={CLIENT} master-dst={SERVER} sport={cports[1]} dport=21" in spared[0]
     assert out["after_theirs"] == []
+    assert out["handed"] == ["LPSV", "8030" + "0" * 28, "EPSV", "", "8" + "0" * 31]

@@ -48,7 +48,7 @@ def alg(lab):
 
 
 def load_deploy_files(lab: Lab) -> None:
-    """What the README tells an admin who uses --no-rules to load."""
+    """What docs/deploying.md tells an admin who uses --no-rules to load."""
     deploy = Path(__file__).resolve().parent.parent / "deploy"
     lab.ns(lab.gw, ["nft", "-f", str(deploy / "ftpalg.nft")])
     for restore in ("iptables-restore", "ip6tables-restore"):

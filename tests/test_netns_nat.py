@@ -95,7 +95,7 @@ def check_only_the_data_connection_fails(lab: Lab, kind: str, host: str, mode: s
     out = lab.state / "no-alg.out"
     try:
         res = lab.ns(lab.server, [sys.executable, "-c", TRANSCRIBED, host, "get", FILE, str(out), "--mode", mode,
-                                  "--source", source, "--timeout", "8"], check=False, timeout=40)
+                                  "--source", source, "--timeout", "4"], check=False, timeout=40)
     finally:
         for c in caps:
             Lab.stop_capture(c)

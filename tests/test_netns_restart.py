@@ -235,13 +235,17 @@ def start_load(lab: Lab, mode: str, sessions: int = LOAD_SESSIONS, clients: int 
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("mode", ["PORT", "PASV"])
-def test_restarts_under_load_lose_no_session(lab, mode):
+@pytest.mark.parametrize("mode,kinds", [("PORT", ("restart", "kill", "restart")),
+                                        ("PASV", ("restart", "kill", "restart")),
+                                        ("PASV", ("restart", "restart", "restart"))],
+                         ids=["PORT", "PASV", "PASV-clean"])
+def test_restarts_under_load_lose_no_session(lab, mode, kinds):
     """ftpalg restarted three times while 8 clients loop sessions that each need a rewrite:
-    stopped for a restart (SIGUSR1, systemd's RestartKillSignal) and started again, killed
-    (-9) and started again, and once more for a restart. The rules stay, segments that need
-    ftpalg wait for the next one (dropped meanwhile: TCP resends them) instead of passing
-    unrewritten, and no session fails. Then a clean stop leaves the ruleset as found."""
+    stopped for a restart (SIGUSR1, systemd's RestartKillSignal) and started again, or
+    killed (-9) and started again. The rules stay, segments that need ftpalg wait for the
+    next one (dropped meanwhile: TCP resends them) instead of passing unrewritten, a PASV
+    the old ftpalg saw is handed over to the new one in the kernel's entry, and no session
+    fails. Then a clean stop leaves the ruleset as found."""
     gw = lab.gw if mode == "PORT" else lab.gw2
     before = lab.ruleset(gw)
     p = lab.start_ftpalg(gw=gw)
@@ -249,7 +253,7 @@ def test_restarts_under_load_lose_no_session(lab, mode):
     time.sleep(1.0)
     restarts = 0
     logs: list[str] = []
-    for how in ("restart", "kill", "restart"):
+    for how in kinds:
         if load.poll() is not None:
             break
         if how == "restart":
@@ -271,14 +275,15 @@ def test_restarts_under_load_lose_no_session(lab, mode):
     assert restarts == 3, ("the load ended before the restarts", res)
     assert res["sessions"] == LOAD_SESSIONS
     # Before the rules stayed across restarts about half of such sessions failed (the issue's
-    # run: 1,465 and 1,732 of 3,000). What may be left: a 227 whose PASV the old ftpalg saw
-    # reaches the new one, which opens nothing for a passive reply no PASV of its own asked for
-    # (the reply gating of the security model); that transfer fails: measured 0-6 of 3,000 PASV
-    # sessions per run (restarts by SIGUSR1 and kill -9), 0 of 3,000 PORT sessions.
+    # run: 1,465 and 1,732 of 3,000). What may be left after a kill -9 (nothing is handed
+    # over): a 227 whose PASV the killed ftpalg saw reaches the new one, which opens nothing
+    # for a passive reply no PASV of its own asked for (the reply gating of the security
+    # model); that transfer fails: measured 0-6 of 3,000 PASV sessions per run, 0 of 3,000
+    # PORT sessions. Stopped for a restart, the old ftpalg hands such PASVs over: none lost.
     lost = res["sessions"] - res["sessions_ok"]
     print(f"restarts under load, {mode}: {res['sessions_ok']} of {res['sessions']} sessions, {res['seconds']} s")
     warnings = [ln for log in logs for ln in log.splitlines() if "WARNING" in ln]
-    assert lost <= (3 if mode == "PORT" else 12), (res["failures"], warnings)
+    assert lost <= (0 if "kill" not in kinds else 3 if mode == "PORT" else 12), (res["failures"], warnings)
     assert lab.ruleset(gw) == before
 
 

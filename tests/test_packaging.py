@@ -1,4 +1,4 @@
-"""The wheel, installed as the README says, and ``ftpalg install``.
+"""The wheel, installed as docs/deploying.md says, and ``ftpalg install``.
 
 The wheel is built from a copy of the source tree (``pip wheel --no-deps --no-build-isolation``
 with this venv's setuptools: no network, nothing written into the checkout) and installed
@@ -56,7 +56,7 @@ def run(argv: list[str | Path], check: bool = True, timeout: float = 120) -> sub
 
 def make_venv(whl: Path, deps: bool) -> Iterator[Path]:
     """A venv from the system python, under a directory others may read, with the wheel
-    (and its dependencies if ``deps``) installed by pip, as the README says."""
+    (and its dependencies if ``deps``) installed by pip, as docs/deploying.md says."""
     need(SYSTEM_PYTHON.exists(), str(SYSTEM_PYTHON))
     need(run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info >= (3, 11))"]).stdout.strip() == "True",
          f"{SYSTEM_PYTHON} 3.11 or newer")
@@ -121,6 +121,8 @@ def test_wheel_carries_the_deploy_files_and_only_the_package(wheel):
         for name in install.DEPLOY_FILES:
             assert z.read(data + name) == (DEPLOY / name).read_bytes(), name
         assert sorted(n.removeprefix(data) for n in names if n.startswith(data)) == sorted(install.DEPLOY_FILES)
+        for page in install.MAN_PAGES:  # package data
+            assert z.read(f"ftpalg/man/{page}") == (install.MAN_SOURCE / page).read_bytes(), page
         assert "ftpalg/install.py" in names and "ftpalg/cli.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops == {"ftpalg", f"ftpalg-{ftpalg.__version__}.data", f"ftpalg-{ftpalg.__version__}.dist-info"}, tops
@@ -148,6 +150,8 @@ def test_install_writes_unit_config_and_rules_from_the_wheel(bare, stage):
     assert staged(stage, install.CONFIG).read_text() == (DEPLOY / "ftpalg.toml").read_text()
     for name in install.RULE_FILES:
         assert staged(stage, install.RULES_DIR / name).read_text() == (DEPLOY / name).read_text(), name
+    for page in install.MAN_PAGES:
+        assert staged(stage, install.man_path(page)).read_bytes() == (ROOT / "ftpalg" / "man" / page).read_bytes()
     for path in stage.rglob("*"):
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
     out = res.stdout
@@ -173,6 +177,29 @@ def test_install_writes_unit_config_and_rules_from_the_wheel(bare, stage):
     out = run([ftpalg_bin, "install", "--root", stage, "--force"]).stdout
     assert config.read_text() == edited and rule.read_text() == (DEPLOY / "queue.iptables").read_text()
     assert f"replaced      {rule}" in out
+
+
+def test_man_finds_the_installed_pages(bare, stage):
+    """`man ftpalg` and `man ftpalg.toml` find the pages where `ftpalg install` put them (here
+    under a staging root: -M is that root's /usr/local/share/man), with nothing else to do
+    (no mandb run)."""
+    man = shutil.which("man")
+    need(man, "man (Debian package man-db)")
+    run([bare / "bin" / "ftpalg", "install", "--root", stage])
+    manpath = staged(stage, install.MAN_DIR)
+    env = {**CLEAN_ENV, "MANWIDTH": "100"}
+    res = subprocess.run([man, "-M", manpath, "-P", "cat", "ftpalg"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.startswith("FTPALG(8)") and "ftpalg run" in out and "--control-port PORT" in out, out[:500]
+    res = subprocess.run([man, "-M", manpath, "-P", "cat", "5", "ftpalg.toml"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("FTPALG.TOML(5)") and "control_ports = [21]" in res.stdout, res.stdout[:500]
+    # the default configuration the pages describe is the one installed
+    assert "pinhole_timeout = 120.0" in res.stdout
+    assert "pinhole_timeout = 120.0" in staged(stage, install.CONFIG).read_text()
 
 
 def test_install_leaves_a_masked_unit_alone(bare, stage):

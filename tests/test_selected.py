@@ -21,12 +21,13 @@ from test_fuzz import TOPOLOGIES
 from alg_helpers import Conn, Driven, FakeKernel, FastConn
 from ftpalg.core import packet
 from ftpalg.core.events import PASS, Resynced
+from ftpalg.core.nat64 import Nat64
 from ftpalg.core.policy import Limits
 from ftpalg.core.seqadj import MASK
 from ftpalg.linux import rules
 
 SESSIONS = 150  # per topology
-VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH")
+VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH", b"ALGS")
 CODES = (b"227", b"228", b"229", b"234")
 
 
@@ -138,10 +139,13 @@ def _cut(rng: random.Random, side: str, data: bytes) -> list[bytes]:
     return out
 
 
-def _run(topo: str, steps: list[tuple[str, list[bytes]]], selected: bool) -> tuple:
+def _run(topo: str, steps: list[tuple[str, list[bytes]]], selected: bool, t: dict | None = None,
+         nat64: Nat64 | None = None) -> tuple:
+    """The bytes each peer got, the pinholes opened and the segments queued; ``t``: the
+    topology itself (default TOPOLOGIES[topo]); ``nat64``: the core's translator."""
     kernel = FakeKernel()
-    alg = Driven(kernel, rng=random.Random(7), selected=selected)
-    t = TOPOLOGIES[topo]
+    alg = Driven(kernel, rng=random.Random(7), selected=selected, nat64=nat64)
+    t = TOPOLOGIES[topo] if t is None else t
     front = Selecting(alg, kernel, t["client"][0]) if selected else alg
     conn = FastConn(front, kernel, **t)  # type: ignore[arg-type]
     got: dict[str, list[bytes]] = {"c": [], "s": []}

@@ -10,10 +10,11 @@ from ftpalg.core.ftp import Form
 from ftpalg.core.session import Decision, Session, Transfer
 
 
-def play(script: list[tuple[str, bytes]]) -> tuple[Session, list[Decision]]:
-    """('c', line) is a command from the client, ('s', line) a reply line from the server.
-    Announcements are taken as opened, like the table does when the pinhole works."""
-    s = Session()
+def play(script: list[tuple[str, bytes]], s: Session | None = None) -> tuple[Session, list[Decision]]:
+    """('c', line) is a command from the client, ('s', line) a reply line from the server
+    (to ``s``, a new Session by default). Announcements are taken as opened, like the table
+    does when the pinhole works."""
+    s = Session() if s is None else s
     out = []
     for side, line in script:
         d = s.command(line) if side == "c" else s.reply(line)

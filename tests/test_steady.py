@@ -15,14 +15,17 @@ from test_fuzz import TOPOLOGIES, session_steps, topo_addrs
 from alg_helpers import MASK, Driven, FakeKernel, FastConn
 from ftpalg.core import walk
 from ftpalg.core.events import HELD
+from ftpalg.core.nat64 import Nat64
 from ftpalg.core.policy import Limits
 
 SESSIONS = 500  # per topology
 
 
-def _alg(topo: str, steady: bool) -> tuple[Driven, FakeKernel, FakeKernel, FastConn, list]:
+def _alg(topo: str, steady: bool, t: dict | None = None, nat64: Nat64 | None = None
+         ) -> tuple[Driven, FakeKernel, FakeKernel, FastConn, list]:
+    """``t``: the topology itself (default TOPOLOGIES[topo]); ``nat64``: the core's translator."""
     nat = holes = FakeKernel()
-    alg = Driven(nat, rng=random.Random(7), limits=Limits())
+    alg = Driven(nat, rng=random.Random(7), limits=Limits(), nat64=nat64)
     trace: list = []
     if not steady:
         alg.walk.steady = lambda *a: walk._SLOW  # type: ignore[method-assign]
@@ -41,7 +44,7 @@ def _alg(topo: str, steady: bool) -> tuple[Driven, FakeKernel, FakeKernel, FastC
 
     alg.handle = traced_handle  # type: ignore[method-assign]
     alg.take_released = traced_take  # type: ignore[method-assign]
-    conn = FastConn(alg, nat, **TOPOLOGIES[topo])
+    conn = FastConn(alg, nat, **(TOPOLOGIES[topo] if t is None else t))
     conn.s(b"220 hi\r\n")
     conn.c(b"USER a\r\n")
     conn.s(b"331 ok\r\n")
@@ -59,12 +62,13 @@ def _state(alg: Driven, nat: FakeKernel, holes: FakeKernel) -> object:
                       [dr.kadj for dr in f.dirs], [dr.fin for dr in f.dirs], f.closed_at, f.last_seen,
                       sorted(f.logged), f.pinhole,
                       (list(s.pending), s.count, s.live, s.reply_code, s.reply_cmd, s.reply_found, s.encrypted,
-                       s.user, s.last_verb, list(s.paths), s.unrecorded)))
+                       s.user, s.last_verb, list(s.paths), s.unrecorded,
+                       None if (x := s.xlat) is None else (x.enabled, x.client6, x.translated, dict(x.subs)))))
     return flows, holes.log, {k: list(v) for k, v in nat.adj.items()}
 
 
-def _run(topo: str, steps: list[tuple], steady: bool) -> tuple:
-    alg, nat, holes, conn, trace = _alg(topo, steady)
+def _run(topo: str, steps: list[tuple], steady: bool, t: dict | None = None, nat64: Nat64 | None = None) -> tuple:
+    alg, nat, holes, conn, trace = _alg(topo, steady, t, nat64)
     for side, segs, flags, skew, dup, wait in steps:
         for s in segs:
             for _ in range(2 if dup else 1):

@@ -123,3 +123,58 @@ def test_two_announcements_in_one_segment_still_add_twice():
         assert nat.adj[conn.key][0] == KernelAdj(start, base, base + 2 * GROW)
         assert conn.alg.counters["seqadj_already_corrected"] == 0
         assert conn.s(b"200 ok\r\n200 ok\r\n").ack == conn.cseq
+
+
+# ---- a passive command awaiting its reply across a restart -------------------------------------
+OUTSIDE, INSIDE, PUBLIC = ("198.51.100.9", 40000), ("10.1.0.2", 21), ("198.51.100.2", 21)
+REPLY_227 = b"227 Entering Passive Mode (10,1,0,2,195,149).\r\n"
+PUBLIC_227 = b"227 Entering Passive Mode (198,51,100,2,195,149).\r\n"
+
+
+def pasv_then_restart(hand_over: bool) -> tuple[Conn, FakeKernel]:
+    """An outside client's PASV to a server behind DNAT, seen by one ftpalg, which then stops
+    for a restart (handing over, or killed); the server's 227 reaches the next one."""
+    nat = FakeKernel()
+    conn = Conn(Driven(nat, pinhole_timeout=120.0, selected=True), nat, client=OUTSIDE, public=OUTSIDE,
+                server=INSIDE, dest=PUBLIC)
+    login(conn)
+    conn.s(b"230 in\r\n")
+    conn.c(b"PASV\r\n")
+    if hand_over:
+        conn.alg.hand_over()
+    new = FakeKernel()
+    new.table, new.adj, new.handed = dict(nat.table), nat.adj, dict(nat.handed)
+    conn.alg, conn.nat = Driven(new, pinhole_timeout=120.0, selected=True), new
+    return conn, new
+
+
+def test_a_passive_reply_awaited_across_a_restart_is_taken_by_the_next_ftpalg():
+    conn, nat = pasv_then_restart(hand_over=True)
+    assert nat.handed == {conn.key: b"PASV"}
+    seg = conn.s(REPLY_227)  # met first by the new process, from the server's side
+    assert seg.payload == PUBLIC_227
+    (ph,) = nat.live.values()
+    assert (ph.peer, ph.public, ph.public_port, ph.inside) == ("198.51.100.9", "198.51.100.2", 50069, "10.1.0.2")
+    assert nat.handed == {}  # taken: a second 227 is not solicited by it
+    assert conn.s(REPLY_227).payload == REPLY_227 and conn.alg.counters["unsolicited"] == 1
+
+
+def test_without_the_hand_over_the_reply_is_unsolicited_for_the_next_ftpalg():
+    conn, nat = pasv_then_restart(hand_over=False)  # kill -9: nothing was handed over
+    assert conn.s(REPLY_227).payload == REPLY_227 and not nat.live
+    assert conn.alg.counters["unsolicited"] == 1
+
+
+def test_only_a_passive_command_still_awaiting_its_reply_is_handed_over():
+    nat = FakeKernel()
+    conn = Conn(Driven(nat, pinhole_timeout=120.0, selected=True), nat, client=OUTSIDE, public=OUTSIDE,
+                server=INSIDE, dest=PUBLIC)
+    login(conn)
+    conn.c(b"PASV\r\n")
+    conn.s(REPLY_227)
+    conn.c(b"RETR f\r\n")
+    conn.alg.hand_over()
+    assert nat.handed == {}
+    conn.c(b"EPSV\r\n")
+    conn.alg.hand_over()
+    assert nat.handed == {conn.key: b"EPSV"}

@@ -39,6 +39,11 @@ ENCRYPTED_ADVICE = (
     "TLS-terminating proxy on the gateway. Logged once; later ones at info level")
 
 
+NOT_FORWARDED_ADVICE = (
+    "Clients on the gateway itself are not served (through docker-proxy on a Docker host neither): run them "
+    "elsewhere, or use the container's address directly. Logged once; later ones at info level")
+
+
 class Accounting:
     def __init__(self, counters: Counter[str], on_transfer: Callable[[dict[str, object]], None] | None = None,
                  logs: bool = True) -> None:
@@ -71,6 +76,9 @@ class Accounting:
                 log.info("pinhole close id=%d: %s", ev.pinhole.id, ev.detail)
             elif isinstance(ev, LineRewritten):
                 c["rewrites"] += 1
+                if ev.xlat is not None:
+                    c[f"nat64_{ev.xlat}"] += 1
+                    log.info("nat64 %s flow=%s %r -> %r", ev.xlat, key_text(ev.flow), ev.old.strip(), ev.new.strip())
             elif isinstance(ev, Refused):
                 self._refused(ev)
             elif isinstance(ev, TransferDone):
@@ -94,6 +102,12 @@ class Accounting:
         name = ev.reason.value
         c[name] += 1
         if not ev.detail:  # counted only (a drop whose cause was told already)
+            return
+        if ev.reason is Reason.NOT_FORWARDED and ev.flow is not None:
+            if c[name] == 1:
+                log.warning("%s flow=%s: %s. %s", name, key_text(ev.flow), ev.detail, NOT_FORWARDED_ADVICE)
+            else:
+                log.info("%s flow=%s: passes untouched", name, key_text(ev.flow))
             return
         if ev.flow is not None:
             if ev.first:

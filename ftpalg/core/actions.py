@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from . import ftp, policy
+from . import ftp, nat64, policy
 from .addr import FlowKey, addr_text, hostport
 from .events import (
     Close,
@@ -26,15 +26,19 @@ from .events import (
     Refused,
     Resynced,
     TransferDone,
+    Translation,
 )
 from .flow import C2S, S2C, Flow
-from .kernel import Kernel, Pinhole, PinholeBusy
+from .kernel import Kernel, NotForwarded, Pinhole, PinholeBusy
 from .pinholes import PinholeBook
 from .policy import Limits, Mapping
 from .seqadj import MASK, KernelAdj
 from .session import Decision, Session, Transfer
 
 MAX_LOOKUPS = 3  # NAT mapping look-ups tried per connection before its first announcement
+NOT_FORWARDED = ("this host opened the control connection itself (a client on the gateway, or docker-proxy "
+                 "relaying one): the kernel gave it no helper, so no pinhole can be opened for it; it passes "
+                 "untouched. ftpalg serves forwarded connections (or the connection is older than ftpalg's rules)")
 
 Spans = list[tuple[int, int, int]]  # where a line lies: (segment seq, offset in it, length) per segment
 
@@ -54,6 +58,10 @@ class Actions:
         self.events: list[Event] = []
 
     # ---- reporting ------------------------------------------------------------------------
+    def not_forwarded(self, key: FlowKey) -> None:
+        """A control connection (original tuple ``key``) that this host did not forward."""
+        self.events.append(Refused(Reason.NOT_FORWARDED, NOT_FORWARDED, key))
+
     def refuse(self, reason: Reason, detail: str, flow: Flow | None = None, line: bytes | None = None,
                subject: str = "") -> None:
         key = None if flow is None else flow.key
@@ -71,20 +79,30 @@ class Actions:
             self.events.append(TransferDone(flow.key, self._record(flow, dec.done)))
         if dec.close is not None:
             self.close_pinhole(flow, dec.close)
-        if dec.announce is None or flow.closing:
-            return line
-        new = self._announce(flow, dec.announce, dec.cmd, line, now)
+        new = line if dec.rewrite is None else dec.rewrite  # NAT64: the translated line
+        xlat = dec.xlat
+        ph = None
+        if dec.announce is not None:
+            opened = None if flow.closing else self._announce(flow, dec.announce, dec.cmd, new, line, now)
+            if opened is not None:
+                ph, new = opened
+            elif dec.rewrite is not None and d == C2S:  # EPRT/LPRT -> PORT opened nothing:
+                new = line  # the client's line goes as it came (the server refuses it)
+                flow.session.untranslated(dec.cmd)
+        if dec.render is not None:
+            new, xlat = self._render(flow, dec.render, dec.cmd, line)
+        if ph is not None:
+            self.events.append(PinholeOpened(flow.key, ph, line, new))
         if new is line:
             return line
         kept = sum(n for _, _, n in spans[:-1])
         if len(new) < kept:  # shorter than the held part: it cannot keep the held lengths
             self.refuse(Reason.PARTIAL_LINE, "rewritten line shorter than its held part: not rewritten", flow, line)
-            self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))
-            return line
+            return self._unsent(flow, d, dec, line)
         seg_seq = spans[-1][0]
         delta = len(new) - len(line)
         if delta and not self._correct(flow, d, seg_seq, delta, line):
-            return line
+            return self._unsent(flow, d, dec, line)
         at = 0
         adj = flow.dirs[d].adj
         for i, (sseq, off, n) in enumerate(spans):  # one edit per segment: replays stay exact
@@ -92,8 +110,17 @@ class Actions:
             if piece != line[at : at + n]:
                 adj.add(sseq + off, n, piece)
             at += n
-        self.events.append(LineRewritten(flow.key, d, line, new))
+        self.events.append(LineRewritten(flow.key, d, line, new, xlat))
         return new
+
+    def _unsent(self, flow: Flow, d: int, dec: Decision, line: bytes) -> bytes:
+        """The line could not be rewritten: it goes as it came; the pinhole opened for it
+        closes, and the session learns that a command it translated went untranslated."""
+        if dec.announce is not None:
+            self.close_pinhole(flow, Closing(Close.REWRITE_FAILED, "rewrite not possible"))
+        if d == C2S and dec.rewrite is not None:
+            flow.session.untranslated(dec.cmd)
+        return line
 
     def _correct(self, flow: Flow, d: int, seg_seq: int, delta: int, line: bytes) -> bool:
         """Ask the kernel to carry a length change at ``seg_seq``; whether it does. The
@@ -134,38 +161,55 @@ class Actions:
         dr.kadj = k
         return True
 
-    def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, now: float) -> bytes:
-        """Open the pinhole an accepted announcement asks for; return the line to send."""
+    def _announce(self, flow: Flow, hp: ftp.HostPort, cmd: int, line: bytes, orig: bytes,
+                  now: float) -> tuple[Pinhole, bytes] | None:
+        """Open the pinhole an accepted announcement (in ``line``, ``orig`` as it came, before
+        any translation) asks for; the pinhole and the line to send, or None: nothing opened."""
+        if flow.passing is not None:
+            return None  # said already (learn_mapping)
         if flow.mapping is None and not self.learn_mapping(flow, force=True):
-            self.refuse(Reason.NO_NAT_MAPPING, "conntrack has no entry for the control connection", flow, line)
-            return line
+            if flow.passing is not None:
+                return None
+            self.refuse(Reason.NO_NAT_MAPPING, "conntrack has no entry for the control connection", flow, orig)
+            return None
         m = flow.mapping
         assert m is not None
         why = policy.refuse_reason(hp, m, self.limits)
         if why:
-            self.refuse(Reason.REFUSED, why, flow, line, f"{hp.form.name} {hp.addr or ''}:{hp.port}")
-            return line
+            self.refuse(Reason.REFUSED, why, flow, orig, f"{hp.form.name} {hp.addr or ''}:{hp.port}")
+            return None
         book = self.book
         if book.full() and not self._make_room(m.client):
             self.refuse(Reason.PINHOLE_CAP, f"{len(book)} pinholes open (--max-pinholes): {hp.form.name} opens "
-                                            "nothing", flow, line)
-            return line
+                                            "nothing", flow, orig)
+            return None
         if book.client_full(m.client):
             self.refuse(Reason.CLIENT_PINHOLE_CAP, f"client {m.client} has {book.per_client[m.client]} pinholes "
                                                    f"open (--max-pinholes-per-client): {hp.form.name} opens nothing",
-                        flow, line)
-            return line
+                        flow, orig)
+            return None
         p = policy.plan(hp, m)
-        ph = self._open(flow, hp, p, line, now)
+        ph = self._open(flow, hp, p, orig, now)
         if ph is None:
-            return line
+            return None
         flow.pinhole = flow.last_pinhole = ph
         flow.session.opened(cmd)
         book.book(ph, m.client)
         same = ph.public_port == hp.port and (p.announce_addr is None or p.announce_addr == hp.addr)
-        new = line if same else ftp.rewrite_line(line, hp, p.announce_addr, ph.public_port)
-        self.events.append(PinholeOpened(flow.key, ph, line, new))
-        return new
+        return ph, line if same else ftp.rewrite_line(line, hp, p.announce_addr, ph.public_port)
+
+    def _render(self, flow: Flow, form: ftp.Form, cmd: int, line: bytes) -> tuple[bytes, Translation]:
+        """NAT64: the server's 227 as the client's EPSV (229) or LPSV (228) expects it, for
+        the pinhole it opened; 425 when it opened none (RFC 6384: a 227 naming another
+        address than the server's may be refused so)."""
+        end = ftp.line_end(line)
+        ph = flow.pinhole
+        x = flow.session.xlat
+        if ph is None or flow.session.live != cmd:
+            return b"425 Can't open data connection: the server's passive address was refused" + end, \
+                Translation.REFUSED
+        addr = nat64.embed(x.prefix, ph.public) if form is ftp.Form.LPSV and x is not None and x.prefix else None
+        return ftp.passive_reply(form, ph.public_port, addr, end), Translation.REPLY
 
     def _open(self, flow: Flow, hp: ftp.HostPort, p: policy.Plan, line: bytes, now: float) -> Pinhole | None:
         """Expect the data connection at the announced port, or at a free one."""
@@ -214,6 +258,9 @@ class Actions:
         }
         if srv[:2] != (pub, pport):
             rec["server_public"] = hostport(addr_text(pub), pport)
+        x = flow.session.xlat
+        if x is not None:  # an IPv6 client behind the NAT64 translator: ``client`` is its pool address
+            rec["nat64"] = {"client6": x.client6 or None, "translated": x.enabled}
         return rec
 
     # ---- the connection's state -------------------------------------------------------------
@@ -224,7 +271,12 @@ class Actions:
             return False
         flow.lookups += 1
         self.counters["nat_lookups"] += 1
-        found = self.kernel.mapping(flow.key)
+        try:
+            found = self.kernel.mapping(flow.key)
+        except NotForwarded as e:
+            flow.passing = e.other  # the table lets it pass from now on
+            self.not_forwarded(flow.key)
+            return False
         if found is None:
             return False
         self.index_reply(flow, *found)
@@ -278,7 +330,8 @@ class Actions:
         for d in (C2S, S2C):
             self.forget_history(flow, d)
         encrypted = flow.session.encrypted
-        flow.session = Session(flow.session.selected)
+        old = flow.session
+        flow.session = Session(old.selected, old.xlat.fresh() if old.xlat is not None else None)
         flow.session.encrypted = encrypted  # TLS stays TLS
         self.events.append(Resynced(flow.key, why + "; history dropped, picked up again", flow.first("resync")))
 
@@ -295,6 +348,14 @@ class Actions:
             flow.following = want
         except Exception as e:  # then only the selected segments come: a split line may pass unread
             self.refuse(Reason.FOLLOW_FAILED, f"kernel label not {'set' if want else 'cleared'}: {e}", flow)
+
+    def hand_over(self, flow: Flow, awaiting: bytes) -> None:
+        """Record (or, with b"", forget) in the kernel the passive command ``flow`` awaits
+        the reply to, across a restart (``Alg.hand_over``)."""
+        try:
+            self.kernel.hand_over(flow.key, awaiting)
+        except Exception as e:  # then the next ftpalg takes the reply as unsolicited: one transfer fails
+            self.refuse(Reason.HANDOVER_FAILED, f"kernel label not {'set' if awaiting else 'cleared'}: {e}", flow)
 
     def evicted(self, count: int) -> None:
         self.events.append(FlowsEvicted(count, self.limits.max_flows))

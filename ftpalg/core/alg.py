@@ -25,7 +25,8 @@ from .actions import Actions
 from .addr import FlowKey, addr_text, hostport, key_text
 from .events import DROPS, HELD, PASS, Close, Closing, DropWhy, Event, Reason, Verdict
 from .flow import C2S, S2C, Flow
-from .kernel import Kernel, Pinhole
+from .kernel import Kernel, NotForwarded, Pinhole
+from .nat64 import Nat64
 from .packet import ACK, FIN, RST, SYN, DecodeError, decode
 from .pinholes import PinholeBook
 from .policy import Limits
@@ -41,6 +42,7 @@ IDLE_CHECK_SELECTED = 30.0
 TICK = 1.0  # seconds between sweeps of the table (pinhole expiry, ended connections)
 REUSE_WINDOW = 1 << 24  # how far behind a closed stream's end a late retransmission may start
 EVICT_SHARE = 16  # at the flow cap, forget this share of the tracked flows (least recently seen)
+PASSING_CAP = 4096  # connections not forwarded by this host remembered (both tuples each), oldest forgotten
 _CTL = SYN | FIN | RST | ACK
 _PASSIVE = re.compile(rb"22[789]")  # a passive reply's code, somewhere in a server segment
 _RESET = Closing(Close.CONTROL_RESET, "control connection reset")
@@ -54,7 +56,8 @@ class Alg:
 
     def __init__(self, kernel: Kernel, control_ports: frozenset[int] = frozenset({21}),
                  pinhole_timeout: float = 120.0, rng: random.Random | None = None,
-                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False, selected: bool = False) -> None:
+                 limits: Limits = policy.DEFAULT_LIMITS, audit: bool = False, selected: bool = False,
+                 nat64: Nat64 | None = None) -> None:
         self.kernel = kernel
         self.limits = limits
         self.control_ports = control_ports
@@ -66,6 +69,7 @@ class Alg:
                                rng or random.SystemRandom(), audit)
         self.events: list[Event] = self.actions.events  # what was decided, until ``drain``
         self.selected = selected  # the kernel queues only segments that may matter (rules.py)
+        self.nat64 = nat64  # the NAT64 translator's pools: connections from them are translated (RFC 6384)
         self.walk = Walk(self.actions, self, self.counters, limits, selected)
         # Client ISNs of handshakes not yet complete: a SYN costs an entry here, not a Flow
         # (a SYN flood fills this bounded FIFO and nothing else).
@@ -74,6 +78,10 @@ class Alg:
         # start): a flow seen again continues from there, not from a guess.
         self.evicted: OrderedDict[FlowKey, tuple[int | None, bool]] = OrderedDict()
         self.tracked = 0  # flows (control connections) in ``flows``
+        # Control connections this host did not forward (kernel.NotForwarded: opened on the
+        # gateway itself): tuple -> the other direction's tuple; their packets pass untouched,
+        # said once (``Reason.NOT_FORWARDED``), until their FIN or RST.
+        self.passing: dict[FlowKey, FlowKey] = {}
         self._next_tick = 0.0
 
     def drain(self) -> list[Event]:
@@ -108,6 +116,10 @@ class Alg:
             out = self.walk.steady(hit[0], hit[1], seg, now)
             if out is not _SLOW:
                 return out
+        if hit is None and key in self.passing:
+            if seg.flags & (FIN | RST):
+                self.passing.pop(self.passing.pop(key), None)
+            return PASS
         if seg.truncated:  # cannot be rewritten: a copy must never be sent back for a packet
             self.actions.refuse(Reason.TRUNCATED, f"copy {len(raw)} of {seg.total_len} bytes")
             if hit is not None and hit[0].corrected:
@@ -155,6 +167,8 @@ class Alg:
                 return PASS
             hit = (new, C2S)
         res = self.walk.segment(hit[0], hit[1], seg, now, token)
+        if hit[0].passing is not None and res is not HELD and not hit[0].waiting:
+            self._let_pass(hit[0], hit[0].passing)
         return HELD if res is HELD else self.walk.final(res)
 
     def _pick_up_by_reply(self, reply: FlowKey, now: float, ack: int | None) -> tuple[Flow, int] | None:
@@ -165,10 +179,15 @@ class Alg:
         if self.tracked >= self.limits.max_flows:
             return None
         self.counters["nat_lookups"] += 1
-        found = self.kernel.by_reply(reply)
+        try:
+            found = self.kernel.by_reply(reply)
+        except NotForwarded as e:
+            self.actions.not_forwarded(e.other)
+            self._remember_passing(e.other, reply)
+            return None
         if found is None:
             return None
-        orig, corrected = found
+        orig, corrected, awaiting = found
         hit = self.flows.get(orig)
         flow = hit[0] if hit is not None else self._new_flow(orig, now)
         if flow is None:
@@ -176,7 +195,21 @@ class Alg:
         self.actions.index_reply(flow, reply, corrected)
         if hit is None and ack is not None and not corrected:  # (with corrections, the server's
             flow.dirs[C2S].follow_from(ack, True)  # numbering is not the client's)
+        if awaiting:  # handed over by the ftpalg before this one (``hand_over``): now known here
+            flow.session.resume(awaiting)
+            self.actions.hand_over(flow, b"")
         return flow, S2C
+
+    def _let_pass(self, flow: Flow, reply: FlowKey) -> None:
+        """Forget a flow this host did not forward; its packets pass untouched from now on."""
+        self.end(flow, "not forwarded by this host")
+        self._remember_passing(flow.key, reply)
+
+    def _remember_passing(self, orig: FlowKey, reply: FlowKey) -> None:
+        passing = self.passing
+        while len(passing) >= 2 * PASSING_CAP:
+            passing.pop(next(iter(passing)))
+        passing[orig], passing[reply] = reply, orig
 
     @staticmethod
     def _reused(flow: Flow, d: int, seq: int) -> bool:
@@ -210,7 +243,7 @@ class Alg:
             self.actions.refuse(Reason.FLOW_CAP, f"{self.tracked} control connections tracked (--max-flows): "
                                                  "a new one passes untouched, without pinholes")
             return None
-        flow = Flow(key, now, self.selected)
+        flow = Flow(key, now, self.selected, self.nat64.state(key[0]) if self.nat64 is not None else None)
         where = self.evicted.pop(key, None)
         if where is not None and seq is not None:
             # Forgotten at the flow cap, seen again at a client segment: if it is the very next
@@ -318,6 +351,17 @@ class Alg:
         """Let every waiting segment go as decided so far (on shutdown)."""
         self.walk.release_all(self._connections())
 
+    def hand_over(self) -> None:
+        """Stopping for a restart: leave in the kernel, for the next ftpalg, which connections
+        wait for the reply to a passive command (PASV, EPSV, LPSV). That reply announces the
+        server's address; the next ftpalg meets it first and, by the gating of passive
+        replies, would otherwise not take it as solicited (the client's command was seen by
+        this one). The pinholes and corrections stay with the kernel anyway."""
+        for flow in self._connections():
+            verb = flow.session.awaiting()
+            if verb:
+                self.actions.hand_over(flow, verb)
+
     def shutdown(self) -> None:
         """Close every pinhole (flows are kept in memory only)."""
         for flow in self._connections():
@@ -353,6 +397,9 @@ class Alg:
                 "last_command": f.session.last_verb.decode("ascii", "replace"),
                 "commands": f.session.count,
                 "encrypted": f.session.encrypted,
+                "nat64": None if (x := f.session.xlat) is None else {
+                    "pool_address": x.client, "client6": x.client6 or None, "enabled": x.enabled,
+                    "translated": x.translated},
                 "corrections": [None if (a := dr.kadj) is None or not a.active else
                                 {"pos": a.pos, "before": a.before, "after": a.after} for dr in f.dirs],
                 "pinhole": None if ph is None else ph.id,

@@ -34,6 +34,9 @@ class Reason(StrEnum):
     NO_NAT_MAPPING = "no_nat_mapping"
     NO_FREE_PORT = "no_free_port"
     PINHOLE_FAILED = "pinhole_failed"
+    # a control connection this host did not forward: opened on the gateway itself (a client
+    # there, docker-proxy); it passes untouched, no pinhole can be opened for it
+    NOT_FORWARDED = "not_forwarded"
     NO_SEQ_ADJUST = "no_seq_adjust"
     PINHOLE_CAP = "pinhole_cap"
     CLIENT_PINHOLE_CAP = "client_pinhole_cap"
@@ -53,6 +56,10 @@ class Reason(StrEnum):
     AUDIT_FAILED = "audit_failed"
     PINHOLE_CLOSE_FAILED = "pinhole_close_failed"
     FOLLOW_FAILED = "follow_failed"  # the kernel's mark for queueing a whole stream not changed
+    HANDOVER_FAILED = "handover_failed"  # the passive command awaited not left in the kernel for the next ftpalg
+    # NAT64 (RFC 6384): the server answered the NOOP that stood for a command ftpalg answers
+    # itself (EPSV ALL, EPSV <n>, ALGS) with an error; its reply went to the client as the answer
+    NOOP_REFUSED = "noop_refused"
 
 
 # What the metric ftpalg_refusals exports, by reason (its label set, unchanged since issue 7).
@@ -62,6 +69,21 @@ ANNOUNCEMENT_PROBLEMS: tuple[Reason, ...] = (
     Reason.REFUSED, Reason.UNSOLICITED, Reason.MALFORMED, Reason.PARTIAL_LINE, Reason.NO_NAT_MAPPING,
     Reason.NO_FREE_PORT, Reason.PINHOLE_FAILED, Reason.NO_SEQ_ADJUST, Reason.PINHOLE_CAP,
     Reason.CLIENT_PINHOLE_CAP, Reason.GAP)
+
+
+class Translation(StrEnum):
+    """What a NAT64 translation (RFC 6384) did to a line: the kind of a ``LineRewritten``
+    (and the counter ``nat64_<value>``)."""
+
+    EPSV = "epsv"  # EPSV / EPSV 2 -> PASV toward the server
+    LPSV = "lpsv"  # LPSV -> PASV
+    EPRT = "eprt"  # EPRT |2| -> PORT with the client's IPv4-side address
+    LPRT = "lprt"  # LPRT 6,... -> PORT
+    REPLY = "reply"  # the server's 227 -> 229 (or 228) toward the client
+    REFUSED = "refused"  # the server's 227 opened nothing: 425 toward the client
+    NOOP = "noop"  # a command ftpalg answers itself (EPSV ALL, EPSV <n>, ALGS) -> NOOP toward the server
+    ANSWERED = "answered"  # the server's reply to that NOOP -> ftpalg's answer
+    REMOVED = "removed"  # a line of a translated multi-line reply, left out
 
 
 class Close(StrEnum):
@@ -182,12 +204,14 @@ class PinholeClosed:
 
 @dataclass(frozen=True, slots=True)
 class LineRewritten:
-    """A line went out changed (its length change, if any, is with the kernel)."""
+    """A line went out changed (its length change, if any, is with the kernel); ``xlat``:
+    by a NAT64 translation, which (None: an address rewritten for NAT)."""
 
     flow: FlowKey
     direction: int
     old: bytes
     new: bytes
+    xlat: Translation | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .addr import FlowKey
 from .direction import Direction
 from .kernel import Pinhole
+from .nat64 import Xlat
 from .policy import Mapping
 from .session import Session
 
@@ -22,14 +23,14 @@ C2S, S2C = 0, 1
 
 class Flow:
     __slots__ = ("key", "reply_key", "mapping", "dirs", "session", "pinhole", "last_pinhole", "closed_at",
-                 "last_seen", "logged", "lookups", "following")
+                 "last_seen", "logged", "lookups", "following", "passing")
 
-    def __init__(self, key: FlowKey, now: float, selected: bool = False) -> None:
+    def __init__(self, key: FlowKey, now: float, selected: bool = False, xlat: Xlat | None = None) -> None:
         self.key = key
         self.reply_key: FlowKey | None = None  # the server's side, once conntrack told
         self.mapping: Mapping | None = None
         self.dirs = (Direction(), Direction())
-        self.session = Session(selected)
+        self.session = Session(selected, xlat)  # xlat: NAT64 state, for a translated connection
         self.pinhole: Pinhole | None = None  # the live one
         self.last_pinhole: Pinhole | None = None  # the latest opened, open or not (audit)
         self.closed_at: float | None = None  # both FINs, or a RST
@@ -37,6 +38,9 @@ class Flow:
         self.logged: tuple[str, ...] = ()  # reasons reported for it (a few; an empty set is 216 bytes)
         self.lookups = 0  # NAT mapping look-ups tried
         self.following = False  # the kernel was asked to queue its whole stream (selected mode)
+        # not forwarded by this host (kernel.NotForwarded): its reply tuple; the table lets
+        # its packets pass untouched from now on
+        self.passing: FlowKey | None = None
 
     @property
     def corrected(self) -> bool:
@@ -56,11 +60,15 @@ class Flow:
     @property
     def wants_whole_stream(self) -> bool:
         """Selected mode: whether the kernel must queue every segment of it for now — a line
-        is held for its rest, or a multi-line passive reply is open without its address yet
-        (their next segments may carry no word the kernel selects by)."""
+        is held for its rest, a multi-line passive reply is open without its address yet, or
+        (NAT64) a reply ftpalg replaces is still to come — the reply to a NOOP standing for a
+        command it answers — or one it translates is open: all its lines are rewritten (their
+        next segments may carry no word the kernel selects by)."""
         s = self.session
         return (bool(self.dirs[0].held or self.dirs[1].held)
-                or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted))
+                or (s.reply_code in (227, 228, 229) and not s.reply_found and not s.encrypted)
+                or (s.xlat is not None and not s.encrypted and (s.xlat.owed or (s.reply_code != 0
+                                                                               and s.reply_sub is not None))))
 
     def first(self, reason: str) -> bool:
         """Whether ``reason`` is news for this connection (reported once per connection)."""

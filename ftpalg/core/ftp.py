@@ -304,3 +304,32 @@ def parse_reply(line: bytes) -> Reply | None:
     if len(line) == 3 and line.isdigit():
         return Reply(int(line), True)
     return None
+
+
+# ---- NAT64 (RFC 6384): the lines a translator's ALG writes itself ---------------------------
+def line_end(line: bytes) -> bytes:
+    """The terminator of ``line`` as the peer wrote it: CRLF, bare LF, or none."""
+    if line.endswith(b"\r\n"):
+        return b"\r\n"
+    return b"\n" if line.endswith(b"\n") else b""
+
+
+def argument(line: bytes) -> bytes:
+    """A command's argument: the text after the verb and its spaces, without the line end
+    and trailing spaces (b"" for none)."""
+    parts = line.rstrip(b"\r\n ").split(None, 1)
+    return parts[1].strip() if len(parts) > 1 else b""
+
+
+def port_command(addr: str, port: int, end: bytes) -> bytes:
+    """``PORT h1,h2,h3,h4,p1,p2`` naming an IPv4 ``addr``:``port`` (RFC 959 §4.1.2)."""
+    return b"PORT " + format_hostport(HostPort(Form.PORT, addr, port, 4, (0, 0)), addr, port) + end
+
+
+def passive_reply(form: Form, port: int, addr: str | None, end: bytes) -> bytes:
+    """The reply to an EPSV (229, RFC 2428 §3) or an LPSV (228, RFC 1639 §3, naming ``addr``)
+    for a data connection at ``port``."""
+    if form is Form.EPSV:
+        return b"229 Entering Extended Passive Mode (|||%d|)" % port + end
+    hp = HostPort(Form.LPSV, addr, port, 6, (0, 0))
+    return b"228 Entering Long Passive Mode (" + format_hostport(hp, addr, port) + b")" + end

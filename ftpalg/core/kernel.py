@@ -1,4 +1,4 @@
-"""The kernel, as far as the core needs it: one port with five methods.
+"""The kernel, as far as the core needs it: one port.
 
 The core never talks to the kernel itself. What it needs of it — the NAT mapping of a
 control connection, the sequence adjustment (seqadj) that carries a rewrite's length
@@ -11,7 +11,7 @@ tests and the benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .addr import NO_KEY, FlowKey, hostport
 from .seqadj import KernelAdj
@@ -50,8 +50,28 @@ class Pinhole:
         return s + (f" snat={self.snat}" if self.snat else "")
 
 
+class Found(NamedTuple):
+    """A connection met first at a packet of the server's side (``Kernel.by_reply``)."""
+
+    orig: FlowKey  # its original tuple
+    corrected: bool  # the kernel holds a sequence correction for it
+    awaiting: bytes = b""  # the passive command whose reply an ftpalg stopped for a restart awaited
+
+
 class PinholeBusy(Exception):
     """The public port of a pinhole is already expected by another connection."""
+
+
+class NotForwarded(Exception):
+    """The control connection cannot carry pinholes: the kernel gave it no helper, because
+    it did not pass this host's prerouting as a new connection. This host opened it itself
+    (a client on the gateway, or ``docker-proxy`` relaying one to a container), or it is
+    older than ftpalg's rules. ``other``: its tuple in the other direction (the reply tuple
+    for ``mapping``, the original for ``by_reply``)."""
+
+    def __init__(self, other: FlowKey) -> None:
+        super().__init__("the connection has no conntrack helper")
+        self.other = other
 
 
 class Kernel(Protocol):
@@ -60,17 +80,17 @@ class Kernel(Protocol):
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         """The reply tuple (src, sport, dst, dport) of the connection whose original tuple
         is ``key``, and whether the kernel holds any sequence correction for it; None if
-        conntrack has no such connection."""
+        conntrack has no such connection. Raise NotForwarded if it cannot carry pinholes."""
 
     def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
         """The sequence adjustment the kernel holds for ``direction`` of the connection whose
         original tuple is ``key`` (``KernelAdj()`` if none). Raise if it cannot be read (the
         connection is gone)."""
 
-    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
-        """The original tuple of the connection whose reply tuple is ``key`` (a packet of
-        the server's side met before any of the client's), and whether the kernel holds any
-        sequence correction for it; None if conntrack has no such connection."""
+    def by_reply(self, key: FlowKey) -> Found | None:
+        """The connection whose reply tuple is ``key`` (a packet of the server's side met
+        before any of the client's); None if conntrack has no such connection. Raise
+        NotForwarded if it cannot carry pinholes."""
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` (0 = client -> server)
@@ -85,6 +105,11 @@ class Kernel(Protocol):
     def follow(self, key: FlowKey, on: bool) -> None:
         """Queue every segment of the connection (``on``), or only the selected ones again
         (the connection's mark in the kernel that the queue rules test)."""
+
+    def hand_over(self, key: FlowKey, awaiting: bytes) -> None:
+        """Record in the connection's kernel entry that its client's ``awaiting`` command
+        (PASV, EPSV or LPSV) waits for its reply, for the next ftpalg (``Found.awaiting``),
+        or forget it (``b""``). Raise on failure."""
 
     def withdraw(self, ph: Pinhole, used: bool) -> None:
         """Remove ``ph``, and only it (never another pinhole with the same tuple). ``used``:

@@ -7,7 +7,7 @@ table from a capture), the tests and ``bench/``.
 from __future__ import annotations
 
 from .addr import FlowKey
-from .kernel import Pinhole, PinholeBusy
+from .kernel import Found, NotForwarded, Pinhole, PinholeBusy
 from .seqadj import KernelAdj
 
 
@@ -15,7 +15,8 @@ class OfflineKernel:
     """``table``: original tuple -> reply tuple. ``adj``: per connection, the two directions'
     corrections. ``live``: pinholes expected now, by id; ``log``: ("open" | "close", id) in
     order; ``opened``/``closed``: every pinhole, in order. ``fail_adjust`` / ``fail_expect``
-    / ``busy``: the kernel refusing a correction, an expectation, or a port (tests)."""
+    / ``busy``: the kernel refusing a correction, an expectation, or a port (tests);
+    ``unforwarded``: connections that have no helper (opened on the gateway itself)."""
 
     def __init__(self) -> None:
         self.table: dict[FlowKey, FlowKey] = {}
@@ -31,18 +32,24 @@ class OfflineKernel:
         self.reads = 0  # reads of the kernel's sequence adjustment
         self.following: set[FlowKey] = set()  # connections whose whole stream is queued
         self.follow_log: list[tuple[FlowKey, bool]] = []
+        self.handed: dict[FlowKey, bytes] = {}  # passive commands awaiting their reply (hand_over)
+        self.unforwarded: set[FlowKey] = set()  # original tuples of connections without a helper
 
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         reply = self.table.get(key)
+        if reply is not None and key in self.unforwarded:
+            raise NotForwarded(reply)
         return None if reply is None else (reply, key in self.adj)
 
     def seq_state(self, key: FlowKey, direction: int) -> KernelAdj:
         self.reads += 1
         return self.adj.get(key, [KernelAdj(), KernelAdj()])[direction]
 
-    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
+    def by_reply(self, key: FlowKey) -> Found | None:
         orig = next((o for o, r in self.table.items() if r == key), None)
-        return None if orig is None else (orig, orig in self.adj)
+        if orig is not None and orig in self.unforwarded:
+            raise NotForwarded(orig)
+        return None if orig is None else Found(orig, orig in self.adj, self.handed.get(orig, b""))
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Like the kernel: the new state is written over whatever is held (absolute values),
@@ -68,6 +75,12 @@ class OfflineKernel:
     def follow(self, key: FlowKey, on: bool) -> None:
         (self.following.add if on else self.following.discard)(key)
         self.follow_log.append((key, on))
+
+    def hand_over(self, key: FlowKey, awaiting: bytes) -> None:
+        if awaiting:
+            self.handed[key] = awaiting
+        else:
+            self.handed.pop(key, None)
 
     def withdraw(self, ph: Pinhole, used: bool) -> None:
         if self.fail_withdraw:

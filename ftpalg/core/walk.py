@@ -32,7 +32,7 @@ from .session import NOTHING
 # A partial line is held for its rest if it may become one of these: an announcement, or a
 # command whose reply announces (a PASV split from its 227 would make the 227 unsolicited)
 # or changes the session (AUTH).
-_PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH")
+_PARTIAL_VERBS = (b"PORT", b"EPRT", b"LPRT", b"PASV", b"EPSV", b"LPSV", b"AUTH", b"ALGS")
 _PARTIAL_CODES = (b"227", b"228", b"229")
 _SLOW = Held()  # ``steady``: not a segment it takes; nothing done, the general walk follows
 
@@ -68,6 +68,8 @@ def may_announce(flow: Flow, d: int, tail: bytes) -> bool:
         return any(v.startswith(head) for v in _PARTIAL_VERBS)
     if session.reply_code in ftp.PASSIVE_REPLY_CODES and not session.reply_found:
         return True  # inside a multi-line passive reply: any line may carry the address
+    if session.xlat is not None and session.xlat.owed:
+        return True  # NAT64: it may be the reply ftpalg replaces
     return any(c.startswith(tail[:3]) for c in _PARTIAL_CODES)
 
 
@@ -165,7 +167,7 @@ class Walk:
             res = b"".join(parts)
             if res != payload:
                 out = res
-        if self.selected and (flow.following or session.reply_code):
+        if self.selected and (flow.following or session.reply_code or session.xlat is not None):
             self.actions.follow(flow)
         if out is payload and not dr.adj.edits:
             return PASS

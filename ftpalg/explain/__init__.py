@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import policy
+from ..core.nat64 import Nat64
 from ..core.policy import Limits
 from .capture import CaptureError, read_capture
 from .connections import control_lines, tcp_conns
@@ -44,7 +45,8 @@ class ExplainError(Exception):
 
 
 def explain(path: Path, public: str | None = None, control_ports: frozenset[int] = frozenset({21}),
-            limits: Limits = policy.DEFAULT_LIMITS, pinhole_timeout: float = 120.0) -> Report:
+            limits: Limits = policy.DEFAULT_LIMITS, pinhole_timeout: float = 120.0,
+            nat64: Nat64 | None = None) -> Report:
     """The capture at ``path`` explained, stage by stage (see the module's docstring)."""
     try:
         frames = read_capture(path)
@@ -60,7 +62,7 @@ def explain(path: Path, public: str | None = None, control_ports: frozenset[int]
     for s in sessions:
         control_lines(s, segs)
         infer_mapping(s, public)
-    results = run_core(sessions, segs, limits, control_ports, pinhole_timeout)
+    results = run_core(sessions, segs, limits, control_ports, pinhole_timeout, nat64)
     for s in sessions:
         analyse(s, results, data)
     return Report(str(path), len(frames), sessions, data)
@@ -94,6 +96,10 @@ def add_parser(sub: Any) -> None:
                    help="FTP control port (repeatable; default 21)")
     e.add_argument("--min-port", type=_port, default=1024, metavar="PORT",
                    help="as ftpalg run's --min-port (default 1024)")
+    e.add_argument("--nat64-pool", metavar="CIDR[,CIDR]",
+                   help="as ftpalg run's: clients in these pools are IPv6 clients behind a NAT64 translator "
+                        "(the capture taken on its IPv4 side); their sessions are translated (RFC 6384)")
+    e.add_argument("--nat64-prefix", metavar="PREFIX", help="as ftpalg run's (the translator's IPv6 prefix)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--svg", type=Path, metavar="FILE", help="also write a timeline picture (SVG)")
     e.set_defaults(func=cmd_explain)
@@ -109,7 +115,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"ftpalg explain: --public {public!r} is not an IP address", file=sys.stderr)
             return 2
     try:
-        report = explain(args.capture, public, frozenset(args.control_port or [21]), Limits(min_port=args.min_port))
+        nat64 = Nat64.of([p for p in (args.nat64_pool or "").split(",") if p.strip()], args.nat64_prefix or "")
+    except ValueError as e:
+        print(f"ftpalg explain: --nat64-pool/--nat64-prefix: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = explain(args.capture, public, frozenset(args.control_port or [21]), Limits(min_port=args.min_port),
+                         nat64=nat64)
     except ExplainError as e:
         print(f"ftpalg explain: {e}", file=sys.stderr)
         return 2

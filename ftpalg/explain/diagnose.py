@@ -97,7 +97,18 @@ def analyse(s: Session, results: dict[int, FrameResult], data: list[DataConn]) -
     _match_data(s, data)
     for a in s.announcements:
         _diagnose(a, s)
+    _translations(s, results)
     _session_verdict(s, data)
+
+
+def _translations(s: Session, results: dict[int, FrameResult]) -> None:
+    """NAT64 (RFC 6384): what the core translated for an IPv6 client, as notes."""
+    for no in s.frames:
+        res = results.get(no)
+        for ev in res.events if res is not None else ():
+            if isinstance(ev, LineRewritten) and ev.xlat is not None:
+                new = line_text(ev.new) if ev.new else "(left out)"
+                s.notes.append(f"packet {no}: NAT64 translation ({ev.xlat}): {line_text(ev.old)} -> {new}")
 
 
 # ---- the core's decision (the one reader of replay.FrameResult) --------------------------------

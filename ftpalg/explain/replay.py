@@ -15,6 +15,7 @@ from ..core.accounting import Accounting
 from ..core.addr import addr_text, packed
 from ..core.alg import Alg
 from ..core.events import Event, Replace
+from ..core.nat64 import Nat64
 from ..core.offline import OfflineKernel
 from ..core.packet import Segment
 from ..core.policy import Limits
@@ -44,12 +45,14 @@ def _hook_view(seg: Segment, s: Session, d: int) -> bytes:
 
 
 def run_core(sessions: list[Session], segs: list[tuple[int, float, Segment]], limits: Limits,
-             control_ports: frozenset[int], pinhole_timeout: float) -> dict[int, FrameResult]:
+             control_ports: frozenset[int], pinhole_timeout: float, nat64: Nat64 | None = None
+             ) -> dict[int, FrameResult]:
     """Feed every control segment, as the gateway's hook would see it, to one ``Alg``;
-    return what it decided per frame."""
+    return what it decided per frame. ``nat64``: the translator whose pool addresses are
+    IPv6 clients (their sessions are translated, RFC 6384)."""
     kernel = OfflineKernel()
     ports = frozenset({*control_ports, *(s.sport for s in sessions)})
-    alg = Alg(kernel, ports, pinhole_timeout, limits=limits)
+    alg = Alg(kernel, ports, pinhole_timeout, limits=limits, nat64=nat64)
     by_tuple: dict[tuple[str, int, str, int], tuple[Session, int]] = {}
     for s in sessions:
         m = s.mapping

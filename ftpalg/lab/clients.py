@@ -301,6 +301,23 @@ def kinds(mode: str | None = None, name: str | None = None, family: int | None =
                  and (family is None or family in k.families))
 
 
+_ERROR_REPLY = re.compile(r"\b[45]\d\d[ -][^\r\n)]*")
+
+
+def failure_reason(text: str, rc: int | None, timeout: float = TIMEOUT) -> str:
+    """Why a client failed, from its output ``text`` and exit status ``rc`` (None: killed
+    after ``timeout`` seconds): the first FTP error reply it printed, else its last line."""
+    replies = _ERROR_REPLY.findall(text)
+    if replies:
+        return replies[0].strip()
+    if rc is None:
+        return f"no answer within {timeout:.0f} s"
+    # the client's own last words, not the commands it echoed (curl "> ", tnftp "---> ")
+    lines = [line for line in text.strip().splitlines()
+             if line.strip() and not line.startswith((">", "--->", "<", "*"))]
+    return lines[-1].strip() if lines else f"exit {rc}"
+
+
 def sent_commands(transcript: str) -> list[str]:
     """Data-connection commands named in a client's debug transcript (curl -v, wget -d,
     tnftp -d; tnftp does not always echo EPSV and EPRT)."""

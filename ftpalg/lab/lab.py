@@ -151,7 +151,7 @@ class Lab:
         return tuple(f"{self.prefix}-{s}" for s in SUFFIXES)
 
     @property
-    def gateways(self) -> tuple[str, str]:
+    def gateways(self) -> tuple[str, ...]:
         return (self.gw, self.gw2)
 
     @property
@@ -189,13 +189,17 @@ class Lab:
         self.down()
         try:
             self.state.mkdir(parents=True, exist_ok=True)
-            topology.build(self.prefix, self.state / "setup")
+            self.build()
             self._files()
             if servers:
                 self.start_servers()
         except BaseException:
             self.down()
             raise
+
+    def build(self) -> None:
+        """Create the namespaces, links, addresses, routes and firewalls (``topology``)."""
+        topology.build(self.prefix, self.state / "setup")
 
     def _files(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ class Lab:
         started = []
         for ns, kind, addr in self.server_instances():
             state = self.server_state(kind, addr)
-            argv = servers.server_command(kind, addr, self.files, state)
+            argv = self.server_command(kind, addr, state)
             started.append((self.popen(ns, argv, state / "server.out", stdin_log=True), state / "server.out"))
         want: dict[str, list[tuple[str, int]]] = {}
         for ns, _, addr in self.server_instances():
@@ -224,6 +228,10 @@ class Lab:
             logs = [f"--- {log}:\n{log.read_text(errors='replace')[-2000:]}" for p, log in started
                     if p.poll() is not None]
             raise LabError("\n".join([str(e), *logs])) from None
+
+    def server_command(self, kind: str, addr: str, state: Path) -> list[str]:
+        """``servers.server_command`` of one server instance, serving ``files``."""
+        return servers.server_command(kind, addr, self.files, state)
 
     def wait_port(self, ns: str, addr: str, port: int, timeout: float = 10.0) -> None:
         self.wait_ports({ns: [(addr, port)]}, timeout)

@@ -21,6 +21,10 @@ The servers (``SERVER_KINDS``):
 * pyftpdlib (PyPI), run as ``python -m ftpalg.lab.servers``: the one server that also speaks
   RFC 1639 LPRT and LPSV (reply 228), which no Debian server does.
 
+Outside ``SERVER_KINDS``, ``NO_EPSV_KIND`` ("twisted"): Twisted's FTP server from Debian's
+``python3-twisted``, run by ``SYSTEM_PYTHON`` (``twisted_ftp.py``), which has neither EPSV
+nor EPRT: the NAT64 lab's server that only an RFC 6384 ALG makes usable over IPv6.
+
 pure-ftpd takes the anonymous root from the home directory of the system user ``ftp``
 (``/srv/ftp``, made by the vsftpd package) and writes its pid file and per-client scoreboard
 to the compiled-in ``/var/run`` (= ``/run``). So each instance runs in a mount namespace of
@@ -55,6 +59,11 @@ from pathlib import Path
 from typing import Any
 
 SERVER_KINDS: tuple[str, ...] = ("vsftpd", "proftpd", "pure-ftpd", "pyftpdlib")
+NO_EPSV_KIND = "twisted"
+"""A server kind outside SERVER_KINDS: Twisted's FTP server (``twisted_ftp``), RFC 959 only,
+without EPSV and EPRT; the NAT64 lab (``nat64``) runs it. IPv4 only, no ``pasv_address``."""
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""Debian's Python, where ``python3-twisted`` is installed (``./dev.sh setup``)."""
 
 PKG_DIR = Path(__file__).resolve().parents[2] / ".lab-pkgs"
 """Where ``./dev.sh setup`` unpacks the Debian packages of proftpd and pure-ftpd."""
@@ -194,6 +203,10 @@ def server_command(kind: str, addr: str, root: Path, state: Path, port: int = 21
     if kind == "pyftpdlib":
         argv = [sys.executable, "-m", "ftpalg.lab.servers", addr, str(root), str(port)]
         return argv + ([pasv_address] if pasv_address else [])
+    if kind == NO_EPSV_KIND:
+        if pasv_address or v6:
+            raise ValueError("the twisted server takes an IPv4 address and no pasv_address")
+        return [SYSTEM_PYTHON, str(Path(__file__).with_name("twisted_ftp.py")), addr, str(root), str(port)]
     raise ValueError(f"unknown server kind {kind!r}")
 
 

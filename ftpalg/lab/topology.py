@@ -167,7 +167,7 @@ GW2_FIREWALL6 = "\n".join([
 
 # ---- namespaces ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Node:
+class Node:
     """What one namespace is given: addresses per device, routes, whether it forwards, rules."""
 
     suffix: str
@@ -178,21 +178,21 @@ class _Node:
     rules6: str = ""
 
 
-def _nodes() -> list[_Node]:
+def _nodes() -> list[Node]:
     s0 = ([f"{a}/24" for a in SERVERS.values()] + [f"{a}/24" for a in OUTSIDE_CLIENTS] + [f"{ROUTER}/24"]
           + [f"{a}/64" for a in SERVERS6.values()] + [f"{a}/64" for a in OUTSIDE_CLIENTS6] + [f"{ROUTER6}/64"])
     return [
-        _Node("c", {"c0": [f"{a}/24" for a in CLIENTS] + [f"{a}/64" for a in CLIENTS6]},
+        Node("c", {"c0": [f"{a}/24" for a in CLIENTS] + [f"{a}/64" for a in CLIENTS6]},
               [f"default via {GW_INSIDE}", f"::/0 via {GW_INSIDE6}"]),
-        _Node("gw", {"gi": [f"{GW_INSIDE}/24", f"{GW_INSIDE6}/64"], "go": [f"{GW_PUBLIC}/24", f"{GW_PUBLIC6}/64"]},
+        Node("gw", {"gi": [f"{GW_INSIDE}/24", f"{GW_INSIDE6}/64"], "go": [f"{GW_PUBLIC}/24", f"{GW_PUBLIC6}/64"]},
               [f"default via {ROUTER}", f"::/0 via {ROUTER6}"], True, GW1_FIREWALL, GW1_FIREWALL6),
-        _Node("s", {"s0": s0, "s1": [f"{ROUTER2}/24", f"{ROUTER2_6}/64"]},
+        Node("s", {"s0": s0, "s1": [f"{ROUTER2}/24", f"{ROUTER2_6}/64"]},
               [f"{INSIDE_NET6}:/64 via {GW2_PUBLIC6}"], True),
-        _Node("gw2", {"go": [f"{GW2_PUBLIC}/24", *[f"{a}/32" for a in PUBLIC_OF.values()], f"{BOTH_NAT_PUBLIC}/32",
+        Node("gw2", {"go": [f"{GW2_PUBLIC}/24", *[f"{a}/32" for a in PUBLIC_OF.values()], f"{BOTH_NAT_PUBLIC}/32",
                              f"{GW2_PUBLIC6}/64"],
                       "gi": [f"{GW2_INSIDE}/24", f"{GW2_INSIDE6}/64"]},
               [f"default via {ROUTER2}", f"::/0 via {ROUTER2_6}"], True, GW2_FIREWALL, GW2_FIREWALL6),
-        _Node("i", {"i0": [f"{a}/24" for a in INSIDE_SERVERS.values()] + [f"{a}/64" for a in INSIDE_SERVERS6.values()]},
+        Node("i", {"i0": [f"{a}/24" for a in INSIDE_SERVERS.values()] + [f"{a}/64" for a in INSIDE_SERVERS6.values()]},
               [f"default via {GW2_INSIDE}", f"::/0 via {GW2_INSIDE6}"]),
     ]
 
@@ -201,15 +201,18 @@ LINKS = (("c", "c0", "gw", "gi"), ("gw", "go", "s", "s0"), ("s", "s1", "gw2", "g
 """veth pairs: (namespace suffix, device, peer's namespace suffix, peer device)."""
 
 
-def build(prefix: str, scripts: Path) -> None:
+def build(prefix: str, scripts: Path, nodes: list[Node] | None = None,
+          links: tuple[tuple[str, str, str, str], ...] = LINKS) -> None:
     """Create the namespaces ``<prefix>-<suffix>`` with their links, addresses, routes and
-    firewalls. Each namespace is set up by shell scripts kept in ``scripts`` for inspection."""
-    add_namespaces([f"{prefix}-{s}" for s in SUFFIXES],
-                   [(f"{prefix}-{a}", d, f"{prefix}-{b}", pd) for a, d, b, pd in LINKS])
+    firewalls. Each namespace is set up by shell scripts kept in ``scripts`` for inspection.
+    ``nodes`` and ``links``: another topology's (``nat64``), this module's by default."""
+    nodes = _nodes() if nodes is None else nodes
+    add_namespaces([f"{prefix}-{n.suffix}" for n in nodes],
+                   [(f"{prefix}-{a}", d, f"{prefix}-{b}", pd) for a, d, b, pd in links])
     scripts.mkdir(parents=True, exist_ok=True)
     # Links are up everywhere before any route is added or any server binds.
     first, second = [], []
-    for node in _nodes():
+    for node in nodes:
         devs = list(node.addrs)
         keys = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",

@@ -86,6 +86,7 @@ class Entry:
     helper: str | None
     seqadj: tuple[KernelAdj, KernelAdj] | None  # per direction; None: not set (status bit clear)
     orig: FlowKey | None = None
+    labels: int = 0  # conntrack labels, bit n = label n
 
 
 # ---- message building ---------------------------------------------------------------------
@@ -204,6 +205,7 @@ def parse_entry(body: bytes) -> Entry:
     reply: FlowKey | None = None
     orig: FlowKey | None = None
     helper = None
+    labels = 0
     adj: dict[int, KernelAdj] = {}
     for kind, val in _attrs(body):
         if kind == CTA_TUPLE_REPLY:
@@ -216,10 +218,12 @@ def parse_entry(body: bytes) -> Entry:
                     helper = v.split(b"\0", 1)[0].decode("ascii", "replace")
         elif kind in (CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY):
             adj[kind] = _parse_seqadj(val)
+        elif kind == CTA_LABELS:
+            labels = sum(w << (32 * i) for i, w in enumerate(struct.unpack(f"={len(val) // 4}I", val)))
     if reply is None:
         raise CtError(errno.EPROTO, "conntrack entry without reply tuple")
     both = (adj.get(CTA_SEQ_ADJ_ORIG, NO_ADJ), adj.get(CTA_SEQ_ADJ_REPLY, NO_ADJ)) if adj else None
-    return Entry(reply, helper, both, orig)
+    return Entry(reply, helper, both, orig, labels)
 
 
 _NLA = struct.Struct("=HH")
@@ -408,14 +412,18 @@ class CtNetlink:
         return new
 
     def label(self, key: FlowKey, bit: int, on: bool) -> None:
-        """Set or clear conntrack label ``bit`` (0..127) of the entry, the others untouched
-        (CTA_LABELS under CTA_LABELS_MASK: 128 bits as four host-order words). The entry must
-        have the labels extension: the kernel adds it to new connections while any rule
-        matches labels."""
-        words = [0, 0, 0, 0]
-        words[bit // 32] = 1 << (bit % 32)
-        mask = struct.pack("=4I", *words)
-        value = mask if on else bytes(16)
+        """Set or clear conntrack label ``bit`` (0..127) of the entry, the others untouched."""
+        self.labels(key, {bit: on})
+
+    def labels(self, key: FlowKey, bits: dict[int, bool]) -> None:
+        """Set or clear conntrack labels (0..127) of the entry, the others untouched
+        (CTA_LABELS under CTA_LABELS_MASK: 128 bits as four host-order words), in one
+        request. The entry must have the labels extension: the kernel adds it to new
+        connections while any rule matches labels."""
+        on = sum(1 << b for b, v in bits.items() if v)
+        words = sum(1 << b for b in bits)
+        mask = struct.pack("=4I", *(words >> (32 * i) & 0xFFFFFFFF for i in range(4)))
+        value = struct.pack("=4I", *(on >> (32 * i) & 0xFFFFFFFF for i in range(4)))
         self._request(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, _family(key[0]),
                       tuple_attr(key) + _attr(CTA_LABELS, value) + _attr(CTA_LABELS_MASK, mask))
 

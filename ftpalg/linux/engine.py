@@ -85,7 +85,9 @@ def engine(cfg: Config, limits: Limits | None = None) -> Iterator[Engine]:
     try:
         yield Engine(alg, accounting, LatencyHistogram(), Counter(), watch)
     finally:
-        if not restarting():  # a restart leaves the pinholes to the kernel (one-shot, timed out)
+        if restarting():  # the pinholes stay with the kernel (one-shot, timed out); the
+            alg.hand_over()  # passive commands awaiting their reply are left in its entries
+        else:
             alg.shutdown()
         accounting.consume(alg.drain())  # the pinholes closed at the end, counted and logged
         if audit_sink is not None:

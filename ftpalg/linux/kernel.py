@@ -12,7 +12,11 @@ iptables, native nftables or firewalld alike, with no rule of ftpalg's in the ad
 chains), the kernel NATs it as it NATs the control connection (mirrored), lets one
 connection match it, forgets it after its timeout, and removes it with the control
 connection. The kernel requires a helper on the control connection for this; ftpalg's nft
-table attaches the built-in ``sane`` helper (see rules.py).
+table attaches the built-in ``sane`` helper (see rules.py) to new connections at prerouting.
+A connection without one did not come through prerouting as a new one: this host opened it
+itself (a client on the gateway; docker-proxy relaying a client on 127.0.0.1 to a container),
+or it is older than the rules. ``mapping`` and ``by_reply`` raise ``NotForwarded`` for it:
+the core lets it pass, said once, instead of failing at each announcement (EOPNOTSUPP).
 
 A pinhole is withdrawn as itself: by its tuple and the kernel's id of its expectation, learnt
 when it was created. A delete by tuple alone would remove whatever expectation holds the
@@ -28,10 +32,10 @@ import errno
 import logging
 
 from ..core.addr import FlowKey, packed
-from ..core.kernel import Pinhole, PinholeBusy
+from ..core.kernel import Found, NotForwarded, Pinhole, PinholeBusy
 from ..core.seqadj import KernelAdj
 from .ctnetlink import CtError, CtNetlink, Entry
-from .rules import FOLLOW_LABEL
+from .rules import FOLLOW_LABEL, HANDOVER_LABELS, HANDOVER_VERBS
 
 log = logging.getLogger("ftpalg")
 
@@ -61,9 +65,14 @@ class LinuxKernel:
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         """The reply tuple of the connection whose original tuple is ``key``, and whether the
         kernel holds a sequence correction for it (read in the same look-up); None if
-        conntrack has no such connection, or the look-up failed (logged once)."""
+        conntrack has no such connection, or the look-up failed (logged once). NotForwarded
+        if it has no helper (see ``expect``): this host opened it."""
         entry = self._get(key, False)
-        return None if entry is None else (entry.reply, entry.seqadj is not None)
+        if entry is None:
+            return None
+        if entry.helper is None:
+            raise NotForwarded(entry.reply)
+        return entry.reply, entry.seqadj is not None
 
     def _get(self, key: FlowKey, reply: bool) -> Entry | None:
         try:
@@ -79,11 +88,17 @@ class LinuxKernel:
         connection is gone."""
         return self.nl.seq_state(key, direction)
 
-    def by_reply(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
-        """The original tuple of the connection whose reply tuple is ``key`` (a packet from
-        the server side), and whether the kernel holds a correction for it; None if none."""
+    def by_reply(self, key: FlowKey) -> Found | None:
+        """The connection whose reply tuple is ``key`` (a packet from the server side): its
+        original tuple, whether the kernel holds a correction for it, the passive command
+        handed over in its labels (``hand_over``); None if none."""
         entry = self._get(key, True)
-        return None if entry is None or entry.orig is None else (entry.orig, entry.seqadj is not None)
+        if entry is None or entry.orig is None:
+            return None
+        if entry.helper is None:
+            raise NotForwarded(entry.orig)
+        code = sum(1 << i for i, b in enumerate(HANDOVER_LABELS) if entry.labels >> b & 1)
+        return Found(entry.orig, entry.seqadj is not None, HANDOVER_VERBS[code])
 
     def seq_adjust(self, key: FlowKey, direction: int, seq: int, delta: int, known: KernelAdj | None) -> KernelAdj:
         """Add ``delta`` bytes at the segment of ``direction`` starting at ``seq``; return
@@ -96,6 +111,12 @@ class LinuxKernel:
         """Mark the connection for the queue rules: every segment of it is queued while
         label FOLLOW_LABEL is set (rules.py), only the selected ones otherwise."""
         self.nl.label(key, FOLLOW_LABEL, on)
+
+    def hand_over(self, key: FlowKey, awaiting: bytes) -> None:
+        """Write the passive command the connection awaits the reply to (b"": none) into its
+        labels HANDOVER_LABELS, for the next ftpalg's ``by_reply``."""
+        code = HANDOVER_VERBS.index(awaiting)
+        self.nl.labels(key, {b: bool(code >> i & 1) for i, b in enumerate(HANDOVER_LABELS)})
 
     # ---- pinholes -----------------------------------------------------------------------
     def expect(self, ph: Pinhole) -> None:

@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..core.events import REFUSALS as _REFUSALS
+from ..core.events import Translation
 
 log = logging.getLogger("ftpalg")
 
@@ -111,6 +112,11 @@ class AlgCollector(Collector):
         for k, n in sorted(c.items()):
             if k.startswith("rewritten_") and not k.startswith("rewritten_packets"):
                 m.add_metric([k.removeprefix("rewritten_")], n)
+        yield m
+        m = CounterMetricFamily("ftpalg_nat64_translations", "Lines translated for IPv6 clients behind NAT64 "
+                                "(RFC 6384), by what was done", labels=["kind"])
+        for kind in Translation:
+            m.add_metric([kind.value], c.get(f"nat64_{kind.value}", 0))
         yield m
         m = CounterMetricFamily("ftpalg_pinholes", "Pinholes by what happened to them", labels=["event"])
         for event, key in (("opened", "pinholes_opened"), ("used", "pinholes_used"),

@@ -182,17 +182,24 @@ def _restore(text: str, family: int = 4) -> None:
 # ---- which segments leave the kernel (queue = "selected") -------------------------------------
 # A segment of a control connection is queued only if it may carry, or continue, something
 # ftpalg acts on: from the client, a verb that announces or asks for a data address or changes
-# the session's mode, anywhere in the segment and in any case; from the server, a passive reply
-# or the answer to AUTH; from either, a segment that does not end with a line end (it may hold
-# the first part of such a line, even part of its verb); and every segment of a connection
+# the session's mode (or NAT64's ALGS, RFC 6384), anywhere in the segment and in any case; from
+# the server, a passive reply or the answer to AUTH; from either, a segment that does not end
+# with a line end (it may hold the first part of such a line, even part of its verb); and
+# every segment of a connection
 # ftpalg has marked (conntrack label FOLLOW_LABEL: a line held for its rest, a multi-line
-# passive reply still open). Besides, every FIN: a connection's close closes its pinhole at
+# passive reply still open, the reply to a NOOP that stands for a command ftpalg answers itself
+# on a NAT64 connection). Besides, every FIN: a connection's close closes its pinhole at
 # once (conntrack keeps a closed connection, and its expectations, for TIME_WAIT's 120 s).
 # Everything else (USER, 331, TYPE, 200, RETR, 150, 226, NOOP, ..., pure ACKs, SYN, RST)
 # stays in the kernel, which applies ftpalg's corrections to it itself.
-SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH")
+SELECT_VERBS = ("PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV", "AUTH", "ALGS")
 SELECT_REPLIES = ("227", "228", "229", "234")
 FOLLOW_LABEL = 127  # conntrack label: queue the whole stream of this control connection
+# Conntrack labels HANDOVER_LABELS (a 2-bit code, HANDOVER_VERBS): the passive command whose
+# reply the connection awaited when an ftpalg stopped for a restart; read by the next one when
+# it meets that reply (core Alg.hand_over). No rule tests them.
+HANDOVER_LABELS = (116, 117)
+HANDOVER_VERBS = (b"", b"PASV", b"EPSV", b"LPSV")  # code 0 (none), 1, 2, 3
 # Classic BPF (xt_bpf runs it on the packet from its IP header): true when the last byte is
 # not LF. ld len; sub #1; tax; ldb [x + 0]; jeq #10 -> ret 0 (ends a line); ret 1.
 NO_LINE_END_BPF = "7,128 0 0 0,20 0 0 1,7 0 0 0,80 0 0 0,21 1 0 10,6 0 0 1,6 0 0 0"

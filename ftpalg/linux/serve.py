@@ -113,6 +113,10 @@ def serve(cfg: Config) -> int:
                     log.info("rules installed: queue via %s, control ports %s, queue %s",
                              backend, ",".join(map(str, sorted(ports))),
                              gw.queue_num if gw.workers == 1 else f"{gw.queue_num}-{gw.queue_num + gw.workers - 1}")
+                n64 = cfg.nat64
+                if n64.pool:
+                    log.info("NAT64 (RFC 6384): control connections from %s are translated for IPv6 clients (%s)",
+                             ", ".join(n64.pool), f"prefix {n64.prefix}" if n64.prefix else "no prefix: LPSV as it is")
                 if not stop:
                     loop()  # binds the queue (or starts the workers): a stop meanwhile ends it at once
             if stop.in_startup:

@@ -119,7 +119,11 @@ def render(doc: Document) -> str:
     for f in sorted(doc["flows"], key=lambda f: f["idle"]):
         corr = "/".join("-" if a is None else f"{a['before']:+d}>{a['after']:+d}" for a in f["corrections"])
         flags = (" tls" if f["encrypted"] else "") + (" closing" if f["closing"] else "")
-        rows.append((f["client"], f["client_seen"] or "?", f["public"], f["server"] or "?", f["user"] or "-",
+        x = f.get("nat64")
+        if x is not None:  # an IPv6 client, seen as its translator's pool address
+            flags += " nat64" + ("" if x["enabled"] else "-off")
+        client = f["client"] if x is None else f"{f['client']} ({x['client6'] or 'IPv6'})"
+        rows.append((client, f["client_seen"] or "?", f["public"], f["server"] or "?", f["user"] or "-",
                      (f["last_command"] or "-") + flags, str(f["commands"]), corr,
                      "-" if f["pinhole"] is None else _pinhole(f["pinhole"], f), f"{f['idle']}s"))
     lines += _table(head, rows) or ["(no control connections)"]
@@ -132,6 +136,9 @@ def render(doc: Document) -> str:
     keys = ("packets", "flows", "rewrites", "pinholes_opened", "pinholes_used", "pinholes_expired", "refused",
             "unsolicited", "malformed", "faults")
     lines += ["", "counters: " + " ".join(f"{k}={c.get(k, 0)}" for k in keys)]
+    xlat = {k.removeprefix("nat64_"): n for k, n in sorted(c.items()) if k.startswith("nat64_")}
+    if xlat:
+        lines.append("nat64 translations: " + " ".join(f"{k}={n}" for k, n in xlat.items()))
     return "\n".join(lines)
 
 
