@@ -7,7 +7,8 @@ no image and no container engine: new mount, PID, UTS, IPC and cgroup namespaces
 its ruleset), a tmpfs root holding the host's ``/usr`` read-only (merged-usr symlinks to it),
 a small ``/etc`` of its own (the accounts, the dynamic linker's cache, the ``alternatives``
 links of iptables, ``/etc/systemd/system`` empty: none of the host's enabled services),
-``/proc``, a read-only ``/sys`` of the namespace, ``/sys/fs/cgroup`` the cgroup2 hierarchy
+a writable ``/usr/local`` over the host's (overlayfs), ``/proc``, a read-only ``/sys`` of the
+namespace, ``/sys/fs/cgroup`` the cgroup2 hierarchy
 rooted at a cgroup made for it, and a minimal ``/dev``. ``/usr/lib/systemd/systemd`` then
 boots ``multi-user.target`` as PID 1 with ``container=ftpalg-lab``: journald, D-Bus and
 logind start, and ``systemctl`` works as on a gateway. Needs root and the ``systemd`` package
@@ -65,6 +66,10 @@ mkdir -p usr etc proc sys dev run tmp var/tmp var/log opt srv root
 ln -s usr/bin bin; ln -s usr/lib lib; ln -s usr/lib64 lib64; ln -s usr/sbin sbin
 mount --bind /usr usr
 mount -o remount,bind,ro usr
+mkdir -p run/local  # /usr/local writable, as on a gateway (ftpalg install: man pages); /run covers it later
+mount -t tmpfs -o mode=755 local run/local
+mkdir -p run/local/upper run/local/work
+mount -t overlay -o lowerdir=/usr/local,upperdir=run/local/upper,workdir=run/local/work overlay usr/local
 for f in $ETC; do if [ -e "/etc/$f" ]; then cp -a "/etc/$f" etc/; fi; done
 ln -s ../usr/lib/os-release etc/os-release
 mkdir -p etc/systemd/system
