@@ -205,8 +205,9 @@ def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateway
     for gw in gws:
         print(f"--- {gw.ns}: systemctl status ftpalg\n{gw.box.systemctl('status', 'ftpalg', '-n0', check=False)}")
     # Every session's download checked out (a PORT or 227 that passed unrewritten would fail).
-    # What may be left (tests/test_netns_restart.py): a 227 whose PASV the old run saw reaches
-    # the new one, which opens nothing for a reply no PASV of its own asked for.
+    # What may be left (tests/test_netns_restart.py): after the crash, a 227 whose PASV the
+    # killed run saw reaches the new one, which opens nothing for a reply no PASV of its own
+    # asked for (a restart hands such a PASV over in conntrack labels; a kill -9 cannot).
     assert results["PORT"]["sessions"] > 50 and results["PASV"]["sessions"] > 50, results
     assert results["PORT"]["sessions_ok"] == results["PORT"]["sessions"], results["PORT"]
     assert results["PASV"]["sessions"] - results["PASV"]["sessions_ok"] <= 4, results["PASV"]
