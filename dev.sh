@@ -2,7 +2,7 @@
 # One-stop set-up for a fresh Debian machine (run as root):
 #   ./dev.sh demo   install what is missing, then run the namespace lab demo
 #   ./dev.sh test   install what is missing, then ruff, mypy and the whole test suite
-#   ./dev.sh bench  install what is missing (and matplotlib), then the benchmark suite (~6 min)
+#   ./dev.sh bench  install what is missing (and matplotlib), then the benchmark suite (~12 min)
 #   ./dev.sh setup  only install (Debian packages + .venv with ftpalg and its test tools)
 # Extra arguments after `test` go to pytest.
 set -euo pipefail

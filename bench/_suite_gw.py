@@ -1,8 +1,10 @@
 """Gateway side of bench/suite.py, run inside a lab gateway's namespace.
 
-    nullq [--queue N] [--port P]
+    nullq [--queue N] [--port P] [--all]
         ftpalg's own rules (ftpalg.linux.rules.StaticRules: table inet ftpalg with the ``sane``
-        helper, the queue rule) and a do-nothing NFQUEUE handler that accepts every packet,
+        helper, the queue rule; the selection chain as ftpalg's default ``queue = "selected"``
+        installs it, every control segment with ``--all``) and a do-nothing NFQUEUE handler that
+        accepts every packet,
         with ftpalg's loop (a selector on the queue's socket, ``run(block=False)``): the floor
         of any user-space ALG. Until SIGTERM/SIGINT; the rules are removed on the way out.
     rules-up | rules-down [--queue N] [--port P]
@@ -35,7 +37,7 @@ def cmd_nullq(args: argparse.Namespace) -> int:
 
     from ftpalg.linux.nfqueue import QUEUE_MAXLEN, queue_selector
 
-    rules = StaticRules([args.port], args.queue)
+    rules = StaticRules([args.port], args.queue, selected=not args.all)
     packets = 0
 
     def accept(pkt: Any) -> None:
@@ -151,6 +153,7 @@ def main() -> int:
     ap.add_argument("--queue", type=int, default=DEFAULT_QUEUE)
     ap.add_argument("--port", type=int, default=21)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--all", action="store_true", help="nullq: queue every control segment (queue = all)")
     args = ap.parse_args()
     if args.cmd == "nullq":
         return cmd_nullq(args)

@@ -125,7 +125,7 @@ CONNECT = HOLD.format("s = socket.create_connection((sys.argv[1], 21)); port = s
 IN_GATEWAY = textwrap.dedent("""
     import json, socket, subprocess, sys
     from ftpalg.core.kernel import Pinhole, PinholeBusy
-    from ftpalg.linux.ctnetlink import CtNetlink
+    from ftpalg.linux.ctnetlink import CtNetlink, ExpectationEvents
     from ftpalg.linux.kernel import LinuxKernel
 
     client, cport, server, public, cport2 = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -195,6 +195,18 @@ IN_GATEWAY = textwrap.dedent("""
         k2.withdraw(theirs, used=False)
     out["after_theirs"] = expectations()
     out["close_failures"] += k.close_failures + k2.close_failures
+    # the kernel's removals reach every worker's events socket: this one's pinhole used, then
+    # the port announced again on the other connection (by the other worker, or by this one
+    # after a new announcement) before the removal is read: the new pinhole is not taken for
+    # the used one
+    ev, ev2 = ExpectationEvents(), ExpectationEvents()
+    k.expect(ph)
+    nl.unexpect(a(server), a(public), 50000)  # used
+    k2.expect(theirs)
+    out["gone_elsewhere"] = k2.gone(ev2.read())
+    out["gone_own"] = k.gone(ev.read())
+    nl.unexpect(a(server), a(public), 50000)  # theirs used
+    out["gone_theirs"] = k2.gone(ev2.read())
     print(json.dumps(out))
 """)
 
@@ -242,6 +254,8 @@ def routed():
             run("ip", "-n", g, "link", "set", gw_dev, "up")
             run("ip", "-n", ns, "route", "add", "default", "via", gw_addr)
         run("ip", "netns", "exec", g, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # events for the connections made before a listener exists (the script's own sockets)
+        run("ip", "netns", "exec", g, "sysctl", "-qw", "net.netfilter.nf_conntrack_events=1")
         run("ip", "netns", "exec", g, "nft", "-f", "-", input=nft_rules([21]) + MASQUERADE + LABELS)
         yield c, g, s
     finally:
@@ -280,3 +294,4 @@ def test_linux_kernel_on_a_real_connection(routed):
         assert len(spared) == 1 and f"master-src={CLIENT} master-dst={SERVER} sport={cports[1]} dport=21" in spared[0]
     assert out["after_theirs"] == []
     assert out["handed"] == ["LPSV", "8030" + "0" * 28, "EPSV", "", "8" + "0" * 31]
+    assert out["gone_elsewhere"] == [] and out["gone_own"] == [7] and out["gone_theirs"] == [7]

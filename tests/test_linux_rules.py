@@ -185,3 +185,42 @@ def test_auto_queues_through_iptables_even_where_nft_queue_loads(monkeypatch, ba
     restored = [argv.split()[0] for argv, _ in ran if "-restore" in argv]
     assert ("queue flags bypass" in loaded) == (want == "nft")
     assert restored == ([] if want == "nft" else ["iptables-restore", "ip6tables-restore"])
+
+
+KEEP_ALIVE = r"""
+import re, subprocess, sys
+from ftpalg.linux import rules
+
+def expires():
+    text = subprocess.run(["nft", "list", "set", "inet", "ftpalg", "alive"], capture_output=True, text=True).stdout
+    m = re.search(r"expires (?:(\d+)s)?(?:(\d+)ms)?", text)
+    return None if m is None else int(m.group(1) or 0) + int(m.group(2) or 0) / 1000
+
+def no_nft(*a, **kw):
+    raise AssertionError("nft run: the netlink path failed")
+
+subprocess.run(["nft", "-f", "-"], input=rules.nft_rules([21]), text=True, check=True)
+subprocess.run(["nft", "-f", "-"], text=True, check=True, input=
+               "delete element inet ftpalg alive { tcp }\nadd element inet ftpalg alive { tcp timeout 2s }\n")
+before = expires()
+rules._run = no_nft
+ok = rules.keep_alive()
+after = expires()
+subprocess.run(["nft", "delete", "table", "inet", "ftpalg"], check=True)
+print(before, ok, after, rules.keep_alive())
+"""
+
+
+@pytest.mark.netns
+def test_keep_alive_renews_the_element_over_netlink_and_says_when_the_table_is_gone():
+    """``keep_alive`` (every second while ftpalg serves) starts the alive element's timeout
+    again with its own netlink transaction, no nft process; without our table it answers
+    False. In a throw-away network namespace."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(["unshare", "-n", sys.executable, "-c", KEEP_ALIVE], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    before, ok, after, gone = res.stdout.split()
+    assert float(before) <= 2.0 and ok == "True" and float(after) > rules.HANDOVER - 1 and gone == "False"

@@ -5,7 +5,6 @@ after a stop at any point of its start-up."""
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ftpalg.lab import restarts
 from ftpalg.lab.lab import GW_PUBLIC, SERVERS, Lab, ftpalg_argv, sha256
 
 pytestmark = pytest.mark.netns
@@ -215,26 +215,6 @@ def test_a_stop_at_any_point_of_start_up_exits_0_and_leaves_the_ruleset_as_found
 
 
 # ---- restarts under load (issue 15) ------------------------------------------------------------
-LOAD_SESSIONS = 3000  # about 10 s of sessions, 8 at a time, from one client (the issue's load)
-
-
-def start_load(lab: Lab, mode: str, sessions: int = LOAD_SESSIONS, clients: int = 8) -> subprocess.Popen[str]:
-    """Sessions in a loop that need ftpalg for each transfer, ``clients`` at a time: PORT from the
-    client behind gw's MASQUERADE (the PORT must be rewritten), or PASV with the 227 address
-    trusted from an outside client to the inside vsftpd behind gw2's DNAT (the 227 must be
-    rewritten). ``sessions`` 0: until its standard input is closed."""
-    from ftpalg.lab.topology import OUTSIDE_CLIENTS, PUBLIC_OF
-
-    want = sha256(lab.files / "small.txt")
-    if mode == "PORT":
-        ns, args = lab.client, [SERVERS["vsftpd"], str(sessions), "1", str(clients), "PORT", want]
-    else:
-        ns, args = lab.server, [PUBLIC_OF["vsftpd"], str(sessions), "1", str(clients), "PASV", want,
-                                  OUTSIDE_CLIENTS[0]]
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "ftpalg.lab.sessions", *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.parametrize("mode,kinds", [("PORT", ("restart", "kill", "restart")),
                                         ("PASV", ("restart", "kill", "restart")),
                                         ("PASV", ("restart", "restart", "restart"))],
@@ -246,44 +226,27 @@ def test_restarts_under_load_lose_no_session(lab, mode, kinds):
     next one (dropped meanwhile: TCP resends them) instead of passing unrewritten, a PASV
     the old ftpalg saw is handed over to the new one in the kernel's entry, and no session
     fails. Then a clean stop leaves the ruleset as found."""
-    gw = lab.gw if mode == "PORT" else lab.gw2
+    gw = restarts.gateway(lab, mode)
     before = lab.ruleset(gw)
-    p = lab.start_ftpalg(gw=gw)
-    load = start_load(lab, mode)
-    time.sleep(1.0)
-    restarts = 0
-    logs: list[str] = []
-    for how in kinds:
-        if load.poll() is not None:
-            break
-        if how == "restart":
-            p.send_signal(signal.SIGUSR1)
-            assert p.wait(15) == 0
-            assert "stopping for a restart (SIGUSR1): rules and pinholes kept" in lab.ftpalg_log(gw)
-        else:
-            p.kill()
-            p.wait(5)
-        logs.append(lab.ftpalg_log(gw))
-        assert "FTPALG-QUEUE" in lab.ruleset(gw)  # the rules stay for the next one
-        p = lab.start_ftpalg(gw=gw)
-        restarts += 1
-        time.sleep(1.0)
-    out, err = load.communicate(timeout=300)
-    res = json.loads(out)
-    assert lab.stop_ftpalg(p) == 0
-    logs.append(lab.ftpalg_log(gw))
-    assert restarts == 3, ("the load ended before the restarts", res)
-    assert res["sessions"] == LOAD_SESSIONS
+    out = restarts.under_load(lab, mode, kinds)
+    res = out.load
+    for s in out.stops:
+        assert s.rules_kept, s.how  # the rules stay for the next one
+        if s.how == "restart":
+            assert s.rc == 0 and restarts.RESTART_LOG in s.log, s.log
+    assert out.final_rc == 0
+    assert len(out.stops) == 3, ("the load ended before the restarts", res)
+    assert res["sessions"] == restarts.LOAD_SESSIONS
     # Before the rules stayed across restarts about half of such sessions failed (the issue's
     # run: 1,465 and 1,732 of 3,000). What may be left after a kill -9 (nothing is handed
     # over): a 227 whose PASV the killed ftpalg saw reaches the new one, which opens nothing
     # for a passive reply no PASV of its own asked for (the reply gating of the security
     # model); that transfer fails: measured 0-6 of 3,000 PASV sessions per run, 0 of 3,000
     # PORT sessions. Stopped for a restart, the old ftpalg hands such PASVs over: none lost.
-    lost = res["sessions"] - res["sessions_ok"]
     print(f"restarts under load, {mode}: {res['sessions_ok']} of {res['sessions']} sessions, {res['seconds']} s")
-    warnings = [ln for log in logs for ln in log.splitlines() if "WARNING" in ln]
-    assert lost <= (0 if "kill" not in kinds else 3 if mode == "PORT" else 12), (res["failures"], warnings)
+    warnings = [ln for log in [*(s.log for s in out.stops), out.final_log] for ln in log.splitlines()
+                if "WARNING" in ln]
+    assert out.lost <= (0 if "kill" not in kinds else 3 if mode == "PORT" else 12), (res["failures"], warnings)
     assert lab.ruleset(gw) == before
 
 

@@ -7,7 +7,6 @@ pinhole never removes the other worker's pinhole of the same tuple."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,8 +16,7 @@ import time
 import pytest
 from test_netns_nat import fetch
 
-from ftpalg.lab import servers
-from ftpalg.lab.lab import CLIENTS, INSIDE_SERVERS, OUTSIDE_CLIENTS, PUBLIC_OF, ftpalg_argv, sha256, stop_processes
+from ftpalg.lab.lab import CLIENTS, OUTSIDE_CLIENTS, PUBLIC_OF, ftpalg_argv, sha256
 from netns_checks import no_pinholes_soon
 
 pytestmark = pytest.mark.netns
@@ -165,34 +163,6 @@ def test_a_worker_that_cannot_bind_its_queue_stops_the_run_cleanly(lab):
     assert lab.ruleset(ns) == before
 
 
-@contextlib.contextmanager
-def vsftpd_passive_ports(lab, lo: int, hi: int):
-    """The lab's vsftpd behind gw2 restarted with passive ports ``lo``-``hi`` only, so that
-    sessions close together get the same port (vsftpd takes a port again as soon as its data
-    connection is accepted); the lab's own configuration is restored after."""
-    addr = INSIDE_SERVERS["vsftpd"]
-    state = lab.server_state("vsftpd", addr)
-    conf = str(state / "vsftpd.conf")
-    old = [p for p in lab.procs if conf in p.args]
-    assert old, f"no vsftpd with {conf} in the lab"
-    stop_processes(old)
-    for p in old:
-        lab.procs.remove(p)
-    narrow = lab.state / "vsftpd-narrow"
-    proc = lab.popen(lab.inside, servers.server_command("vsftpd", addr, lab.files, narrow,
-                                                        extra_config=f"pasv_min_port={lo}\npasv_max_port={hi}\n"),
-                     narrow / "server.out", stdin_log=True)
-    try:
-        lab.wait_port(lab.inside, addr, 21)
-        yield
-    finally:
-        stop_processes([proc])
-        lab.procs.remove(proc)
-        lab.popen(lab.inside, servers.server_command("vsftpd", addr, lab.files, state), state / "server.out",
-                  stdin_log=True)
-        lab.wait_port(lab.inside, addr, 21)
-
-
 def test_workers_lose_no_session_to_reused_passive_ports(lab, workers):
     """Issue 15: passive sessions through gw2's DNAT from one client address, 8 at a time,
     vsftpd handing out 12 passive ports: both workers hold pinholes of identical tuples one
@@ -202,7 +172,7 @@ def test_workers_lose_no_session_to_reused_passive_ports(lab, workers):
     fail: connection refused)."""
     want = sha256(lab.files / "small.txt")
     before = status(lab, lab.gw2)["counters"]
-    with vsftpd_passive_ports(lab, 40300, 40311):
+    with lab.vsftpd_passive_ports(40300, 40311):
         res = lab.ns(lab.server, [sys.executable, "-m", "ftpalg.lab.sessions", PUBLIC_OF["vsftpd"], str(SESSIONS),
                                   "1", "8", "PASV", want, OUTSIDE_CLIENTS[0]], check=False, timeout=600)
     out = json.loads(res.stdout)

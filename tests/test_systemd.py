@@ -33,10 +33,11 @@ from pathlib import Path
 
 import pytest
 from needs import need
-from test_netns_restart import rules_of, start_load
+from test_netns_restart import rules_of
 from wheels import OFFLINE, as_version
 
 import ftpalg
+from ftpalg.lab import restarts
 from ftpalg.lab.lab import Lab
 from ftpalg.lab.netns import LabError
 from ftpalg.lab.systemd import SYSTEMD, Systemd
@@ -173,7 +174,7 @@ def test_restarts_a_crash_and_an_upgrade_under_load_lose_no_session(lab, gateway
     gws = list(gateways.values())
     marks = {gw.ns: gw.cursor() for gw in gws}
     install_upgrade(gws, wheels[1])
-    loads = {mode: start_load(lab, mode, 0, clients=4) for mode in ("PORT", "PASV")}
+    loads = {mode: restarts.load(lab, mode, 0, clients=4) for mode in ("PORT", "PASV")}
     # the crash last: a segment dropped several times waits longer each time (TCP's backoff),
     # and steps closer than that would add up (seen: PORT sessions stalled 13 s by a crash and
     # a restart 2.5 s apart)

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +232,34 @@ class Lab:
     def server_command(self, kind: str, addr: str, state: Path) -> list[str]:
         """``servers.server_command`` of one server instance, serving ``files``."""
         return servers.server_command(kind, addr, self.files, state)
+
+    @contextlib.contextmanager
+    def vsftpd_passive_ports(self, lo: int, hi: int) -> Iterator[None]:
+        """The lab's vsftpd behind gw2 restarted with passive ports ``lo``-``hi`` only, so that
+        sessions close together get the same port (vsftpd takes a port again as soon as its data
+        connection is accepted); the lab's own configuration is restored after."""
+        addr = INSIDE_SERVERS["vsftpd"]
+        state = self.server_state("vsftpd", addr)
+        conf = str(state / "vsftpd.conf")
+        old = [p for p in self.procs if isinstance(p.args, list) and conf in p.args]
+        if not old:
+            raise LabError(f"no vsftpd with {conf} in the lab")
+        stop_processes(old)
+        for p in old:
+            self.procs.remove(p)
+        narrow = self.state / "vsftpd-narrow"
+        proc = self.popen(self.inside, servers.server_command("vsftpd", addr, self.files, narrow,
+                                                              extra_config=f"pasv_min_port={lo}\npasv_max_port={hi}\n"),
+                          narrow / "server.out", stdin_log=True)
+        try:
+            self.wait_port(self.inside, addr, 21)
+            yield
+        finally:
+            stop_processes([proc])
+            self.procs.remove(proc)
+            self.popen(self.inside, servers.server_command("vsftpd", addr, self.files, state), state / "server.out",
+                       stdin_log=True)
+            self.wait_port(self.inside, addr, 21)
 
     def wait_port(self, ns: str, addr: str, port: int, timeout: float = 10.0) -> None:
         self.wait_ports({ns: [(addr, port)]}, timeout)

@@ -493,18 +493,25 @@ NFNLGRP_CONNTRACK_EXP_DESTROY = 6
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 
 
-def parse_expect_tuples(data: bytes) -> list[FlowKey]:
-    """The CTA_EXPECT_TUPLE of each expectation message in a netlink datagram."""
-    out = []
+def parse_expect_removals(data: bytes) -> list[tuple[FlowKey, int | None]]:
+    """The CTA_EXPECT_TUPLE and CTA_EXPECT_ID (None if absent) of each expectation removal
+    in a netlink datagram."""
+    out: list[tuple[FlowKey, int | None]] = []
     off = 0
     while off + 16 <= len(data):
         n, kind = struct.unpack_from("=IH", data, off)
         if n < 16 or off + n > len(data):
             break
         if kind & 0xFF == IPCTNL_MSG_EXP_DELETE and kind >> 8 == NFNL_SUBSYS_CTNETLINK_EXP:
+            tup: FlowKey | None = None
+            exp_id = None
             for k, v in _attrs(data, off + 20, off + n):
                 if k == CTA_EXPECT_TUPLE:
-                    out.append(_parse_tuple(v))
+                    tup = _parse_tuple(v)
+                elif k == CTA_EXPECT_ID and len(v) >= 4:
+                    (exp_id,) = _BE32.unpack_from(v)
+            if tup is not None:
+                out.append((tup, exp_id))
         off += (n + 3) & ~3
     return out
 
@@ -513,7 +520,8 @@ class ExpectationEvents:
     """A netlink socket that hears the kernel remove expectations (used by their data
     connection, timed out, or gone with their master): one message per expectation, only
     expectations, so it stays quiet on a busy gateway. Non-blocking: ``read()`` returns the
-    tuples of what was removed since the last call."""
+    tuples and kernel ids of what was removed since the last call. Every process listening
+    (each worker) hears every removal in the namespace, also of expectations not its own."""
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -525,8 +533,8 @@ class ExpectationEvents:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def read(self) -> list[FlowKey]:
-        out: list[FlowKey] = []
+    def read(self) -> list[tuple[FlowKey, int | None]]:
+        out: list[tuple[FlowKey, int | None]] = []
         while True:
             try:
                 data = self._sock.recv(65536)
@@ -537,7 +545,7 @@ class ExpectationEvents:
                     self.overruns += 1
                     continue
                 raise
-            out += parse_expect_tuples(data)
+            out += parse_expect_removals(data)
 
     def close(self) -> None:
         self._sock.close()

@@ -158,14 +158,24 @@ class LinuxKernel:
             self.close_failures += 1
             log.warning("pinhole_close_failed id=%d: %s", ph.id, e)
 
-    def gone(self, tuples: list[FlowKey]) -> list[int]:
-        """The ids of our pinholes among expectations the kernel removed (``tuples``: their
-        CTA_EXPECT_TUPLE, peer -> public:port, from ``ExpectationEvents``)."""
+    def gone(self, removed: list[tuple[FlowKey, int | None]]) -> list[int]:
+        """The ids of our pinholes among expectations the kernel removed (``removed``: their
+        CTA_EXPECT_TUPLE, peer -> public:port, and kernel id, from ``ExpectationEvents``).
+        Matched by tuple and id: the removal of another expectation of the same tuple —
+        another worker's (every worker hears every removal), or an earlier one of ours whose
+        removal is read only after the port was announced again — is not taken for the
+        pinhole that holds the tuple now (it would be withdrawn, its transfer refused)."""
         out = []
-        for peer, _, public, port in tuples:
-            pid = self.expected.pop((peer, public, port), None)
-            if pid is not None:
-                out.append(pid)
+        for (peer, _, public, port), exp_id in removed:
+            key = (peer, public, port)
+            pid = self.expected.get(key)
+            if pid is None:
+                continue
+            mine = self.kernel_ids.get(pid)
+            if exp_id is not None and mine is not None and mine != exp_id:
+                continue
+            del self.expected[key]
+            out.append(pid)
         return out
 
     def _late_error(self, what: str, e: CtError) -> None:
