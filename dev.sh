@@ -23,8 +23,9 @@ APT_PACKAGES+=(libhiredis0.14 libmemcached11 libmemcachedutil2 libpcre2-posix3 l
 # firewalld: tests/test_netns_firewalls.py runs the real one inside a lab gateway's namespace
 # (on a private D-Bus bus); the host never runs it, see mask_host_firewalld.
 APT_PACKAGES+=(firewalld)
-# systemd: tests/test_packaging.py checks the installed unit with systemd-analyze verify (the
-# package alone; nothing here starts it). Every other program the suite needs is in the lists
+# systemd: tests/test_packaging.py checks the installed unit with systemd-analyze verify, and
+# tests/test_systemd.py boots it as PID 1 of a container around a lab namespace (never on the
+# host; ftpalg/lab/systemd.py). Every other program the suite needs is in the lists
 # above or Essential (util-linux: setpriv, unshare): in CI (CI=true) a missing one fails its
 # test instead of skipping it (tests/needs.py).
 APT_PACKAGES+=(systemd)

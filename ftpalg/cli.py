@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 # Only light modules here: main() takes SIGINT/SIGTERM over first thing, before the rest is
 # imported (a quarter of a second), so that a stop during `ftpalg run`'s start-up is its own.
-from . import __version__
+from . import __version__, logs
 from .linux import stop
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg: Config = args.cfg
     given = sorted({o for o in cfg.origins.values() if o.startswith("--")})
-    log.info("configuration: %s%s", cfg.source, f"; overridden by {' '.join(given)}" if given else "")
+    log.info("version %s; configuration: %s%s", __version__, cfg.source,
+             f"; overridden by {' '.join(given)}" if given else "")
     return run(cfg)  # SIGINT/SIGTERM: recorded since main() began (linux/stop.py)
 
 
@@ -352,8 +353,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s ftpalg %(levelname)s %(message)s")
+    logs.setup(level)
     try:
         return int(args.func(args))
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into it (demo, lab faults); clean-up ran

@@ -30,6 +30,7 @@ def pytest_sessionstart(session):
     from ftpalg.lab.dockerhost import DockerLab
     from ftpalg.lab.lab import Lab
     from ftpalg.lab.service import ServiceLab
+    from ftpalg.lab.systemd import remove_stale
 
     try:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -39,6 +40,7 @@ def pytest_sessionstart(session):
         if not os.path.exists(f"/proc/{prefix[2:]}"):
             kind = DockerLab if prefix.startswith("fd") else ServiceLab if prefix.startswith("fn") else Lab
             kind(prefix).down()
+            remove_stale(prefix)  # test_systemd.py's containers' cgroups
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -83,3 +85,11 @@ def lab():
     yield lab
     lab.down()
     assert not lab.exists()
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """ftpalg's wheel, built once per run (tests/wheels.py)."""
+    from wheels import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist"))

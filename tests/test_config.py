@@ -452,8 +452,9 @@ class Recorder:
     def install(self):
         return "nft"
 
-    def run(self):  # the queue loop: served, then stopped
-        return None
+    def run(self, ready=None):  # the queue loop: bound (systemd told), served, then stopped
+        if ready is not None:
+            ready()
 
     def __getattr__(self, attr):
         return lambda *a, **k: None

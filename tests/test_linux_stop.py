@@ -53,3 +53,24 @@ def test_other_commands_get_the_usual_handlers_back(monkeypatch, capsys):
     assert cli.main(["check-config"]) == 0
     assert seen == [before]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_ready_goes_to_the_service_managers_socket_if_there_is_one(monkeypatch, tmp_path, caplog):
+    """sd_notify's READY=1 (the unit's Type=notify): a datagram to $NOTIFY_SOCKET, a path or an
+    abstract name (@...); nothing without it; a socket that is gone is a warning, not a crash."""
+    import socket
+
+    from ftpalg.linux import notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.notify("READY=1") is False
+    for name, addr in ((str(tmp_path / "notify"), str(tmp_path / "notify")), (f"@ftpalg-test-{id(tmp_path)}",
+                                                                               f"\0ftpalg-test-{id(tmp_path)}")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+            manager.bind(addr)
+            monkeypatch.setenv("NOTIFY_SOCKET", name)
+            notify.ready()
+            assert manager.recv(64) == b"READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert notify.notify("READY=1") is False
+    assert "could not tell systemd READY=1" in caplog.text

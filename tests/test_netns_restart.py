@@ -115,10 +115,11 @@ def caught(pid: int, sig: int) -> bool:
     return bool(mask >> (sig - 1) & 1)
 
 
-def rules_of(lab: Lab) -> tuple[str, str, str]:
-    """The gateway's nftables ruleset and iptables-save/ip6tables-save (without their dated
-    comment lines and the chains' packet counters)."""
-    return lab.ruleset(), *(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", out) for out in (lab.gw_rules(), lab.gw_rules6()))
+def rules_of(lab: Lab, gw: str | None = None) -> tuple[str, str, str]:
+    """A gateway's (gw1's by default) nftables ruleset and iptables-save/ip6tables-save
+    (without their dated comment lines and the chains' packet counters)."""
+    return lab.ruleset(gw), *(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", out)
+                              for out in (lab.gw_rules(gw), lab.gw_rules6(gw)))
 
 
 def left_in(lab: Lab, within: float = 3.0) -> list[str]:

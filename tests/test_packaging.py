@@ -19,10 +19,8 @@ pinhole, answers ``ftpalg status`` and stops cleanly on SIGTERM.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -35,19 +33,16 @@ from pathlib import Path
 
 import pytest
 from needs import need
+from wheels import OFFLINE, ROOT
 
 import ftpalg
 from ftpalg import install
+from ftpalg.lab.systemd import CLEAN_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 DYNAMIC_UID = 61184  # the first uid systemd's DynamicUser= hands out; no passwd entry here
 CAP_NET_ADMIN = 12
-# pip's words for an index it could not reach (a machine offline, a proxy down)
-OFFLINE = re.compile(r"NewConnectionError|ConnectTimeoutError|ReadTimeoutError|ProxyError|"
-                     r"Temporary failure in name resolution|Network is unreachable")
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def run(argv: list[str | Path], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -57,22 +52,6 @@ def run(argv: list[str | Path], check: bool = True, timeout: float = 120) -> sub
     if check:
         assert res.returncode == 0, f"{argv}: {res.returncode}\n{res.stdout}\n{res.stderr}"
     return res
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    for name in ("ftpalg", "deploy"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    # this venv's setuptools builds it (no network); else pip fetches one
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(out), str(src)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (whl,) = out.glob("ftpalg-*.whl")
-    return whl
 
 
 def make_venv(whl: Path, deps: bool) -> Iterator[Path]:

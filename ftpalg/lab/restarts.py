@@ -44,8 +44,8 @@ def load(lab: Lab, mode: str, sessions: int = LOAD_SESSIONS, clients: int = CLIE
     """Sessions in a loop that need ftpalg for each transfer: PORT from the client behind gw's
     MASQUERADE (the PORT must be rewritten), or PASV with the 227 address trusted from an
     outside client to the inside vsftpd behind gw2's DNAT (the 227 must be rewritten).
-    ``prefix``: put before ``ip netns exec`` (e.g. taskset). Prints ``ftpalg.lab.sessions``'s
-    JSON line when done."""
+    ``prefix``: put before ``ip netns exec`` (e.g. taskset). ``sessions`` 0: until its
+    standard input is closed. Prints ``ftpalg.lab.sessions``'s JSON line when done."""
     want = sha256(lab.files / "small.txt")
     if mode == "PORT":
         ns, args = lab.client, [SERVERS["vsftpd"], str(sessions), "1", str(clients), "PORT", want]
@@ -53,7 +53,7 @@ def load(lab: Lab, mode: str, sessions: int = LOAD_SESSIONS, clients: int = CLIE
         ns, args = lab.server, [PUBLIC_OF["vsftpd"], str(sessions), "1", str(clients), "PASV", want,
                                 OUTSIDE_CLIENTS[0]]
     return subprocess.Popen([*prefix, "ip", "netns", "exec", ns, sys.executable, "-m", "ftpalg.lab.sessions", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @dataclass

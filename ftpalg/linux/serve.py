@@ -17,6 +17,7 @@ from . import metrics
 from .engine import engine
 from .metrics import MetricsView
 from .nfqueue import QueueHandler
+from .notify import ready
 from .rules import HANDOVER, RuleError, StaticRules, keep_alive, queue_chains_present
 from .status import Document, StatusServer
 from .stop import SERVING, stopping
@@ -96,8 +97,8 @@ def serve(cfg: Config) -> int:
                 else:
                     served = eng = stack.enter_context(engine(cfg))
                     final = eng.alg.counters.copy  # read once the engine is down (its pinholes closed)
-                    loop = QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts, eng.accounting,
-                                        eng.watch, keep_alive).run
+                    loop = functools.partial(QueueHandler(eng.alg, gw.queue_num, eng.latency, eng.verdicts,
+                                                          eng.accounting, eng.watch, keep_alive).run, ready=ready)
                 if cfg.status.socket:
                     st = StatusServer(cfg.status.socket, served.snapshot)
                     st.start()
@@ -148,6 +149,7 @@ def run_workers(workers: WorkerSet) -> None:
         if not workers.start(stop):
             return
         stop.phase = SERVING
+        ready()
         workers.supervise(stop)
         if stop:
             log.info("stopping on %s", stop.signals[0])

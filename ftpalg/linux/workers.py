@@ -36,6 +36,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 
+from .. import logs
 from ..config import Config
 from ..core.policy import Limits
 from .engine import Engine, engine
@@ -84,7 +85,7 @@ def worker_main(cfg: Config, index: int, conn: Connection) -> None:
 
 def _worker(cfg: Config, index: int, conn: Connection) -> None:
     """``worker_main`` once its handler is in place."""
-    logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s ftpalg %(levelname)s w{index} %(message)s")
+    logs.setup(cfg.log.level, f"w{index} ")
     from .nfqueue import QueueHandler
 
     workers = cfg.gateway.workers
