@@ -37,13 +37,15 @@ def test_workers_get_every_port_bucket_and_their_labels_name_one_worker_each(wor
     buckets = {b: labels for b, labels in rules.label_tests(workers)}
     n = max(buckets) + 1 if workers & (workers - 1) else workers
     share = Counter()
-    for port in range(0, 65536, 2):
-        labels = set(buckets.get((port >> 1) % n, []))
+    dispatch = rules.worker_labels(workers)
+    # every even client port (the bucket rules test bit 1 up), by the bucket it falls in
+    for bucket, ports in Counter((port >> 1) % n for port in range(0, 65536, 2)).items():
+        labels = set(buckets.get(bucket, []))
         index = sum(1 << (label - rules.LABEL_BASE) for label in labels)
-        matching = [w for w, tests in rules.worker_labels(workers)
+        matching = [w for w, tests in dispatch
                     if all((t.startswith("!") ^ (int(t.split()[-1]) in labels)) for t in tests)]
         assert matching == ([index] if index else [])  # worker 0: the last rule, no label test
-        share[index] += 1
+        share[index] += ports
     assert sorted(share) == list(range(workers))
     assert max(share.values()) <= min(share.values()) * 4 / 3
     assert max(label for _, ls in buckets.items() for label in ls) <= 127
