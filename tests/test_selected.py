@@ -249,9 +249,11 @@ def test_a_connection_forgotten_at_the_flow_cap_is_read_again_from_its_next_queu
     front = Selecting(alg, nat, "10.0.0.2")
     a = Conn(front, nat)  # type: ignore[arg-type]
     assert a.c(PORT).payload == PORT_OUT
-    alg.pinhole_gone(nat.opened[-1].id)  # its transfer used it
+    nat.use(nat.opened[-1].id)  # its transfer used it
+    alg.pinhole_gone(nat.opened[-1].id)
     b = Conn(front, nat, client=("10.0.0.2", 40001), public=("203.0.113.1", 61001))  # type: ignore[arg-type]
     assert b.c(PORT).payload == PORT_OUT and alg.counters["flows_evicted"] == 1
+    nat.use(nat.opened[-1].id)
     alg.pinhole_gone(nat.opened[-1].id)
     a.s(b"200 ok\r\n")
     a.c(b"RETR f\r\n")
@@ -276,3 +278,36 @@ def test_a_new_connection_on_a_closed_ones_tuple_is_read_from_its_first_line():
     assert alg.tracked == 0
     new = Conn(front, nat, cisn=90_000)  # type: ignore[arg-type]
     assert new.c(PORT).payload == PORT_OUT and len(nat.opened) == 2
+
+
+def test_a_port_announced_again_before_the_kernels_removal_is_read_keeps_its_number():
+    """Passive through DNAT, one client address, the server handing out the same port
+    again as soon as its data connection came: the kernel consumed session a's expectation
+    (its removal not read yet: the book still holds it) when session b's 227 names the port
+    again. The kernel takes the new expectation at that port, so the 227 keeps it (a's
+    pinhole closes as used). Moved to another public port instead, b's data connection would
+    share its reply tuple (server:40310 -> client:port) with an earlier one from the same
+    client port still in TIME_WAIT, and the kernel drops its SYN (docs/performance.md)."""
+    nat = FakeKernel()
+    alg = Driven(nat, selected=True)
+    t = TOPOLOGIES["server-dnat"]
+    front = Selecting(alg, nat, t["client"][0])
+    reply = b"227 Entering Passive Mode (10,1,0,2,157,118).\r\n"  # 10.1.0.2:40310
+    out = b"227 Entering Passive Mode (198,51,100,2,157,118).\r\n"
+    a = Conn(front, nat, **t)  # type: ignore[arg-type]
+    a.c(b"PASV\r\n")
+    assert a.s(reply).payload == out
+    (held,) = nat.live.values()
+    nat.use(held.id)  # its data connection came; the removal is not read yet
+    b = Conn(front, nat, **{**t, "client": ("203.0.113.100", 40001), "public": ("203.0.113.100", 40001)})  # type: ignore[arg-type]
+    b.c(b"PASV\r\n")
+    assert b.s(reply).payload == out
+    (ph,) = (p for p in nat.live.values() if p.id != held.id)
+    assert (ph.public_port, ph.inside_port) == (40310, 40310)
+    assert held not in nat.live.values() and alg.counters["pinholes_used"] == 1
+    alg.pinhole_gone(held.id)  # its removal, read late: nothing more
+    assert alg.counters["pinholes_used"] == 1 and [p.id for p in alg.promised.values()] == [ph.id]
+    # still busy in the kernel (not used): another port, as before
+    c = Conn(front, nat, **{**t, "client": ("203.0.113.100", 40002), "public": ("203.0.113.100", 40002)})  # type: ignore[arg-type]
+    c.c(b"PASV\r\n")
+    assert c.s(reply).payload != out and len(alg.promised) == 2

@@ -35,6 +35,9 @@ from .policy import Limits, Mapping
 from .seqadj import MASK, KernelAdj
 from .session import Decision, Session, Transfer
 
+# a pinhole whose tuple the kernel let a new expectation take: used, its removal not read yet
+_USED_MEANWHILE = Closing(Close.USED, "used (its port announced again before the kernel's removal was read)")
+
 MAX_LOOKUPS = 3  # NAT mapping look-ups tried per connection before its first announcement
 NOT_FORWARDED = ("this host opened the control connection itself (a client on the gateway, or docker-proxy "
                  "relaying one): the kernel gave it no helper, so no pinhole can be opened for it; it passes "
@@ -212,23 +215,46 @@ class Actions:
         return ftp.passive_reply(form, ph.public_port, addr, end), Translation.REPLY
 
     def _open(self, flow: Flow, hp: ftp.HostPort, p: policy.Plan, line: bytes, now: float) -> Pinhole | None:
-        """Expect the data connection at the announced port, or at a free one."""
+        """Expect the data connection at the announced port, or at a free one.
+
+        A port the book still holds for another control connection is asked of the kernel
+        all the same: the book learns that a pinhole was used only when the kernel's removal
+        is read (selected mode), and the server announces the port again as soon as it
+        accepted that data connection, often before. If the kernel takes the new
+        expectation, the old one is gone there: it is closed as used. Moving to another
+        public port instead loses the transfer when the client's data connection comes from
+        a port it used with the announced one less than TIME_WAIT (120 s) before: both
+        connections have the same reply tuple (inside server:port -> client:port), the
+        kernel cannot confirm the second and drops its SYN, having consumed the expectation
+        (docs/performance.md)."""
         for port in policy.candidate_ports(p.want_port, self.rng):
-            if self.book.taken(p.peer, p.public, port):
-                continue
+            held = self.book.promised.get((p.peer, p.public, port))
             ph = Pinhole(self.book.next_id, p.peer, p.public, port, p.inside, p.inside_port,
                          now + self.pinhole_timeout, p.snat, flow.key, not hp.form.is_reply, hp.form.name)
             try:
                 self.kernel.expect(ph)
-                return ph
             except PinholeBusy:  # expected by a connection this process does not know of
-                self.counters["pinhole_port_busy"] += 1
+                if held is None:
+                    self.counters["pinhole_port_busy"] += 1
+                continue
             except Exception as e:  # the kernel's failure must not take the packet with it
                 self.refuse(Reason.PINHOLE_FAILED, f"{ph.describe()}: {e}", flow, line)
                 return None
+            if held is not None:
+                self._used_meanwhile(held)
+            return ph
         self.refuse(Reason.NO_FREE_PORT, f"no free public port for {p.want_port} in {policy.PORT_TRIES} tries",
                     flow, line)
         return None
+
+    def _used_meanwhile(self, held: Pinhole) -> None:
+        """The kernel took a new expectation of ``held``'s tuple: ``held`` is not expected
+        there any more (its data connection used it; its removal is still to be read)."""
+        hit = self.flows.get(held.master)
+        if hit is not None and hit[0].pinhole is held:
+            self.close_pinhole(hit[0], _USED_MEANWHILE)
+        else:  # not a live pinhole of a tracked connection: only the book's entry is left
+            self.book.unbook(held)
 
     def _make_room(self, client: str) -> bool:
         victim = self.book.victim(client)

@@ -16,7 +16,8 @@ class OfflineKernel:
     corrections. ``live``: pinholes expected now, by id; ``log``: ("open" | "close", id) in
     order; ``opened``/``closed``: every pinhole, in order. ``fail_adjust`` / ``fail_expect``
     / ``busy``: the kernel refusing a correction, an expectation, or a port (tests);
-    ``unforwarded``: connections that have no helper (opened on the gateway itself)."""
+    ``unforwarded``: connections that have no helper (opened on the gateway itself); ``used``:
+    pinholes a data connection consumed (a new expectation of their tuple is accepted)."""
 
     def __init__(self) -> None:
         self.table: dict[FlowKey, FlowKey] = {}
@@ -34,6 +35,12 @@ class OfflineKernel:
         self.follow_log: list[tuple[FlowKey, bool]] = []
         self.handed: dict[FlowKey, bytes] = {}  # passive commands awaiting their reply (hand_over)
         self.unforwarded: set[FlowKey] = set()  # original tuples of connections without a helper
+        self.used: set[int] = set()  # live pinholes a data connection consumed (``use``)
+
+    def use(self, pinhole_id: int) -> None:
+        """The pinhole's data connection came: the kernel no longer expects its tuple (the
+        core hears of it only later, or never)."""
+        self.used.add(pinhole_id)
 
     def mapping(self, key: FlowKey) -> tuple[FlowKey, bool] | None:
         reply = self.table.get(key)
@@ -67,6 +74,9 @@ class OfflineKernel:
             raise OSError(1, "simulated failure")
         if ph.public_port in self.busy:
             raise PinholeBusy(ph.public_port)
+        tup = (ph.peer, ph.public, ph.public_port)
+        if any((o.peer, o.public, o.public_port) == tup for o in self.live.values() if o.id not in self.used):
+            raise PinholeBusy(ph.public_port)  # as the kernel: EBUSY while the tuple is expected
         assert ph.id not in self.live, ph
         self.live[ph.id] = ph
         self.opened.append(ph)
