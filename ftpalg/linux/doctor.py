@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import DEFAULT_PATH, DEFAULT_QUEUE, Config, toml_value
+from .checks import FAIL, INFO, OK, STATUSES, WARN, Check, exit_status
 from .rules import CHAIN_QUEUE, FOLLOW_LABEL, HANDOVER_LABELS, LABEL_BASE, NFT_TABLE, SYSTEM_PATH, _bits
 from .ruleset import (
     XT_TABLES,
@@ -46,27 +47,7 @@ from .ruleset import (
     spec_ports,
     xt_tables,
 )
-
-OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
-STATUSES = (OK, INFO, WARN, FAIL)
-EXIT = {OK: 0, INFO: 0, WARN: 3, FAIL: 1}
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check's outcome: ``fix`` says what to do (empty when nothing is to be done)."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
-
-
-def exit_status(checks: Iterable[Check]) -> int:
-    """1 if a check failed, else 3 if one warned, else 0."""
-    seen = {c.status for c in checks}
-    return 1 if FAIL in seen else 3 if WARN in seen else 0
-
+from .trials import run_trials
 
 VERDICT = {0: "ftpalg run will work", 3: "ftpalg run will work, with warnings", 1: "ftpalg run would fail"}
 
@@ -497,12 +478,10 @@ def live_checks(cfg: Config) -> list[Check]:
 
 def run_doctor(cfg: Config, trials: bool = True, prefix: str = "fdoc") -> list[Check]:
     """Every check, in order: privileges, the live system, then the trials."""
-    from . import trials as trial_mod
-
     checks = [check_privileges()]
     checks += live_checks(cfg)
     if trials and checks[0].status != FAIL:
-        checks += trial_mod.run_trials(cfg, prefix)
+        checks += run_trials(cfg, prefix)
     elif trials:
         checks.append(Check("trials", FAIL, "not run: they need CAP_NET_ADMIN", checks[0].fix))
     return checks

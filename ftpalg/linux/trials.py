@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
+from .checks import FAIL, INFO, OK, WARN, Check
 from .ctnetlink import CtError, CtNetlink, ExpectationEvents, NoSeqAdjust
-from .doctor import FAIL, INFO, OK, WARN, Check
 from .rules import (
     ALIVE_MARK,
     FOLLOW_LABEL,
