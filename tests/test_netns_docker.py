@@ -93,6 +93,14 @@ def without() -> dict[Cell, Outcome]:
     return {}
 
 
+def served(lab, rc: int, results) -> None:
+    """ftpalg exited 0, and every transfer but those of clients on the Docker host itself
+    (which no kernel-path ALG can serve) worked with it."""
+    assert rc == 0
+    failed = {c: o for c, o in results.items() if not c.local and not o.ok}
+    assert not failed, f"failed with ftpalg:\n{table(failed)}\n{lab.ftpalg_log()[-3000:]}"
+
+
 def test_ftpalg_started_before_dockerd(lab):
     before = lab.ruleset()
     p = lab.start_ftpalg()
@@ -102,9 +110,7 @@ def test_ftpalg_started_before_dockerd(lab):
         during = lab.ruleset()
     finally:
         rc = lab.stop_ftpalg(p)
-    assert rc == 0
-    failed = {c: o for c, o in results.items() if not o.ok}
-    assert not failed, f"failed with ftpalg:\n{table(failed)}\n{lab.ftpalg_log()[-3000:]}"
+    served(lab, rc, results)
     # what Docker added while ftpalg ran is all that is left: ftpalg's own parts are gone
     assert blocks(lab.ruleset()) == admin_tables(during, before)
     check_docker_rules(lab)
@@ -126,9 +132,7 @@ def test_ftpalg_started_after_dockerd(lab, without):
         results = run_cells(lab, LEAN + LOCAL)
     finally:
         rc = lab.stop_ftpalg(p)
-    assert rc == 0
-    failed = {c: o for c, o in results.items() if not c.local and not o.ok}
-    assert not failed, f"failed with ftpalg:\n{table(failed)}\n{lab.ftpalg_log()[-3000:]}"
+    served(lab, rc, results)
     assert lab.ruleset() == before and iptables_save(lab) == saved  # exactly as found
     # clients on the Docker host itself: as without ftpalg, said once, no error spam
     local = {c: (o.ok, without[c].ok) for c, o in results.items() if c.local}
@@ -152,9 +156,7 @@ def test_dockerd_and_a_container_restarted_under_ftpalg(lab):
         during = lab.ruleset()
     finally:
         rc = lab.stop_ftpalg(p)
-    assert rc == 0
-    failed = {c: o for c, o in results.items() if not o.ok}
-    assert not failed, f"failed with ftpalg:\n{table(failed)}\n{lab.ftpalg_log()[-3000:]}"
+    served(lab, rc, results)
     assert blocks(lab.ruleset()) == admin_tables(during, before)
     check_docker_rules(lab)
     check_log(lab)
